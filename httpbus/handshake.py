@@ -1,0 +1,200 @@
+"""Sans-IO HTTP/1.1 upgrade to ``Kong-Worker-Events/1``, on both sides, driven by h11.
+
+No I/O here: feed bytes in, get bytes to send and an outcome back. The only module that
+imports h11, so h11's exceptions are translated here and nowhere else.
+
+Server rules (docs/protocol.md §2.1): any well-formed HTTP/1.1 GET whose ``Upgrade`` header
+carries the token (case-insensitive) is answered ``101``; malformed HTTP gets ``400`` (or
+h11's hint, e.g. ``431`` for an oversize head), another method ``405``, a missing or wrong
+token ``426`` with ``Upgrade: Kong-Worker-Events/1``; each with a one-line text body and
+``Connection: close``. Bytes after the request head are the start of the frame stream.
+
+Client rules: send exactly the contract's 87 bytes; require ``101`` and the ``Upgrade``
+token; anything else is an error carrying the status and body received.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import h11
+
+from shared.errors import HandshakeError, UpgradeRejected
+
+__all__ = [
+    "DEFAULT_MAX_HEADER_BYTES",
+    "REQUEST",
+    "UPGRADE_TOKEN",
+    "ClientHandshake",
+    "ServerHandshake",
+    "ServerOutcome",
+]
+
+UPGRADE_TOKEN = b"Kong-Worker-Events/1"
+#: The exact request of the contract, byte for byte the one lua-resty-events sends.
+REQUEST = (
+    b"GET / HTTP/1.1\r\n"
+    b"Host: localhost\r\n"
+    b"Connection: Upgrade\r\n"
+    b"Upgrade: Kong-Worker-Events/1\r\n"
+    b"\r\n"
+)
+#: Largest request or response head accepted; h11's own default, which it justifies with
+#: the limits of common servers. A legitimate head here is under 200 bytes.
+DEFAULT_MAX_HEADER_BYTES = 16 * 1024
+#: Largest error body a client keeps to report a refused upgrade.
+_MAX_ERROR_BODY = 4096
+_REASONS = {
+    400: b"Bad Request",
+    405: b"Method Not Allowed",
+    426: b"Upgrade Required",
+    431: b"Request Header Fields Too Large",
+}
+
+
+def _has_token(headers: list[tuple[bytes, bytes]], name: bytes, token: bytes) -> bool:
+    wanted = token.lower()
+    for key, value in headers:
+        if key == name and any(t.strip().lower() == wanted for t in value.split(b",")):
+            return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOutcome:
+    """What the server does once the request head is complete (or broken)."""
+
+    accepted: bool
+    #: Bytes to send: the 101, or the error response.
+    response: bytes
+    #: Bytes that followed the request head (accepted only).
+    trailing: bytes = b""
+    #: Why the request was refused (refused only).
+    reason: str = ""
+
+
+class ServerHandshake:
+    """The broker's side of the upgrade."""
+
+    def __init__(self, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> None:
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+
+    def receive_data(self, data: bytes) -> ServerOutcome | None:
+        """Feed bytes (``b""`` = EOF). None while the request head is incomplete."""
+        conn = self._conn
+        conn.receive_data(data)
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                return self._refuse(exc.error_status_hint, f"malformed HTTP request: {exc}")
+            if event is h11.NEED_DATA:
+                return None
+            if isinstance(event, h11.Request):
+                if event.method != b"GET":
+                    return self._refuse(405, f"method {event.method.decode()} not allowed, use GET")
+                if not _has_token(event.headers, b"upgrade", UPGRADE_TOKEN):
+                    return self._refuse(426, "expected Upgrade: Kong-Worker-Events/1")
+            elif event is h11.PAUSED:
+                response = conn.send(
+                    h11.InformationalResponse(
+                        status_code=101,
+                        headers=[(b"Connection", b"Upgrade"), (b"Upgrade", UPGRADE_TOKEN)],
+                        reason=b"Switching Protocols",
+                    )
+                )
+                return ServerOutcome(True, response or b"", trailing=conn.trailing_data[0])
+            elif isinstance(event, h11.ConnectionClosed):
+                return ServerOutcome(False, b"", reason="peer closed before the request head")
+            # Data / EndOfMessage of the request: keep going until PAUSED.
+
+    def _refuse(self, status: int, reason: str) -> ServerOutcome:
+        body = reason.encode("utf-8", "replace") + b"\n"
+        headers = [
+            (b"Content-Type", b"text/plain; charset=utf-8"),
+            (b"Content-Length", str(len(body)).encode()),
+            (b"Connection", b"close"),
+        ]
+        if status == 426:
+            headers.append((b"Upgrade", UPGRADE_TOKEN))
+        try:
+            response = h11.Response(
+                status_code=status, headers=headers, reason=_REASONS.get(status, b"Error")
+            )
+            out = self._conn.send(response)
+            out = (out or b"") + (self._conn.send(h11.Data(data=body)) or b"")
+            out += self._conn.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError:
+            # h11 will not answer in its current state (e.g. the peer already broke the
+            # message framing twice); write the response by hand, it is always valid.
+            out = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error"))
+            out += b"".join(k + b": " + v + b"\r\n" for k, v in headers) + b"\r\n" + body
+        return ServerOutcome(False, out, reason=f"{status}: {reason}")
+
+
+class ClientHandshake:
+    """The worker's side of the upgrade.
+
+    Send :data:`REQUEST`, then feed the response bytes to :meth:`receive_data` until it
+    returns the bytes that followed the ``101`` head.
+    """
+
+    request = REQUEST
+
+    def __init__(self, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> None:
+        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
+        # Tell h11 what went out so it expects a switch; the bytes are the contract's own.
+        self._conn.send(
+            h11.Request(
+                method="GET",
+                target="/",
+                headers=[("Host", "localhost"), ("Connection", "Upgrade"), ("Upgrade", "Kong-Worker-Events/1")],
+            )
+        )
+        self._conn.send(h11.EndOfMessage())
+        self._refusal: h11.Response | None = None
+        self._body = bytearray()
+
+    def receive_data(self, data: bytes) -> bytes | None:
+        """Feed response bytes (``b""`` = EOF).
+
+        Returns:
+            None while the head is incomplete, else the bytes after the ``101`` head.
+
+        Raises:
+            UpgradeRejected: the server answered with another status, or a 101 without
+                the ``Upgrade: Kong-Worker-Events/1`` header.
+            HandshakeError: the response was not valid HTTP or the server closed.
+        """
+        conn = self._conn
+        conn.receive_data(data)
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                if self._refusal is not None:
+                    raise self._rejected() from None
+                raise HandshakeError(f"invalid upgrade response: {exc}") from exc
+            if event is h11.NEED_DATA:
+                return None
+            if event is h11.PAUSED:
+                return conn.trailing_data[0]
+            if isinstance(event, h11.InformationalResponse):
+                if event.status_code != 101:
+                    continue  # e.g. a 100 Continue: the final answer follows
+                if not _has_token(event.headers, b"upgrade", UPGRADE_TOKEN):
+                    raise UpgradeRejected(101, event.reason.decode("latin-1"), b"missing Upgrade: Kong-Worker-Events/1")
+            elif isinstance(event, h11.Response):
+                self._refusal = event
+            elif isinstance(event, h11.Data):
+                if len(self._body) < _MAX_ERROR_BODY:
+                    self._body += event.data[: _MAX_ERROR_BODY - len(self._body)]
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                if self._refusal is not None:
+                    raise self._rejected()
+                raise HandshakeError("server closed the connection before answering the upgrade")
+
+    def _rejected(self) -> UpgradeRejected:
+        assert self._refusal is not None
+        r = self._refusal
+        return UpgradeRejected(r.status_code, r.reason.decode("latin-1"), bytes(self._body))

@@ -1,0 +1,215 @@
+"""The ``workerbus`` command: broker, publish, tail, demo, conformance.
+
+Each subcommand is a thin shell over the library; long-running ones stop cleanly on
+SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import anyio
+
+from .broker import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Broker
+from .client import Client
+from .errors import AddressInUse, BusError
+from .router import DEFAULT_MAX_QUEUE_LEN, DEFAULT_QUEUE_GRACE, DEFAULT_UNIQUE_TIMEOUT, OverflowPolicy
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger("workerbus")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--transport", choices=("http", "stream"), default="http")
+    p.add_argument("--profile", choices=("native", "kong"), default="native")
+    p.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio", help=argparse.SUPPRESS)
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workerbus", description="An event bus between worker processes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("broker", help="run a broker in the foreground")
+    p.add_argument("--listen", required=True, metavar="unix:PATH")
+    p.add_argument("--workers", type=int, default=0, metavar="N", help="pre-create queues for ids 0..N-1")
+    p.add_argument("--unique-timeout", type=float, default=DEFAULT_UNIQUE_TIMEOUT, metavar="SECONDS")
+    p.add_argument("--max-queue-len", type=int, default=DEFAULT_MAX_QUEUE_LEN, metavar="N")
+    p.add_argument("--max-payload-len", type=int, default=None, metavar="N",
+                   help="largest frame payload accepted (default: the profile's maximum)")
+    p.add_argument("--queue-grace", type=float, default=DEFAULT_QUEUE_GRACE, metavar="SECONDS")
+    p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N")
+    p.add_argument("--overflow", choices=[o.value for o in OverflowPolicy], default=OverflowPolicy.DROP_NEWEST.value)
+    p.add_argument("--mode", type=lambda s: int(s, 8), default=0o600, metavar="OCTAL", help="socket file mode (default 600)")
+    _add_common(p)
+    p.set_defaults(func=_cmd_broker)
+
+    p = sub.add_parser("publish", help="publish one event and exit")
+    p.add_argument("address", metavar="unix:PATH")
+    p.add_argument("source")
+    p.add_argument("event")
+    p.add_argument("data", nargs="?", default=None, metavar="JSON-DATA")
+    p.add_argument("--target", default="all", help="all | others | worker:N | unique:KEY")
+    p.add_argument("--id", type=int, default=-2, dest="worker_id",
+                   help="worker id in the hello (default -2, so a `tail` on -1 is not replaced)")
+    p.add_argument("--timeout", type=float, default=5.0, help="give up after SECONDS")
+    _add_common(p)
+    p.set_defaults(func=_cmd_publish, log_level="WARNING")
+
+    p = sub.add_parser("tail", help="print every event as one JSON line until interrupted")
+    p.add_argument("address", metavar="unix:PATH")
+    p.add_argument("--id", type=int, default=-1, dest="worker_id", help="worker id in the hello (default -1)")
+    p.add_argument("--count", type=int, default=0, help="exit after N events (default: never)")
+    _add_common(p)
+    p.set_defaults(func=_cmd_tail, log_level="WARNING")
+
+    p = sub.add_parser("demo", help="a broker and N worker processes publishing to each other")
+    p.add_argument("--workers", type=int, default=4, metavar="N")
+    p.add_argument("--transport", choices=("http", "stream"), default="http")
+    p.add_argument("--log-level", default="WARNING")
+    p.set_defaults(func=_cmd_demo)
+
+    try:
+        from .conformance.cli import add_parser as add_conformance
+    except ImportError:  # pragma: no cover - the kit is part of the package
+        pass
+    else:
+        add_conformance(sub)
+    return parser
+
+
+def _run(args: argparse.Namespace, func: Callable[[], Awaitable[int]]) -> int:
+    backend_options: dict[str, Any] = {}
+    return anyio.run(func, backend=getattr(args, "backend", "asyncio"), backend_options=backend_options)
+
+
+async def _until_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            logger.info("received %s, stopping", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+def _cmd_broker(args: argparse.Namespace) -> int:
+    try:
+        broker = Broker(
+            transport=args.transport,
+            profile=args.profile,
+            expected_workers=args.workers,
+            max_queue_len=args.max_queue_len,
+            max_payload_len=args.max_payload_len,
+            unique_timeout=args.unique_timeout,
+            queue_grace=args.queue_grace,
+            handshake_timeout=args.handshake_timeout,
+            max_connections=args.max_connections,
+            overflow=OverflowPolicy(args.overflow),
+        )
+    except ValueError as exc:
+        print(f"workerbus broker: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_until_signal, tg.cancel_scope)
+            await broker.serve(args.listen, mode=args.mode)
+        stats = broker.statistics()
+        logger.info(
+            "broker stopped: %d publishes, %d deliveries, %d dropped",
+            stats.router.publishes, stats.router.deliveries, stats.router.dropped,
+        )
+        return 0
+
+    try:
+        return _run(args, run)
+    except AddressInUse as exc:
+        print(f"workerbus broker: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"workerbus broker: {exc}", file=sys.stderr)
+        return 2
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.address, transport=args.transport, profile=args.profile, worker_id=args.worker_id)
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    try:
+        data = None if args.data is None else json.loads(args.data)
+    except json.JSONDecodeError as exc:
+        print(f"workerbus publish: JSON-DATA is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        with anyio.fail_after(args.timeout):
+            async with _client(args) as bus:
+                await bus.wait_ready()
+                await bus.publish(args.source, args.event, data, args.target)
+                await bus.flush()
+        return 0
+
+    try:
+        return _run(args, run)
+    except TimeoutError:
+        print(f"workerbus publish: no broker reachable at {args.address} within {args.timeout}s", file=sys.stderr)
+        return 1
+    except (BusError, ValueError) as exc:
+        print(f"workerbus publish: {exc}", file=sys.stderr)
+        return 1
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_until_signal, tg.cancel_scope)
+            async with _client(args) as bus, bus.events() as events:
+                seen = 0
+                async for ev in events:
+                    line = {"source": ev.source, "event": ev.event, "data": ev.data, "wid": ev.wid}
+                    print(json.dumps(line, default=_jsonable), flush=True)
+                    seen += 1
+                    if args.count and seen >= args.count:
+                        break
+            tg.cancel_scope.cancel()
+        return 0
+
+    try:
+        return _run(args, run)
+    except (BusError, ValueError) as exc:
+        print(f"workerbus tail: {exc}", file=sys.stderr)
+        return 1
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    return repr(value)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(workers=args.workers, transport=args.transport)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=str(args.log_level).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

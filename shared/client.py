@@ -1,0 +1,442 @@
+"""The worker side of the bus: connect, publish, subscribe (lua-resty-events' worker.lua).
+
+One :class:`Client` per process. It keeps three independent tasks:
+
+- the connection task: connects (with jittered, bounded backoff), sends the hello, then
+  runs a reader (frames → decoded events → dispatcher) and a writer (publish buffer →
+  socket, everything buffered since the last write coalesced into one ``send``);
+- the dispatcher task (:mod:`shared.dispatch`): runs handlers one event at a time, and
+  keeps running while the broker is unreachable;
+- nothing else: publishing is a synchronous append plus a wake-up.
+
+Publishes made while disconnected wait in a bounded buffer and go out in order after the
+next hello. A batch whose write failed is put back at the front of the buffer, so it is
+sent again on the next connection (it may then arrive twice if the failed write had
+partly gone through; it is never silently lost).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import anyio
+from anyio.abc import ByteStream
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from .dispatch import Dispatcher, Handler
+from .errors import HandshakeError, PayloadTooLarge, PublishBufferFull, RemoteProtocolError
+from .frame import frame_header
+from .messages import (
+    Event,
+    Target,
+    TargetKind,
+    decode_event,
+    encode_event,
+    encode_hello,
+    encode_publish,
+    parse_target,
+)
+from .profile import Profile, get_profile
+from .router import DEFAULT_MAX_QUEUE_LEN
+from .stream import FrameStream
+from .transport import Transport, get_transport, parse_address
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_RECONNECT_MAX",
+    "DEFAULT_RECONNECT_MIN",
+    "Client",
+    "ClientStatistics",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds for one connect plus handshake; lua-resty-events' socket timeout.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+#: First reconnect delay; lua-resty-events waits a random 10–50 ms between attempts.
+DEFAULT_RECONNECT_MIN = 0.01
+#: Ceiling of the exponential backoff, so a worker finds a new broker within half a second.
+DEFAULT_RECONNECT_MAX = 0.5
+#: Seconds ``aclose`` waits for buffered publishes to go out.
+_CLOSE_FLUSH_TIMEOUT = 2.0
+_LIFECYCLE_SOURCE = "workerbus"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStatistics:
+    worker_id: int
+    connected: bool
+    #: publishes accepted into the buffer (not counting ``current``)
+    published: int
+    #: publishes written to the broker connection
+    sent: int
+    #: events handed to handlers (remote and ``current``)
+    delivered: int
+    #: events lost on this side: publish buffer full, inbox full, iterator buffer full
+    dropped: int
+    #: events the broker reported it had to drop for this worker
+    dropped_by_broker: int
+    undecodable: int
+    handler_errors: int
+    connects: int
+    reconnects: int
+    buffered: int
+    inbox: int
+
+
+class Client:
+    """A worker's connection to the bus. Use as an async context manager.
+
+    Args:
+        address: ``unix:/path/to/bus.sock``.
+        transport: ``"http"`` (default), ``"stream"``, or a :class:`Transport`.
+        profile: ``"native"`` (default) or ``"kong"``.
+        worker_id: the id announced in the hello; ``-1`` for an auxiliary process.
+        pid: announced in the hello; defaults to this process's pid.
+        max_payload_len: largest encoded publish message; larger ones are refused before
+            anything is sent. Defaults to the profile's (65535 native, 65536 kong).
+        max_buffer_len: publishes held while disconnected (and in flight).
+        max_queue_len: received events waiting for handlers.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        transport: str | Transport = "http",
+        profile: str | Profile = "native",
+        worker_id: int = -1,
+        pid: int | None = None,
+        max_payload_len: int | None = None,
+        max_buffer_len: int = DEFAULT_MAX_QUEUE_LEN,
+        max_queue_len: int = DEFAULT_MAX_QUEUE_LEN,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        reconnect_min: float = DEFAULT_RECONNECT_MIN,
+        reconnect_max: float = DEFAULT_RECONNECT_MAX,
+    ) -> None:
+        self.address = address
+        self._path = parse_address(address)
+        self.transport = get_transport(transport)
+        self.profile = get_profile(profile)
+        if not isinstance(worker_id, int) or isinstance(worker_id, bool):
+            raise TypeError("worker_id must be an int")
+        self.worker_id = worker_id
+        self.pid = os.getpid() if pid is None else pid
+        limit = self.profile.max_frame_len
+        if max_payload_len is None:
+            max_payload_len = min(self.profile.default_max_payload_len, limit)
+        if not 1 <= max_payload_len <= limit:
+            raise ValueError(f"max_payload_len must be within 1..{limit}")
+        if max_buffer_len < 1:
+            raise ValueError("max_buffer_len must be at least 1")
+        if not 0 < reconnect_min <= reconnect_max:
+            raise ValueError("need 0 < reconnect_min <= reconnect_max")
+        self.max_payload_len = max_payload_len
+        self.max_buffer_len = max_buffer_len
+        self.connect_timeout = connect_timeout
+        self.reconnect_min = reconnect_min
+        self.reconnect_max = reconnect_max
+        self._dispatcher = Dispatcher(max_queue_len)
+        self._hello = self._frame(encode_hello(self.profile, worker_id, self.pid))
+        self._buffer: deque[bytes] = deque()
+        self._writer_wakeup: anyio.Event | None = None
+        self._in_flight = 0
+        # Created in __aenter__ (an anyio.Event needs a running event loop):
+        self._progress: anyio.Event  # set (and replaced) whenever the buffer shrinks
+        self._ready: anyio.Event  # set while connected
+        self._connected = False
+        self._exit_stack: AsyncExitStack | None = None
+        self._published = 0
+        self._sent = 0
+        self._dropped = 0
+        self._dropped_by_broker = 0
+        self._undecodable = 0
+        self._connects = 0
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Client:
+        if self._exit_stack is not None:
+            raise RuntimeError("this client is already running")
+        self._progress = anyio.Event()
+        self._ready = anyio.Event()
+        stack = AsyncExitStack()
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        stack.push_async_callback(self._stop, tg)
+        tg.start_soon(self._dispatcher.run)
+        tg.start_soon(self._connection_loop)
+        self._exit_stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        stack, self._exit_stack = self._exit_stack, None
+        assert stack is not None
+        # Close our task group as if the body had succeeded, so an exception from the
+        # body propagates as itself instead of wrapped in an ExceptionGroup.
+        await stack.aclose()
+        return None
+
+    async def _stop(self, tg: anyio.abc.TaskGroup) -> None:
+        if self._connected and self._buffer:
+            with anyio.move_on_after(_CLOSE_FLUSH_TIMEOUT):
+                await self.flush()
+        if self._buffer:
+            logger.warning("closing with %d publishes never sent", len(self._buffer))
+        tg.cancel_scope.cancel()
+
+    @property
+    def is_ready(self) -> bool:
+        """True while connected to a broker with the hello sent."""
+        return self._connected
+
+    async def wait_ready(self) -> None:
+        """Wait until connected to a broker with the hello sent."""
+        while not self._connected:
+            await self._ready.wait()
+
+    # --- publishing ----------------------------------------------------------------------
+
+    def _frame(self, payload: bytes) -> bytes:
+        return frame_header(len(payload), self.profile.header_len) + payload
+
+    def _encode(self, source: str, event: str, data: object, target: Target) -> bytes:
+        if not isinstance(source, str) or not source or not isinstance(event, str) or not event:
+            raise ValueError("source and event must be non-empty strings")
+        if target.kind is TargetKind.WORKER and not self.profile.extended_targets:
+            raise ValueError(f"target {target} does not exist in the {self.profile.name} profile")
+        if target.kind is TargetKind.OTHERS and not self.profile.extended_targets:
+            raise ValueError(f"target {target} does not exist in the {self.profile.name} profile")
+        inner = encode_event(self.profile, source, event, data, self.worker_id)
+        outer = encode_publish(self.profile, target, inner)
+        if len(outer) > self.max_payload_len:
+            raise PayloadTooLarge(len(outer), self.max_payload_len)
+        return self._frame(outer)
+
+    def publish_nowait(
+        self, source: str, event: str, data: object = None, target: str | int | Target = "all"
+    ) -> None:
+        """Publish without waiting.
+
+        ``target``: ``"all"``, ``"current"`` (this process only), ``"others"``, a worker id
+        (int or ``"worker:N"``) or ``"unique:KEY"``.
+
+        Raises:
+            PayloadTooLarge: the encoded message exceeds ``max_payload_len``.
+            LocalProtocolError: ``data`` cannot be encoded.
+            anyio.WouldBlock: connected, but the buffer is full (use :meth:`publish`).
+            PublishBufferFull: disconnected and the buffer is full; the event is dropped.
+        """
+        parsed = parse_target(target)
+        if parsed.kind is TargetKind.CURRENT:
+            self._dispatcher.push(Event(source, event, data, None))
+            return
+        frame = self._encode(source, event, data, parsed)
+        if len(self._buffer) >= self.max_buffer_len:
+            if self._connected:
+                raise anyio.WouldBlock
+            self._dropped += 1
+            raise PublishBufferFull(f"publish buffer full ({self.max_buffer_len}) while disconnected")
+        self._append(frame)
+
+    async def publish(
+        self, source: str, event: str, data: object = None, target: str | int | Target = "all"
+    ) -> None:
+        """Publish an event; waits only while connected and the buffer is full.
+
+        Same targets and errors as :meth:`publish_nowait`, except that a full buffer while
+        connected waits for room instead of raising ``WouldBlock``.
+        """
+        parsed = parse_target(target)
+        if parsed.kind is TargetKind.CURRENT:
+            self._dispatcher.push(Event(source, event, data, None))
+            return
+        frame = self._encode(source, event, data, parsed)
+        while len(self._buffer) >= self.max_buffer_len:
+            if not self._connected:
+                self._dropped += 1
+                raise PublishBufferFull(
+                    f"publish buffer full ({self.max_buffer_len}) while disconnected"
+                )
+            await self._progress.wait()
+        self._append(frame)
+
+    def _append(self, frame: bytes) -> None:
+        self._buffer.append(frame)
+        self._published += 1
+        if self._writer_wakeup is not None:
+            self._writer_wakeup.set()
+            self._writer_wakeup = None
+
+    async def flush(self) -> None:
+        """Wait until every publish made so far has been written to a broker connection.
+
+        While disconnected this waits for a reconnect; bound it with ``anyio.fail_after``.
+        """
+        while self._buffer or self._in_flight:
+            await self._progress.wait()
+
+    def _made_progress(self) -> None:
+        self._progress.set()
+        self._progress = anyio.Event()
+
+    # --- subscribing ---------------------------------------------------------------------
+
+    def subscribe(self, source: str, event: str, handler: Handler) -> str:
+        """Call ``handler(data, event, source, wid)`` for matching events; returns an id.
+
+        Levels: ``("*", "*")`` (everything), ``(source, "*")``, ``(source, event)``.
+        """
+        return self._dispatcher.subscribe(source, event, handler)
+
+    def unsubscribe(self, subscription_id: str) -> bool:
+        """Remove a subscription; False if the id is unknown."""
+        return self._dispatcher.unsubscribe(subscription_id)
+
+    def events(
+        self, source: str = "*", event: str = "*", *, max_buffer: int = 1024
+    ) -> AbstractAsyncContextManager[MemoryObjectReceiveStream[Event]]:
+        """``async with client.events("cache") as events: async for ev in events: ...``
+
+        Events that find the iterator's buffer full are dropped and counted.
+        """
+        return self._dispatcher.events(source, event, max_buffer=max_buffer)
+
+    # --- the connection ------------------------------------------------------------------
+
+    def _backoff(self, failures: int) -> float:
+        ceiling = min(self.reconnect_max, self.reconnect_min * (2 ** min(failures, 16)))
+        return random.uniform(self.reconnect_min, max(self.reconnect_min, ceiling))
+
+    async def _connection_loop(self) -> None:
+        failures = 0
+        while True:
+            try:
+                with anyio.fail_after(self.connect_timeout):
+                    stream, initial = await self.transport.connect(self._path)
+            except (OSError, HandshakeError, TimeoutError) as exc:
+                failures += 1
+                log = logger.warning if failures == 1 else logger.debug
+                log("worker %d cannot reach the broker at %s: %s", self.worker_id, self.address, exc)
+                await anyio.sleep(self._backoff(failures))
+                continue
+            failures = 0
+            await self._session(stream, initial)
+            await anyio.sleep(self._backoff(0))
+
+    async def _session(self, stream: ByteStream, initial: bytes) -> None:
+        frames = FrameStream(
+            stream, header_len=self.profile.header_len, initial=initial
+        )
+        async with stream:
+            try:
+                await frames.send(self._hello)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                logger.info("worker %d: hello failed: %r", self.worker_id, exc)
+                return
+            self._connects += 1
+            self._connected = True
+            self._ready.set()
+            logger.info("worker %d connected to %s", self.worker_id, self.address)
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._write_loop, frames, tg.cancel_scope)
+                    await self._read_loop(frames)
+                    tg.cancel_scope.cancel()
+            finally:
+                self._connected = False
+                self._ready = anyio.Event()
+                self._made_progress()  # wake publishers waiting for room: they must re-check
+                logger.info("worker %d lost its broker connection", self.worker_id)
+
+    async def _read_loop(self, frames: FrameStream) -> None:
+        profile = self.profile
+        push = self._dispatcher.push
+        try:
+            while True:
+                for payload in await frames.receive():
+                    try:
+                        ev = decode_event(profile, payload)
+                    except RemoteProtocolError as exc:
+                        # Another publisher's bad event: skip it, keep the connection.
+                        self._undecodable += 1
+                        logger.error("worker %d: undecodable event skipped: %s", self.worker_id, exc)
+                        continue
+                    if ev.source == _LIFECYCLE_SOURCE and ev.event == "dropped":
+                        self._note_broker_drops(ev.data)
+                    push(ev)
+        except anyio.EndOfStream:
+            pass
+        except RemoteProtocolError as exc:
+            logger.error("worker %d: broker broke the protocol: %s", self.worker_id, exc)
+        except (anyio.BrokenResourceError, OSError) as exc:
+            logger.info("worker %d: read failed: %r", self.worker_id, exc)
+
+    def _note_broker_drops(self, data: Any) -> None:
+        count = data.get("count") if isinstance(data, dict) else None
+        if isinstance(count, (int, float)):
+            self._dropped_by_broker += int(count)
+            logger.warning("worker %d: the broker dropped %d events for us", self.worker_id, count)
+
+    async def _write_loop(self, frames: FrameStream, scope: anyio.CancelScope) -> None:
+        buffer = self._buffer
+        while True:
+            if not buffer:
+                self._writer_wakeup = wakeup = anyio.Event()
+                await wakeup.wait()
+                continue
+            batch = list(buffer)
+            buffer.clear()
+            self._in_flight = len(batch)
+            try:
+                await frames.send(b"".join(batch))
+            except BaseException as exc:
+                buffer.extendleft(reversed(batch))
+                if isinstance(exc, (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)):
+                    logger.info("worker %d: write failed: %r", self.worker_id, exc)
+                    scope.cancel()
+                    return
+                raise
+            finally:
+                self._in_flight = 0
+            self._sent += len(batch)
+            self._made_progress()
+
+    # --- introspection -------------------------------------------------------------------
+
+    def statistics(self) -> ClientStatistics:
+        d = self._dispatcher
+        return ClientStatistics(
+            worker_id=self.worker_id,
+            connected=self._connected,
+            published=self._published,
+            sent=self._sent,
+            delivered=d.delivered,
+            dropped=self._dropped + d.dropped,
+            dropped_by_broker=self._dropped_by_broker,
+            undecodable=self._undecodable,
+            handler_errors=d.handler_errors,
+            connects=self._connects,
+            reconnects=max(0, self._connects - 1),
+            buffered=len(self._buffer),
+            inbox=d.depth,
+        )
+
+
+@asynccontextmanager
+async def connect(address: str, **options: Any) -> AsyncIterator[Client]:
+    """``async with connect("unix:/run/bus.sock", worker_id=0) as bus: ...``"""
+    async with Client(address, **options) as client:
+        yield client

@@ -1,0 +1,162 @@
+"""Subscriptions and the handler loop of one client (lua-resty-events' callback.lua).
+
+Events are handled strictly one at a time, in arrival order. For each event the handlers
+subscribed to ``("*", "*")`` run first, then ``(source, "*")``, then ``(source, event)``;
+within a level, in subscription order. A handler may be a plain function or a coroutine
+function, called as ``handler(data, event, source, wid)``. An exception in one handler is
+logged with its traceback and counted; the next handler still runs.
+
+The loop belongs to the client, not to its broker connection, so a lost connection never
+cancels a running handler.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeAlias
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from .messages import Event
+
+__all__ = ["Dispatcher", "Handler"]
+
+logger = logging.getLogger(__name__)
+
+#: ``handler(data, event, source, wid)``; may return an awaitable.
+Handler: TypeAlias = Callable[[Any, str, str, "int | None"], "Awaitable[None] | None"]
+
+
+class Dispatcher:
+    """Handler registry plus a bounded inbox drained by :meth:`run`.
+
+    Args:
+        max_queue_len: events waiting for handlers; one more is dropped and counted.
+    """
+
+    def __init__(self, max_queue_len: int) -> None:
+        if max_queue_len < 1:
+            raise ValueError("max_queue_len must be at least 1")
+        self.max_queue_len = max_queue_len
+        self._subscriptions: dict[tuple[str, str], dict[str, Handler]] = {}
+        self._index: dict[str, tuple[str, str]] = {}
+        self._next_id = 0
+        self._inbox: deque[Event] = deque()
+        self._wakeup: anyio.Event | None = None
+        self.delivered = 0
+        self.dropped = 0
+        self.handler_errors = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self._inbox)
+
+    # --- subscriptions -------------------------------------------------------------------
+
+    def subscribe(self, source: str, event: str, handler: Handler) -> str:
+        """Register ``handler``; returns an id for :meth:`unsubscribe`.
+
+        ``source`` may be ``"*"`` (then ``event`` must be ``"*"`` too: lua-resty-events never
+        matches ``("*", "name")``, so we refuse it rather than register a dead handler).
+        """
+        if not isinstance(source, str) or not source or not isinstance(event, str) or not event:
+            raise ValueError("source and event must be non-empty strings ('*' for any)")
+        if source == "*" and event != "*":
+            raise ValueError("subscribe('*', event) never matches: use ('*', '*')")
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, got {type(handler).__name__}")
+        self._next_id += 1
+        sub_id = str(self._next_id)
+        self._subscriptions.setdefault((source, event), {})[sub_id] = handler
+        self._index[sub_id] = (source, event)
+        return sub_id
+
+    def unsubscribe(self, sub_id: str) -> bool:
+        """Remove a subscription; False if the id is unknown."""
+        key = self._index.pop(sub_id, None)
+        if key is None:
+            return False
+        handlers = self._subscriptions[key]
+        del handlers[sub_id]
+        if not handlers:
+            del self._subscriptions[key]
+        return True
+
+    @asynccontextmanager
+    async def events(
+        self, source: str = "*", event: str = "*", *, max_buffer: int = 1024
+    ) -> AsyncIterator[MemoryObjectReceiveStream[Event]]:
+        """Subscribe with an async iterator instead of a callback.
+
+        Events that find the iterator's buffer full are dropped and counted.
+        """
+        send, receive = anyio.create_memory_object_stream[Event](max_buffer)
+
+        def sink(data: Any, ev: str, src: str, wid: int | None) -> None:
+            try:
+                send.send_nowait(Event(src, ev, data, wid))
+            except anyio.WouldBlock:
+                self.dropped += 1
+                logger.warning("subscriber buffer full (%d): dropped %s/%s", max_buffer, src, ev)
+
+        sub_id = self.subscribe(source, event, sink)
+        try:
+            async with receive:
+                yield receive
+        finally:
+            self.unsubscribe(sub_id)
+            send.close()
+
+    # --- the handler loop ----------------------------------------------------------------
+
+    def push(self, event: Event) -> bool:
+        """Queue an event for the handlers; False (and counted) when the inbox is full."""
+        if len(self._inbox) >= self.max_queue_len:
+            self.dropped += 1
+            logger.error("event inbox full (%d): dropped %s/%s", self.max_queue_len, event.source, event.event)
+            return False
+        self._inbox.append(event)
+        if self._wakeup is not None:
+            self._wakeup.set()
+            self._wakeup = None
+        return True
+
+    async def run(self) -> None:
+        """Handle queued events forever, one at a time."""
+        inbox = self._inbox
+        while True:
+            if not inbox:
+                self._wakeup = wakeup = anyio.Event()
+                await wakeup.wait()
+                continue
+            while inbox:
+                await self.dispatch(inbox.popleft())
+            # Let other tasks run between batches even when every handler is synchronous.
+            await anyio.lowlevel.checkpoint()
+
+    async def dispatch(self, ev: Event) -> None:
+        """Run every matching handler for one event."""
+        subs = self._subscriptions
+        self.delivered += 1
+        keys = (("*", "*"), (ev.source, "*"), (ev.source, ev.event))
+        for level, key in enumerate(keys):
+            if key in keys[:level]:
+                continue  # a literal "*" source or event must not run one list twice
+            handlers = subs.get(key)
+            if not handlers:
+                continue
+            for handler in list(handlers.values()):
+                try:
+                    result = handler(ev.data, ev.event, ev.source, ev.wid)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:
+                    self.handler_errors += 1
+                    logger.exception(
+                        "event handler failed; source=%s, event=%s, wid=%s", ev.source, ev.event, ev.wid
+                    )

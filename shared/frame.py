@@ -1,0 +1,119 @@
+"""Sans-IO length-prefixed framing (docs/protocol.md §3).
+
+    | length: header_len bytes, unsigned big-endian | payload: length bytes |
+
+:class:`FrameDecoder` turns any chunking of the byte stream into whole payloads. It checks
+each announced length against its limit *before* buffering a byte of that frame, so a peer
+cannot make it allocate more than ``max_frame_len + header_len`` bytes. After an error the
+decoder is latched: every later call raises again (a decoder is never resumed mid-garbage).
+
+The frame layer never interprets payloads; that lets the broker forward opaque bytes.
+"""
+
+from __future__ import annotations
+
+from .errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = ["FrameDecoder", "encode_frame", "frame_header"]
+
+
+def frame_header(length: int, header_len: int) -> bytes:
+    """The length prefix for a payload of ``length`` bytes."""
+    if length >= 1 << (8 * header_len):
+        raise LocalProtocolError(
+            f"payload of {length} bytes does not fit a {header_len}-byte frame header"
+        )
+    return length.to_bytes(header_len, "big")
+
+
+def encode_frame(payload: bytes, header_len: int = 2) -> bytes:
+    """One whole frame: the length prefix followed by ``payload``."""
+    return frame_header(len(payload), header_len) + payload
+
+
+class FrameDecoder:
+    """Incremental frame parser.
+
+    Feed it bytes as they arrive; it returns the payloads completed so far. ``eof()`` says
+    the stream ended and raises if that cut a frame in half.
+
+    Args:
+        header_len: 2 (native profile) or 3 (kong profile).
+        max_frame_len: the largest payload accepted; larger announced lengths raise
+            :class:`RemoteProtocolError` at once. Defaults to what the header can express.
+    """
+
+    __slots__ = ("_error", "_header_len", "_max", "_need", "_pending")
+
+    def __init__(self, header_len: int = 2, max_frame_len: int | None = None) -> None:
+        limit = (1 << (8 * header_len)) - 1
+        if max_frame_len is None:
+            max_frame_len = limit
+        if not 0 <= max_frame_len <= limit:
+            raise ValueError(f"max_frame_len must be within 0..{limit}")
+        self._header_len = header_len
+        self._max = max_frame_len
+        self._pending = bytearray()
+        # Bytes the pending buffer must reach before a parse can yield anything; skipping
+        # the parse until then keeps a frame that dribbles in linear, not quadratic.
+        self._need = header_len
+        self._error: str | None = None
+
+    @property
+    def buffered(self) -> int:
+        """How many bytes of incomplete frames are held."""
+        return len(self._pending)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add ``data`` and return every payload it completed, in order.
+
+        Raises:
+            RemoteProtocolError: a frame announced more than ``max_frame_len`` bytes.
+        """
+        if self._error is not None:
+            raise RemoteProtocolError(self._error)
+        if self._pending:
+            self._pending += data
+            if len(self._pending) < self._need:
+                return []
+            buf = bytes(self._pending)
+            self._pending.clear()
+        else:
+            buf = data
+        return self._parse(buf)
+
+    def _parse(self, buf: bytes) -> list[bytes]:
+        hlen = self._header_len
+        limit = self._max
+        end = len(buf)
+        pos = 0
+        out: list[bytes] = []
+        while end - pos >= hlen:
+            length = int.from_bytes(buf[pos : pos + hlen], "big")
+            if length > limit:
+                self._error = f"frame announces {length} bytes, over the limit of {limit}"
+                raise RemoteProtocolError(self._error)
+            start = pos + hlen
+            stop = start + length
+            if stop > end:
+                self._need = stop - pos
+                break
+            out.append(buf[start:stop])
+            pos = stop
+        else:
+            self._need = hlen
+        if pos < end:
+            self._pending += buf[pos:] if pos else buf
+        return out
+
+    def eof(self) -> None:
+        """The stream ended. Raises if it ended inside a frame.
+
+        Raises:
+            RemoteProtocolError: bytes of an incomplete frame were pending.
+        """
+        if self._error is not None:
+            raise RemoteProtocolError(self._error)
+        if self._pending:
+            self._error = f"stream ended inside a frame ({len(self._pending)} bytes pending)"
+            raise RemoteProtocolError(self._error)

@@ -1,0 +1,243 @@
+"""The four messages of the contract and their schemas (docs/protocol.md §4).
+
+- hello, client → broker, first frame: ``{"id": int, "pid": int}``
+- publish, client → broker: ``{"spec": {...}, "data": <bytes: an encoded event>}``
+- event, encoded once by the publisher: ``{"source", "event", "data"?, "wid"}``
+- delivery, broker → client: the publish's inner ``data`` bytes, unchanged.
+
+Validation of what a peer sent raises :class:`RemoteProtocolError`; refusing to build a bad
+message raises :class:`LocalProtocolError`. The codec comes from the profile, so the same
+functions serve the native (MessagePack) and kong (LuaJIT) dialects. Lua numbers are doubles,
+so integral floats are accepted wherever an int is expected.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import LocalProtocolError, RemoteProtocolError
+from .profile import Profile
+
+__all__ = [
+    "ALL",
+    "CURRENT",
+    "OTHERS",
+    "Event",
+    "Hello",
+    "Target",
+    "TargetKind",
+    "decode_event",
+    "decode_hello",
+    "decode_publish",
+    "encode_event",
+    "encode_hello",
+    "encode_publish",
+    "parse_target",
+]
+
+
+class TargetKind(enum.Enum):
+    ALL = "all"  #: every worker, the publisher included
+    CURRENT = "current"  #: this process only; never on the wire
+    OTHERS = "others"  #: every worker but the publisher's id (native extension)
+    WORKER = "worker"  #: one worker by id (native extension)
+    UNIQUE = "unique"  #: exactly one worker, deduplicated by key within unique_timeout
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a publish goes. Build with :func:`parse_target` or the constants."""
+
+    kind: TargetKind
+    worker_id: int | None = None
+    key: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind is TargetKind.WORKER:
+            return f"worker:{self.worker_id}"
+        if self.kind is TargetKind.UNIQUE:
+            return f"unique:{self.key}"
+        return self.kind.value
+
+    @property
+    def on_wire(self) -> bool:
+        return self.kind is not TargetKind.CURRENT
+
+
+ALL = Target(TargetKind.ALL)
+CURRENT = Target(TargetKind.CURRENT)
+OTHERS = Target(TargetKind.OTHERS)
+
+
+def parse_target(value: str | int | Target) -> Target:
+    """Accept ``"all"``, ``"current"``, ``"others"``, ``"worker:N"``, ``"unique:KEY"``,
+    an int worker id, or a :class:`Target`.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if isinstance(value, Target):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"invalid target {value!r}")
+    if isinstance(value, int):
+        return Target(TargetKind.WORKER, worker_id=value)
+    if value in ("all", "current", "others"):
+        return Target(TargetKind(value))
+    kind, sep, arg = value.partition(":")
+    if sep and kind == "unique" and arg:
+        return Target(TargetKind.UNIQUE, key=arg)
+    if sep and kind == "worker":
+        try:
+            return Target(TargetKind.WORKER, worker_id=int(arg))
+        except ValueError:
+            pass
+    raise ValueError(
+        f"invalid target {value!r}: expected all, current, others, worker:N or unique:KEY"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    worker_id: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event as handlers see it. ``wid`` is None for ``current`` events."""
+
+    source: str
+    event: str
+    data: Any
+    wid: int | None
+
+
+def _as_int(value: object, what: str) -> int:
+    if isinstance(value, bool):
+        raise RemoteProtocolError(f"{what} must be an integer, got a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise RemoteProtocolError(f"{what} must be an integer, got {type(value).__name__}")
+
+
+def _as_map(obj: object, what: str) -> dict[Any, Any]:
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError(f"{what} must be a map, got {type(obj).__name__}")
+    return obj
+
+
+def _as_bytes(value: object, what: str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    # A Lua string that happens to be valid UTF-8 comes back from the Lua codec as str;
+    # re-encoding it is lossless. In the native profile data must be msgpack bin.
+    if isinstance(value, str) and not isinstance(value, bool):
+        return value.encode("utf-8")
+    raise RemoteProtocolError(f"{what} must be bytes, got {type(value).__name__}")
+
+
+# --- hello -------------------------------------------------------------------------------
+
+
+def encode_hello(profile: Profile, worker_id: int, pid: int) -> bytes:
+    return profile.codec.dumps({"id": worker_id, "pid": pid})
+
+
+def decode_hello(profile: Profile, payload: bytes) -> Hello:
+    """Raises: RemoteProtocolError if the payload is not a valid hello."""
+    msg = _as_map(profile.codec.loads(payload), "hello")
+    if "id" not in msg or "pid" not in msg:
+        raise RemoteProtocolError(f"hello needs 'id' and 'pid', got keys {sorted(map(str, msg))}")
+    return Hello(_as_int(msg["id"], "hello id"), _as_int(msg["pid"], "hello pid"))
+
+
+# --- publish -----------------------------------------------------------------------------
+
+
+def encode_publish(profile: Profile, target: Target, event_bytes: bytes) -> bytes:
+    """The outer publish message around an already encoded event."""
+    kind = target.kind
+    spec: dict[str, object]
+    if kind is TargetKind.ALL:
+        spec = {}
+    elif kind is TargetKind.UNIQUE:
+        spec = {"unique": target.key}
+    elif kind is TargetKind.WORKER and profile.extended_targets:
+        spec = {"worker": target.worker_id}
+    elif kind is TargetKind.OTHERS and profile.extended_targets:
+        spec = {"others": True}
+    else:
+        raise LocalProtocolError(f"target {target} cannot be sent in the {profile.name} profile")
+    return profile.codec.dumps({"spec": spec, "data": event_bytes})
+
+
+def decode_publish(profile: Profile, payload: bytes) -> tuple[Target, bytes]:
+    """Return the target and the inner event bytes (never decoded here).
+
+    Raises:
+        RemoteProtocolError: not a valid publish message.
+    """
+    msg = _as_map(profile.codec.loads(payload), "publish")
+    try:
+        spec = _as_map(msg["spec"], "publish spec")
+        data = _as_bytes(msg["data"], "publish data")
+    except KeyError as exc:
+        raise RemoteProtocolError(f"publish is missing {exc.args[0]!r}") from None
+    if len(msg) != 2:
+        extra = sorted(str(k) for k in msg if k not in ("spec", "data"))
+        raise RemoteProtocolError(f"publish has unknown keys {extra}")
+    return _decode_spec(profile, spec), data
+
+
+def _decode_spec(profile: Profile, spec: dict[Any, Any]) -> Target:
+    if not spec:
+        return ALL
+    if len(spec) == 1:
+        ((key, value),) = spec.items()
+        if key == "unique":
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "replace")
+            if isinstance(value, str) and value:
+                return Target(TargetKind.UNIQUE, key=value)
+        elif key == "worker" and profile.extended_targets:
+            return Target(TargetKind.WORKER, worker_id=_as_int(value, "spec worker"))
+        elif key == "others" and profile.extended_targets and value is True:
+            return OTHERS
+    raise RemoteProtocolError(f"invalid publish spec {spec!r}")
+
+
+# --- event -------------------------------------------------------------------------------
+
+
+def encode_event(
+    profile: Profile, source: str, event: str, data: object, wid: int | None
+) -> bytes:
+    """Encode the inner event once; the broker forwards these bytes unchanged.
+
+    ``wid`` is None only for events the bus itself generates (no worker published them).
+
+    Raises:
+        LocalProtocolError: ``data`` cannot be encoded by the profile's codec.
+    """
+    msg: dict[str, object] = {"source": source, "event": event}
+    if data is not None:
+        msg["data"] = data
+    if wid is not None:
+        msg["wid"] = wid
+    return profile.codec.dumps(msg)
+
+
+def decode_event(profile: Profile, payload: bytes) -> Event:
+    """Raises: RemoteProtocolError if the payload is not a valid event."""
+    msg = _as_map(profile.codec.loads(payload), "event")
+    source = msg.get("source")
+    event = msg.get("event")
+    if not isinstance(source, str) or not isinstance(event, str):
+        raise RemoteProtocolError("event needs string 'source' and 'event'")
+    wid = msg.get("wid")
+    return Event(source, event, msg.get("data"), None if wid is None else _as_int(wid, "wid"))
