@@ -32,16 +32,16 @@ from anyio.abc import ByteStream
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .dispatch import Dispatcher, Handler
-from .errors import HandshakeError, PayloadTooLarge, PublishBufferFull, RemoteProtocolError
+from .errors import HandshakeError, PublishBufferFull, RemoteProtocolError
 from .frame import frame_header
+from .logutil import LogLimiter
 from .messages import (
     Event,
     Target,
     TargetKind,
+    build_publish,
     decode_event,
-    encode_event,
     encode_hello,
-    encode_publish,
     parse_target,
 )
 from .profile import Profile, get_profile
@@ -68,6 +68,8 @@ DEFAULT_RECONNECT_MAX = 0.5
 #: Seconds ``aclose`` waits for buffered publishes to go out.
 _CLOSE_FLUSH_TIMEOUT = 2.0
 _LIFECYCLE_SOURCE = "workerbus"
+#: Seconds between two "cannot reach the broker" warnings of one client.
+_RECONNECT_LOG_INTERVAL = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +162,7 @@ class Client:
         self._dropped_by_broker = 0
         self._undecodable = 0
         self._connects = 0
+        self._reconnect_log = LogLimiter(logger, burst=1, interval=_RECONNECT_LOG_INTERVAL)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -213,16 +216,9 @@ class Client:
         return frame_header(len(payload), self.profile.header_len) + payload
 
     def _encode(self, source: str, event: str, data: object, target: Target) -> bytes:
-        if not isinstance(source, str) or not source or not isinstance(event, str) or not event:
-            raise ValueError("source and event must be non-empty strings")
-        if target.kind is TargetKind.WORKER and not self.profile.extended_targets:
-            raise ValueError(f"target {target} does not exist in the {self.profile.name} profile")
-        if target.kind is TargetKind.OTHERS and not self.profile.extended_targets:
-            raise ValueError(f"target {target} does not exist in the {self.profile.name} profile")
-        inner = encode_event(self.profile, source, event, data, self.worker_id)
-        outer = encode_publish(self.profile, target, inner)
-        if len(outer) > self.max_payload_len:
-            raise PayloadTooLarge(len(outer), self.max_payload_len)
+        _, outer = build_publish(
+            self.profile, self.worker_id, source, event, data, target, self.max_payload_len
+        )
         return self._frame(outer)
 
     def publish_nowait(
@@ -328,10 +324,20 @@ class Client:
                     stream, initial = await self.transport.connect(self._path)
             except (OSError, HandshakeError, TimeoutError) as exc:
                 failures += 1
-                log = logger.warning if failures == 1 else logger.debug
-                log("worker %d cannot reach the broker at %s: %s", self.worker_id, self.address, exc)
+                # At most one line per interval while the broker stays away (it retries
+                # every half second); the count of the others comes with the next line.
+                self._reconnect_log.log(
+                    logging.WARNING,
+                    "worker %d cannot reach the broker at %s: %s (attempt %d)",
+                    self.worker_id,
+                    self.address,
+                    exc,
+                    failures,
+                )
                 await anyio.sleep(self._backoff(failures))
                 continue
+            if failures > 1:
+                logger.info("worker %d reached the broker after %d failed attempts", self.worker_id, failures)
             failures = 0
             await self._session(stream, initial)
             await anyio.sleep(self._backoff(0))
@@ -351,6 +357,7 @@ class Client:
             self._ready.set()
             logger.info("worker %d connected to %s", self.worker_id, self.address)
             try:
+                self._session_started()
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._write_loop, frames, tg.cancel_scope)
                     await self._read_loop(frames)
@@ -360,15 +367,29 @@ class Client:
                 self._ready = anyio.Event()
                 self._made_progress()  # wake publishers waiting for room: they must re-check
                 logger.info("worker %d lost its broker connection", self.worker_id)
+                self._session_ended()
+
+    # Extension points for shared.embed (no-ops here). They run in the connection task and
+    # must not block: ``_session_started`` right after the hello went out,
+    # ``_session_ended`` as soon as the connection is gone.
+    def _session_started(self) -> None:
+        pass
+
+    def _session_ended(self) -> None:
+        pass
+
+    def _decode_event(self, payload: bytes) -> Event:
+        """Decode one delivery. Raises: RemoteProtocolError."""
+        return decode_event(self.profile, payload)
 
     async def _read_loop(self, frames: FrameStream) -> None:
-        profile = self.profile
+        decode = self._decode_event
         push = self._dispatcher.push
         try:
             while True:
                 for payload in await frames.receive():
                     try:
-                        ev = decode_event(profile, payload)
+                        ev = decode(payload)
                     except RemoteProtocolError as exc:
                         # Another publisher's bad event: skip it, keep the connection.
                         self._undecodable += 1
@@ -381,7 +402,7 @@ class Client:
             pass
         except RemoteProtocolError as exc:
             logger.error("worker %d: broker broke the protocol: %s", self.worker_id, exc)
-        except (anyio.BrokenResourceError, OSError) as exc:
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             logger.info("worker %d: read failed: %r", self.worker_id, exc)
 
     def _note_broker_drops(self, data: Any) -> None:

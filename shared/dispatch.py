@@ -51,6 +51,8 @@ class Dispatcher:
         self.delivered = 0
         self.dropped = 0
         self.handler_errors = 0
+        #: True while an event's handlers are running.
+        self.busy = False
 
     @property
     def depth(self) -> int:
@@ -135,7 +137,11 @@ class Dispatcher:
                 await wakeup.wait()
                 continue
             while inbox:
-                await self.dispatch(inbox.popleft())
+                self.busy = True
+                try:
+                    await self.dispatch(inbox.popleft())
+                finally:
+                    self.busy = False
             # Let other tasks run between batches even when every handler is synchronous.
             await anyio.lowlevel.checkpoint()
 

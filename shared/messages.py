@@ -17,7 +17,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import PayloadTooLarge, RemoteProtocolError
 from .profile import Profile
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "Hello",
     "Target",
     "TargetKind",
+    "build_publish",
     "decode_event",
     "decode_hello",
     "decode_publish",
@@ -80,10 +81,10 @@ def parse_target(value: str | int | Target) -> Target:
     """
     if isinstance(value, Target):
         return value
-    if isinstance(value, bool):
-        raise ValueError(f"invalid target {value!r}")
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return Target(TargetKind.WORKER, worker_id=value)
+    if not isinstance(value, str):
+        raise ValueError(f"invalid target {value!r}")
     if value in ("all", "current", "others"):
         return Target(TargetKind(value))
     kind, sep, arg = value.partition(":")
@@ -131,12 +132,12 @@ def _as_map(obj: object, what: str) -> dict[Any, Any]:
     return obj
 
 
-def _as_bytes(value: object, what: str) -> bytes:
+def _as_bytes(profile: Profile, value: object, what: str) -> bytes:
     if isinstance(value, bytes):
         return value
     # A Lua string that happens to be valid UTF-8 comes back from the Lua codec as str;
     # re-encoding it is lossless. In the native profile data must be msgpack bin.
-    if isinstance(value, str) and not isinstance(value, bool):
+    if isinstance(value, str) and profile.text_is_bytes:
         return value.encode("utf-8")
     raise RemoteProtocolError(f"{what} must be bytes, got {type(value).__name__}")
 
@@ -172,7 +173,7 @@ def encode_publish(profile: Profile, target: Target, event_bytes: bytes) -> byte
     elif kind is TargetKind.OTHERS and profile.extended_targets:
         spec = {"others": True}
     else:
-        raise LocalProtocolError(f"target {target} cannot be sent in the {profile.name} profile")
+        raise ValueError(f"target {target} does not exist in the {profile.name} profile")
     return profile.codec.dumps({"spec": spec, "data": event_bytes})
 
 
@@ -185,7 +186,7 @@ def decode_publish(profile: Profile, payload: bytes) -> tuple[Target, bytes]:
     msg = _as_map(profile.codec.loads(payload), "publish")
     try:
         spec = _as_map(msg["spec"], "publish spec")
-        data = _as_bytes(msg["data"], "publish data")
+        data = _as_bytes(profile, msg["data"], "publish data")
     except KeyError as exc:
         raise RemoteProtocolError(f"publish is missing {exc.args[0]!r}") from None
     if len(msg) != 2:
@@ -209,6 +210,34 @@ def _decode_spec(profile: Profile, spec: dict[Any, Any]) -> Target:
         elif key == "others" and profile.extended_targets and value is True:
             return OTHERS
     raise RemoteProtocolError(f"invalid publish spec {spec!r}")
+
+
+def build_publish(
+    profile: Profile,
+    wid: int,
+    source: str,
+    event: str,
+    data: object,
+    target: Target,
+    max_payload_len: int,
+) -> tuple[bytes, bytes]:
+    """Validate and encode one publish; returns ``(event_bytes, publish_bytes)``.
+
+    Everything a publisher must refuse *before* anything is sent is checked here, so the
+    real client and the in-process test bus refuse exactly the same things.
+
+    Raises:
+        ValueError: empty ``source``/``event``, or a target the profile does not have.
+        LocalProtocolError: ``data`` cannot be encoded by the profile's codec.
+        PayloadTooLarge: the encoded publish exceeds ``max_payload_len``.
+    """
+    if not isinstance(source, str) or not source or not isinstance(event, str) or not event:
+        raise ValueError("source and event must be non-empty strings")
+    inner = encode_event(profile, source, event, data, wid)
+    outer = encode_publish(profile, target, inner)
+    if len(outer) > max_payload_len:
+        raise PayloadTooLarge(len(outer), max_payload_len)
+    return inner, outer
 
 
 # --- event -------------------------------------------------------------------------------

@@ -27,6 +27,9 @@ class Profile:
     extended_targets: bool
     #: Default for the client's ``max_payload_len``: lua-resty-events uses 64 KiB.
     default_max_payload_len: int
+    #: Lua strings are byte strings that the Lua codec hands back as ``str`` when they are
+    #: valid UTF-8; in this profile a ``str`` where bytes belong is re-encoded, not refused.
+    text_is_bytes: bool = False
 
     @property
     def max_frame_len(self) -> int:
@@ -54,6 +57,7 @@ def _kong() -> Profile:
         codec=LuaBufferCodec(),
         extended_targets=False,
         default_max_payload_len=65536,
+        text_is_bytes=True,
     )
 
 

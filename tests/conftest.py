@@ -1,0 +1,48 @@
+"""Shared fixtures: both anyio backends, both transports, a temp socket path, a broker."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+
+import anyio
+import pytest
+
+from shared.broker import Broker
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(params=["stream", "http"])
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[str]:
+    # Short paths: a Unix socket path must fit in 108 bytes, and pytest's tmp_path may not.
+    path = tempfile.mkdtemp(prefix="wb-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def address(sock_dir: str) -> str:
+    return f"unix:{os.path.join(sock_dir, 'bus.sock')}"
+
+
+@pytest.fixture
+async def broker(address: str, transport: str) -> AsyncIterator[Broker]:
+    """A broker serving ``address`` on ``transport`` for the duration of the test."""
+    b = Broker(transport=transport, expected_workers=4, unique_timeout=0.3)
+    async with anyio.create_task_group() as tg:
+        await tg.start(b.serve, address)
+        yield b
+        tg.cancel_scope.cancel()

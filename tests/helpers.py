@@ -1,0 +1,34 @@
+"""Small test helpers: bounded waits and event recorders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+Record = tuple[str, str, Any, "int | None"]
+
+
+class Recorder:
+    """A handler that records (source, event, data, wid) and lets tests wait for counts."""
+
+    def __init__(self) -> None:
+        self.events: list[Record] = []
+
+    def __call__(self, data: Any, event: str, source: str, wid: int | None) -> None:
+        self.events.append((source, event, data, wid))
+
+    def names(self) -> list[str]:
+        return [e[1] for e in self.events]
+
+    async def wait_for(self, count: int, timeout: float = 5.0) -> list[Record]:
+        await wait_until(lambda: len(self.events) >= count, timeout)
+        return self.events
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``predicate`` every 5 ms; raise TimeoutError after ``timeout`` seconds."""
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.005)
