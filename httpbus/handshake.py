@@ -15,6 +15,7 @@ token; anything else is an error carrying the status and body received.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import h11
@@ -52,7 +53,7 @@ _REASONS = {
 }
 
 
-def _has_token(headers: list[tuple[bytes, bytes]], name: bytes, token: bytes) -> bool:
+def _has_token(headers: Iterable[tuple[bytes, bytes]], name: bytes, token: bytes) -> bool:
     wanted = token.lower()
     for key, value in headers:
         if key == name and any(t.strip().lower() == wanted for t in value.split(b",")):

@@ -108,11 +108,13 @@ def run_demo(*, workers: int = 4, transport: str = "http") -> int:
         )
         procs.append(broker)
         _wait_for_socket(path, broker, time.monotonic() + _DEADLINE)
-        for wid in range(workers):
-            procs.append(subprocess.Popen(
+        procs.extend(
+            subprocess.Popen(
                 [py, "-m", "shared.demo", address, transport, str(wid), str(workers)],
                 stdout=subprocess.PIPE,
-            ))
+            )
+            for wid in range(workers)
+        )
         results = []
         for proc in procs[1:]:
             out, _ = proc.communicate(timeout=_DEADLINE + 5)

@@ -60,7 +60,7 @@ class Target:
             return f"worker:{self.worker_id}"
         if self.kind is TargetKind.UNIQUE:
             return f"unique:{self.key}"
-        return self.kind.value
+        return str(self.kind.value)
 
     @property
     def on_wire(self) -> bool:

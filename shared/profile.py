@@ -12,7 +12,7 @@ from functools import cache
 
 from .codec import Codec, MsgpackCodec
 
-__all__ = ["KONG", "NATIVE", "Profile", "get_profile"]
+__all__ = ["NATIVE", "Profile", "get_profile"]
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,17 @@ class Recorder:
     def names(self) -> list[str]:
         return [e[1] for e in self.events]
 
-    async def wait_for(self, count: int, timeout: float = 5.0) -> list[Record]:
+    async def wait_for(self, count: int, timeout: float = 5.0) -> list[Record]:  # noqa: ASYNC109
         await wait_until(lambda: len(self.events) >= count, timeout)
         return self.events
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll ``predicate`` every 5 ms; raise TimeoutError after ``timeout`` seconds."""
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    """Poll ``predicate`` every 5 ms; raise TimeoutError after ``timeout`` seconds.
+
+    Polling is deliberate here: the predicates read counters of the code under test, which
+    offers no event to wait on, and the deadline bounds the loop.
+    """
     with anyio.fail_after(timeout):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110
             await anyio.sleep(0.005)

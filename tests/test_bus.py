@@ -14,13 +14,14 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from anyio.abc import ByteStream
 
 from shared.broker import Broker
 from shared.client import Client
 from shared.errors import LocalProtocolError, PayloadTooLarge, PublishBufferFull, UpgradeRejected
-from shared.transport import get_transport, parse_address
+from shared.transport import Transport, get_transport, parse_address
 
 from .helpers import Recorder, wait_until
 
@@ -43,7 +44,7 @@ async def clients(address: str, transport: str, *ids: int, **kw: Any) -> AsyncIt
 async def test_broadcast_reaches_every_worker_including_the_publisher(broker: Broker, address: str, transport: str) -> None:
     async with clients(address, transport, 0, 1, 2, 3) as cs:
         recs = [Recorder() for _ in cs]
-        for c, r in zip(cs, recs):
+        for c, r in zip(cs, recs, strict=True):
             c.subscribe("*", "*", r)
         await cs[2].publish("src", "evt", {"n": 1})
         for r in recs:
@@ -81,7 +82,7 @@ async def test_publish_before_the_broker_exists_is_buffered(address: str, transp
 async def test_unique_is_handled_once_then_again_after_timeout(broker: Broker, address: str, transport: str) -> None:
     async with clients(address, transport, 0, 1, 2) as cs:
         recs = [Recorder() for _ in cs]
-        for c, r in zip(cs, recs):
+        for c, r in zip(cs, recs, strict=True):
             c.subscribe("s", "*", r)
         await cs[0].publish("s", "u1", target="unique:key")
         await cs[1].publish("s", "u2", target="unique:key")
@@ -100,7 +101,7 @@ async def test_unique_is_handled_once_then_again_after_timeout(broker: Broker, a
 async def test_worker_and_others_targets(broker: Broker, address: str, transport: str) -> None:
     async with clients(address, transport, 0, 1, 2) as cs:
         recs = [Recorder() for _ in cs]
-        for c, r in zip(cs, recs):
+        for c, r in zip(cs, recs, strict=True):
             c.subscribe("*", "*", r)
         await cs[0].publish("s", "to-2", target=2)
         await cs[0].publish("s", "to-1", target="worker:1")
@@ -165,7 +166,7 @@ async def test_handler_errors_are_isolated_and_logged(
             raise RuntimeError("handler exploded")
 
         async def after(data: Any, event: str, source: str, wid: int | None) -> None:
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             order.append(f"after:{event}")
 
         c.subscribe("*", "*", boom)
@@ -295,7 +296,7 @@ async def test_a_dead_broker_does_not_cancel_handlers_and_buffers_publishes(addr
 class FailingOnce:
     """A transport wrapper whose first connection's stream fails on the second send."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Transport) -> None:
         self.inner = inner
         self.name = inner.name
         self.failed = False

@@ -98,7 +98,7 @@ def test_broadcast_unique_and_targets_across_processes(sock_dir: str, transport:
                 w.expect("ev", timeout=max(0.01, deadline - time.monotonic()))
         for w in workers:
             per_publisher: dict[int, list[str]] = {}
-            for source, event, _, wid in w.events:
+            for source, _event, _, wid in w.events:
                 per_publisher.setdefault(wid, []).append(source)
             assert sorted(d["from"] for s, _, d, _ in w.events if s == "cache") == [0, 1, 2, 3]
             assert [e[1] for e in w.events if e[0] == "ping"] == [f"to-{w.wid}"]
