@@ -144,7 +144,10 @@ def test_our_upgrade_request_is_what_a_real_worker_sends() -> None:
 @needs_captures
 def test_our_hello_decodes_like_a_real_workers() -> None:
     real = FrameDecoder(3).feed(_hex("worker-info-frame.hex"))[0]
-    assert set(loads(real)) == set(loads(dumps({"id": 0, "pid": 1}))) == {"id", "pid"}  # type: ignore[arg-type]
+    theirs, ours = loads(real), loads(dumps({"id": 0, "pid": 1}))
+    assert isinstance(theirs, dict) and isinstance(ours, dict)
+    assert set(theirs) == set(ours) == {"id", "pid"}
+    assert isinstance(theirs["id"], int) and isinstance(theirs["pid"], int)
 
 
 @needs_captures
