@@ -9,8 +9,9 @@ import anyio
 from anyio.abc import ByteStream
 
 from shared.errors import HandshakeError
+from shared.sockets import connect_unix
 
-from .handshake import ClientHandshake, ServerHandshake
+from .handshake import DEFAULT_MAX_HEADER_BYTES, ClientHandshake, ServerHandshake
 
 __all__ = ["TRANSPORT", "HttpTransport"]
 
@@ -25,10 +26,17 @@ async def _receive_or_eof(stream: ByteStream) -> bytes:
 
 
 class HttpTransport:
+    """Args: max_header_bytes: the largest request head the broker side accepts."""
+
     name = "http"
 
+    def __init__(self, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> None:
+        if max_header_bytes < 1:
+            raise ValueError("max_header_bytes must be at least 1")
+        self.max_header_bytes = max_header_bytes
+
     async def connect(self, path: str) -> tuple[ByteStream, bytes]:
-        stream = await anyio.connect_unix(path)
+        stream = await connect_unix(path)
         try:
             handshake = ClientHandshake()
             await stream.send(handshake.request)
@@ -41,7 +49,7 @@ class HttpTransport:
             raise
 
     async def accept(self, stream: ByteStream) -> bytes:
-        handshake = ServerHandshake()
+        handshake = ServerHandshake(max_header_bytes=self.max_header_bytes)
         while True:
             outcome = handshake.receive_data(await _receive_or_eof(stream))
             if outcome is None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import anyio
 from anyio.abc import ByteStream
+
+from shared.sockets import connect_unix
 
 __all__ = ["TRANSPORT", "StreamTransport"]
 
@@ -12,7 +13,7 @@ class StreamTransport:
     name = "stream"
 
     async def connect(self, path: str) -> tuple[ByteStream, bytes]:
-        return await anyio.connect_unix(path), b""
+        return await connect_unix(path), b""
 
     async def accept(self, stream: ByteStream) -> bytes:
         return b""

@@ -45,18 +45,5 @@ async def broker(address: str, transport: str) -> AsyncIterator[Broker]:
     async with anyio.create_task_group() as tg:
         await tg.start(b.serve, address)
         yield b
-        await stop_broker(b, tg.cancel_scope)
+        tg.cancel_scope.cancel()
 
-
-async def stop_broker(broker: Broker, scope: anyio.CancelScope) -> None:
-    """Cancel a broker once the test's clients are gone.
-
-    Cancelling a task blocked in ``receive()`` on an anyio UNIX stream while its socket turns
-    readable (a client's EOF) makes asyncio log ``InvalidStateError`` from anyio's
-    ``Future.set_result`` callback, which the anyio pytest plugin turns into a failure. The
-    race is anyio's (its _RawSocketMixin); letting the broker see the EOFs first avoids it.
-    """
-    with anyio.move_on_after(2):
-        while broker.statistics().connections:
-            await anyio.sleep(0.005)
-    scope.cancel()

@@ -1,0 +1,135 @@
+"""The ``workerbus conformance broker|serve`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from shared.conformance.casekit import KitConfig
+from shared.conformance.profiles import PROFILES, Profile
+from shared.conformance.runner import run_suite, select, write_json
+
+__all__ = ["add_parser"]
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser, *, optional_address: bool = False) -> None:
+    p.add_argument("address", metavar="unix:PATH", nargs="?" if optional_address else None,
+                   help="the broker's Unix socket address")
+    p.add_argument("--transport", choices=("http", "stream"), default="http",
+                   help="connection start: HTTP upgrade or none (default http)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="native",
+                   help="frame header width and codec (default native)")
+    p.add_argument("--json", metavar="REPORT", help="also write a JSON report to this file")
+    p.add_argument("--handshake-deadline", type=_positive, default=5.0, metavar="SECONDS",
+                   help="the broker's handshake+hello deadline (default 5)")
+    p.add_argument("--unique-timeout", type=_positive, default=5.0, metavar="SECONDS",
+                   help="the broker's unique dedup window (default 5)")
+    p.add_argument("--workers", type=_count, metavar="N",
+                   help="the broker's pre-created worker ids 0..N-1, if any")
+    p.add_argument("--max-payload", type=_count, metavar="BYTES",
+                   help="the broker's frame payload limit, if lower than the profile's")
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``conformance`` with its ``broker`` and ``serve`` subcommands."""
+    conf = subparsers.add_parser(
+        "conformance", help="protocol conformance kit: test a broker, or judge clients",
+        description="Black-box protocol conformance kit (see docs/conformance.md).")
+    # The workerbus main configures logging from log_level for every subcommand; the kit
+    # reports on stdout and has nothing to log.
+    conf.set_defaults(log_level="WARNING")
+    sub = conf.add_subparsers(dest="conformance_command", metavar="{broker,serve}")
+    sub.required = True
+
+    broker = sub.add_parser("broker", help="run the conformance cases against a running broker")
+    _common(broker, optional_address=True)  # not needed for --list
+    broker.add_argument("--only", action="append", metavar="PATTERN",
+                        help="run cases whose name contains PATTERN or matches it as a glob "
+                             "(repeatable)")
+    broker.add_argument("--timeout", type=_positive, default=5.0, metavar="SECONDS",
+                        help="deadline for each case's waits (default 5)")
+    broker.add_argument("--id-base", type=int, default=1000, metavar="ID",
+                        help="first worker id the kit uses; case i uses ID+10i..ID+10i+9 "
+                             "(default 1000)")
+    broker.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    broker.set_defaults(func=run_broker_command)
+
+    serve = sub.add_parser("serve", help="run a strict broker that reports client violations")
+    _common(serve)
+    serve.add_argument("--queue-grace", type=_positive, default=30.0, metavar="SECONDS",
+                       help="how long a gone worker's queue is kept (default 30)")
+    serve.set_defaults(func=run_serve_command)
+
+
+def _address(text: str | None) -> str | None:
+    if text is None:
+        print("conformance: the broker's address (unix:PATH) is required", file=sys.stderr)
+        return None
+    if not text.startswith("unix:") or len(text) == len("unix:"):
+        print(f"conformance: address must be unix:PATH, got {text!r}", file=sys.stderr)
+        return None
+    return text[len("unix:"):]
+
+
+def _profile(name: str) -> Profile | None:
+    profile = PROFILES[name]
+    if not profile.native:
+        try:
+            importlib.import_module("shared.luabuf")
+        except ImportError as exc:
+            print(f"conformance: the kong profile needs shared.luabuf: {exc}", file=sys.stderr)
+            return None
+    return profile
+
+
+def run_broker_command(args: argparse.Namespace) -> int:
+    if args.list:
+        for _, c in select(args.only):
+            print(f"{c.name}: {c.summary}")
+        return 0
+    path, profile = _address(args.address), _profile(args.profile)
+    if path is None or profile is None:
+        return 2
+    if not select(args.only):
+        print(f"conformance: no case matches {args.only}", file=sys.stderr)
+        return 2
+    cfg = KitConfig(
+        address=args.address, path=path, transport=args.transport, profile=profile,
+        case_timeout=args.timeout, handshake_deadline=args.handshake_deadline,
+        unique_timeout=args.unique_timeout, workers=args.workers, max_payload=args.max_payload,
+        id_base=args.id_base,
+    )
+    report = run_suite(cfg, args.only, sys.stdout)
+    if args.json:
+        write_json(report.to_json(), args.json)
+    return 1 if report.totals["failed"] else 0
+
+
+def run_serve_command(args: argparse.Namespace) -> int:
+    # Imported here: the serve side needs anyio, the broker side does not.
+    from shared.conformance.serve import ServeConfig, run_serve
+
+    path, profile = _address(args.address), _profile(args.profile)
+    if path is None or profile is None:
+        return 2
+    cfg = ServeConfig(
+        address=args.address, path=path, transport=args.transport, profile=profile,
+        handshake_deadline=args.handshake_deadline, unique_timeout=args.unique_timeout,
+        workers=args.workers, max_payload=args.max_payload, queue_grace=args.queue_grace,
+    )
+    return run_serve(cfg, sys.stdout, args.json)

@@ -1,0 +1,204 @@
+"""Tiny brokers for testing the conformance kit: one correct, several deliberately broken.
+
+Run as a script (``python tests/fake_brokers.py PATH --transport http --flaw reencode``) so a
+"dies on bad input" broker really dies. Threads and blocking sockets, one global lock held
+while routing and sending: that trivially gives one global delivery order, and these
+brokers only ever serve the kit's small bursts. Native profile only.
+
+Flaws (each should make at least one named kit case fail):
+
+- ``reencode``: decodes and re-encodes every inner event before delivering it.
+- ``drop-after-head``: discards whatever arrived with the HTTP request head.
+- ``no-dedup``: ignores unique keys (delivers every unique publish).
+- ``die-on-bad-input``: the whole process exits on the first bad payload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import socket
+import threading
+import time
+
+import h11
+import msgpack
+
+UPGRADE = b"kong-worker-events/1"
+SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+             b"Upgrade: Kong-Worker-Events/1\r\n\r\n")
+FLAWS = ("none", "reencode", "drop-after-head", "no-dedup", "die-on-bad-input")
+
+
+class Bad(Exception):
+    """Input that closes the connection."""
+
+
+def http_error(status: int, reason: str) -> bytes:
+    extra = b"Upgrade: Kong-Worker-Events/1\r\n" if status == 426 else b""
+    return (f"HTTP/1.1 {status} {reason}\r\n".encode() + extra
+            + b"Connection: close\r\nContent-Length: 4\r\n\r\nbad\n")
+
+
+class Conn:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def fill(self, deadline: float | None) -> None:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Bad("deadline")
+            self.sock.settimeout(remaining)
+        else:
+            self.sock.settimeout(None)
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise Bad("eof")
+        self.buf += chunk
+
+    def frame(self, deadline: float | None) -> bytes:
+        while len(self.buf) < 2:
+            self.fill(deadline)
+        size = int.from_bytes(self.buf[:2], "big")
+        while len(self.buf) < 2 + size:
+            self.fill(deadline)
+        payload, self.buf = self.buf[2 : 2 + size], self.buf[2 + size :]
+        return payload
+
+
+class FakeBroker:
+    def __init__(self, path: str, transport: str, flaw: str, deadline: float,
+                 unique_timeout: float) -> None:
+        self.path, self.transport, self.flaw = path, transport, flaw
+        self.deadline, self.unique_timeout = deadline, unique_timeout
+        self.lock = threading.Lock()
+        self.peers: dict[int, socket.socket] = {}
+        self.queues: dict[int, list[bytes]] = {}  # ids seen but not connected now
+        self.uniques: dict[str, float] = {}
+
+    def serve_forever(self) -> None:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        listener.listen(128)
+        print("ready", flush=True)
+        while True:
+            sock, _ = listener.accept()
+            threading.Thread(target=self.handle, args=(sock,), daemon=True).start()
+
+    def bad(self, why: str) -> Bad:
+        if self.flaw == "die-on-bad-input":
+            os._exit(3)
+        return Bad(why)
+
+    def start(self, conn: Conn) -> int:
+        deadline = time.monotonic() + self.deadline
+        if self.transport == "http":
+            while b"\r\n\r\n" not in conn.buf:
+                conn.fill(deadline)
+            head, _, rest = conn.buf.partition(b"\r\n\r\n")
+            conn.buf = b"" if self.flaw == "drop-after-head" else rest
+            parser = h11.Connection(h11.SERVER)
+            try:
+                parser.receive_data(head + b"\r\n\r\n")
+                req = parser.next_event()
+            except h11.RemoteProtocolError:
+                req = None
+            if not isinstance(req, h11.Request):
+                conn.sock.sendall(http_error(400, "Bad Request"))
+                raise Bad("malformed")
+            if req.method != b"GET":
+                conn.sock.sendall(http_error(405, "Method Not Allowed"))
+                raise Bad("method")
+            if UPGRADE not in [v.lower().strip() for k, v in req.headers if k == b"upgrade"]:
+                conn.sock.sendall(http_error(426, "Upgrade Required"))
+                raise Bad("token")
+            conn.sock.sendall(SWITCHING)
+        hello = self.decode(conn.frame(deadline))
+        if not isinstance(hello, dict) or set(hello) != {"id", "pid"} \
+                or not all(type(hello[k]) is int for k in hello):
+            raise self.bad("hello")
+        wid: int = hello["id"]
+        return wid
+
+    def decode(self, payload: bytes) -> object:
+        try:
+            return msgpack.unpackb(payload, raw=False)
+        except ValueError:
+            raise self.bad("undecodable") from None
+
+    def handle(self, sock: socket.socket) -> None:
+        conn, wid = Conn(sock), None
+        try:
+            wid = self.start(conn)
+            with self.lock:
+                old = self.peers.get(wid)
+                if old is not None:
+                    old.shutdown(socket.SHUT_RDWR)
+                self.peers[wid] = sock
+                for data in self.queues.pop(wid, []):
+                    self.send(wid, data)
+            while True:
+                msg = self.decode(conn.frame(None))
+                if not isinstance(msg, dict) or set(msg) != {"spec", "data"} \
+                        or not isinstance(msg["spec"], dict) or type(msg["data"]) is not bytes:
+                    raise self.bad("publish")
+                with self.lock:
+                    self.route(wid, msg["spec"], msg["data"])
+        except (Bad, OSError):
+            pass
+        finally:
+            with self.lock:
+                if wid is not None and self.peers.get(wid) is sock:
+                    del self.peers[wid]
+                    self.queues[wid] = []
+            sock.close()
+
+    def send(self, wid: int, data: bytes) -> None:
+        if self.flaw == "reencode":
+            data = msgpack.packb(msgpack.unpackb(data, raw=False), use_bin_type=True)
+        sock = self.peers.get(wid)
+        if sock is None:
+            self.queues.setdefault(wid, []).append(data)
+            return
+        try:
+            sock.sendall(len(data).to_bytes(2, "big") + data)
+        except OSError:
+            self.queues.setdefault(wid, []).append(data)
+
+    def route(self, publisher: int, spec: dict[str, object], data: bytes) -> None:
+        everyone = set(self.peers) | set(self.queues)
+        if "unique" in spec:
+            now = time.monotonic()
+            if self.flaw != "no-dedup" and self.uniques.get(str(spec["unique"]), 0) > now:
+                return
+            self.uniques[str(spec["unique"])] = now + self.unique_timeout
+            targets = {random.choice(list(self.peers or everyone))}
+        elif "worker" in spec and type(spec["worker"]) is int:
+            targets = {spec["worker"]}
+        elif spec.get("others") is True:
+            targets = everyone - {publisher}
+        elif not spec:
+            targets = everyone
+        else:
+            raise self.bad("spec")
+        for wid in sorted(targets):
+            self.send(wid, data)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("path")
+    parser.add_argument("--transport", choices=("http", "stream"), default="http")
+    parser.add_argument("--flaw", choices=FLAWS, default="none")
+    parser.add_argument("--deadline", type=float, default=1.0)
+    parser.add_argument("--unique-timeout", type=float, default=0.3)
+    args = parser.parse_args()
+    FakeBroker(args.path, args.transport, args.flaw, args.deadline,
+               args.unique_timeout).serve_forever()
+
+
+if __name__ == "__main__":
+    main()
