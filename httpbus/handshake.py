@@ -78,11 +78,18 @@ class ServerHandshake:
     """The broker's side of the upgrade."""
 
     def __init__(self, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> None:
+        if max_header_bytes < 1:
+            raise ValueError("max_header_bytes must be at least 1")
+        self.max_header_bytes = max_header_bytes
+        # h11 enforces the limit only on an *incomplete* head; a whole oversize head that
+        # arrives in one read is caught by counting below (memory: one read at most).
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self._received = 0
 
     def receive_data(self, data: bytes) -> ServerOutcome | None:
         """Feed bytes (``b""`` = EOF). None while the request head is incomplete."""
         conn = self._conn
+        self._received += len(data)
         conn.receive_data(data)
         while True:
             try:
@@ -97,6 +104,9 @@ class ServerHandshake:
                 if not _has_token(event.headers, b"upgrade", UPGRADE_TOKEN):
                     return self._refuse(426, "expected Upgrade: Kong-Worker-Events/1")
             elif event is h11.PAUSED:
+                head = self._received - len(conn.trailing_data[0])
+                if head > self.max_header_bytes:
+                    return self._refuse(431, f"request head of {head} bytes, over {self.max_header_bytes}")
                 response = conn.send(
                     h11.InformationalResponse(
                         status_code=101,

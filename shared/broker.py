@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import anyio
-from anyio.abc import ByteStream, TaskStatus
+from anyio.abc import ByteStream, SocketListener, TaskStatus
 
-from .errors import HandshakeError, RemoteProtocolError
+from .errors import AddressInUse, HandshakeError, RemoteProtocolError
 from .frame import frame_header
-from .messages import Target, decode_hello, decode_publish, encode_event
+from .logutil import LogLimiter
+from .messages import ALL, Target, decode_hello, decode_publish, encode_event
+from .peercred import PEERCRED_SUPPORTED, PeerCredentials, default_trusted_uids, peer_credentials
 from .profile import Profile, get_profile
 from .router import (
+    DEFAULT_MAX_BATCH_BYTES,
     DEFAULT_MAX_QUEUE_LEN,
     DEFAULT_MAX_UNIQUE_KEYS,
     DEFAULT_QUEUE_GRACE,
@@ -31,6 +35,7 @@ from .router import (
     RouterStatistics,
     WorkerQueue,
 )
+from .sockets import guard
 from .stream import FrameStream
 from .transport import Transport, get_transport, open_unix_listener, parse_address
 
@@ -56,25 +61,46 @@ LIFECYCLE_SOURCE = "workerbus"
 
 @dataclass(frozen=True, slots=True)
 class BrokerStatistics:
+    #: worker connections past their hello, now
     connections: int
+    #: connections that completed the hello
     accepted: int
+    #: connections closed before or at the hello, for any reason (the next four and more)
     refused: int
     protocol_errors: int
     router: RouterStatistics
+    #: of ``refused``: peers whose uid is not trusted (SO_PEERCRED)
+    refused_untrusted: int = 0
+    #: of ``refused``: connections over ``max_connections``
+    refused_over_limit: int = 0
+    #: of ``refused``: peers that missed the handshake deadline (e.g. slowloris)
+    handshake_timeouts: int = 0
+    #: connections open now, including those still in their handshake
+    open_connections: int = 0
 
 
 class _Connection:
-    __slots__ = ("frames", "pid", "queue", "scope", "worker_id")
+    __slots__ = ("cut", "frames", "pid", "queue", "scope", "uid", "worker_id")
 
-    def __init__(self, worker_id: int, pid: int, frames: FrameStream, queue: WorkerQueue):
+    def __init__(
+        self, worker_id: int, pid: int, frames: FrameStream, queue: WorkerQueue, uid: int | None
+    ):
         self.worker_id = worker_id
         self.pid = pid
         self.frames = frames
         self.queue = queue
+        self.uid = uid
         self.scope: anyio.CancelScope | None = None
+        #: Closed by the disconnect overflow policy: the batch in flight is dropped.
+        self.cut = False
 
     def __str__(self) -> str:
         return f"worker {self.worker_id} (pid {self.pid})"
+
+
+def _peer(creds: PeerCredentials | None) -> str:
+    # Before the hello only the kernel knows who the peer is.
+    return "a peer" if creds is None else f"a peer ({creds})"
 
 
 class Broker:
@@ -92,6 +118,15 @@ class Broker:
         handshake_timeout: seconds for connection start plus hello.
         max_connections: connections served at once.
         overflow: what a full worker queue does.
+        allowed_uids: uids whose connections are served (checked with ``SO_PEERCRED``);
+            None means the broker's own uid and root.
+        max_header_bytes: largest HTTP request head (http transport only); None keeps
+            the transport's default.
+        max_batch_bytes: bytes a writer takes from a queue per ``send``.
+        lifecycle_events: also deliver the bus's own events under :data:`LIFECYCLE_SOURCE`:
+            ``welcome`` (first frame of every connection, to that worker only), ``joined``
+            and ``left`` (to every worker). Off by default: a plain broker delivers only
+            what was published (plus ``dropped`` notices). The embedded broker turns it on.
     """
 
     def __init__(
@@ -108,8 +143,12 @@ class Broker:
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         overflow: OverflowPolicy = OverflowPolicy.DROP_NEWEST,
+        allowed_uids: Iterable[int] | None = None,
+        max_header_bytes: int | None = None,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        lifecycle_events: bool = False,
     ) -> None:
-        self.transport = get_transport(transport)
+        self.transport = get_transport(transport, max_header_bytes=max_header_bytes)
         self.profile = get_profile(profile)
         limit = self.profile.max_frame_len
         if max_payload_len is None:
@@ -121,6 +160,12 @@ class Broker:
         self.max_payload_len = max_payload_len
         self.handshake_timeout = handshake_timeout
         self.max_connections = max_connections
+        self.allowed_uids = (
+            default_trusted_uids() if allowed_uids is None else frozenset(allowed_uids)
+        )
+        if max_batch_bytes < 1:
+            raise ValueError("max_batch_bytes must be at least 1")
+        self.max_batch_bytes = max_batch_bytes
         self.router = Router(
             max_queue_len=max_queue_len,
             unique_timeout=unique_timeout,
@@ -134,7 +179,16 @@ class Broker:
         self._accepted = 0
         self._refused = 0
         self._protocol_errors = 0
+        self._untrusted = 0
+        self._over_limit = 0
+        self._handshake_timeouts = 0
+        #: Peer-triggered warnings go through this, so a storm cannot flood the log.
+        self.log_limiter = LogLimiter(logger)
         self.on_ready: Callable[[str], None] | None = None
+        self.lifecycle_events = lifecycle_events
+        #: Who this broker is, sent in every ``welcome``; an embedding adds its own keys
+        #: (e.g. ``generation`` and the hosting ``worker_id``).
+        self.identity: dict[str, object] = {"pid": os.getpid()}
 
     # --- serving -------------------------------------------------------------------------
 
@@ -143,60 +197,120 @@ class Broker:
         address: str,
         *,
         mode: int = 0o600,
+        group: str | int | None = None,
         task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on ``address`` (``unix:/path``) and serve until cancelled.
 
-        Reports readiness through ``task_status`` (for ``TaskGroup.start``). The socket file
-        is removed on the way out, unless another broker has replaced it.
+        The socket file gets ``mode`` and, if given, ``group`` (a name or a gid). Reports
+        readiness through ``task_status`` (for ``TaskGroup.start``). If the socket file is
+        deleted while serving, it is re-created (checked once a second). On the way out
+        it is removed only if it is still this broker's own.
 
         Raises:
             AddressInUse: a live broker already listens on the path.
+            OSError: the path exists and is not a socket (e.g. a planted symlink).
         """
         path = parse_address(address)
-        listener = await open_unix_listener(path, mode=mode)
-        inode = os.stat(path).st_ino
-        try:
-            async with listener, anyio.create_task_group() as tg:
-                tg.start_soon(self._expire_loop)
-                logger.info(
-                    "workerbus broker ready on %s (transport=%s, profile=%s, pid=%d)",
-                    address,
-                    self.transport.name,
-                    self.profile.name,
-                    os.getpid(),
-                )
-                task_status.started(address)
-                await listener.serve(self.handle, task_group=tg)
-        finally:
+        listener = await open_unix_listener(path, mode=mode, group=group)
+        place = _SocketFile(path, mode, group, os.stat(path).st_ino)
+        async with listener:
             try:
-                if os.stat(path).st_ino == inode:
-                    os.unlink(path)
-            except FileNotFoundError:
-                pass
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._housekeeping, place, tg)
+                    logger.info(
+                        "workerbus broker ready on %s (transport=%s, profile=%s, pid=%d)",
+                        address,
+                        self.transport.name,
+                        self.profile.name,
+                        os.getpid(),
+                    )
+                    if not PEERCRED_SUPPORTED:
+                        logger.warning("no SO_PEERCRED here: peers are checked by file mode only")
+                    task_status.started(address)
+                    await listener.serve(self.handle, task_group=tg)
+            finally:
+                place.remove_own()
 
-    async def _expire_loop(self) -> None:
+    async def _housekeeping(self, place: _SocketFile, tg: anyio.abc.TaskGroup) -> None:
         while True:
             await anyio.sleep(1.0)
             for wid in self.router.expire():
                 logger.info("queue of worker %d expired after its grace period", wid)
+            self.log_limiter.flush()
+            await self._check_socket_file(place, tg)
+
+    async def _check_socket_file(self, place: _SocketFile, tg: anyio.abc.TaskGroup) -> None:
+        # A tmp cleaner or a careless `rm` can delete the socket file: open connections do
+        # not notice, but every worker that reconnects would find no broker. Put it back.
+        try:
+            st = os.lstat(place.path)
+        except FileNotFoundError:
+            pass
+        else:
+            if st.st_ino not in place.inodes and st.st_ino != place.foreign:
+                place.foreign = st.st_ino
+                logger.error(
+                    "socket path %s was replaced by another file; this broker keeps its %d "
+                    "connections but new workers cannot reach it",
+                    place.path,
+                    len(self._connections),
+                )
+            return
+        logger.warning(
+            "socket file %s was deleted under the running broker; re-creating it "
+            "(open connections are not affected)",
+            place.path,
+        )
+        try:
+            listener = await open_unix_listener(place.path, mode=place.mode, group=place.group)
+            place.inodes.add(os.stat(place.path).st_ino)
+        except (AddressInUse, OSError) as exc:
+            self.log_limiter.log(
+                logging.ERROR, "cannot re-create socket file %s: %s", place.path, exc
+            )
+            return
+        tg.start_soon(self._serve_listener, listener, tg)
+
+    async def _serve_listener(self, listener: SocketListener, tg: anyio.abc.TaskGroup) -> None:
+        async with listener:
+            await listener.serve(self.handle, task_group=tg)
 
     async def handle(self, stream: ByteStream) -> None:
         """Serve one accepted connection until it ends. Never raises for peer faults."""
+        stream = guard(stream)
         async with stream:
+            creds = peer_credentials(stream)
             if self._open >= self.max_connections:
                 self._refused += 1
-                logger.warning("refusing a connection: max_connections=%d reached", self._open)
+                self._over_limit += 1
+                self.log_limiter.log(
+                    logging.WARNING,
+                    "refusing %s: max_connections=%d reached",
+                    _peer(creds),
+                    self.max_connections,
+                )
+                return
+            if creds is not None and creds.uid not in self.allowed_uids:
+                self._refused += 1
+                self._untrusted += 1
+                self.log_limiter.log(
+                    logging.WARNING,
+                    "refusing %s: uid %d is not trusted (trusted uids: %s; see --allow-uid)",
+                    _peer(creds),
+                    creds.uid,
+                    ",".join(map(str, sorted(self.allowed_uids))),
+                )
                 return
             self._open += 1
             try:
-                await self._serve_peer(stream)
-            except Exception:  # noqa: BLE001 - last line of defence: a bug stays per-peer
-                logger.exception("internal error while serving a connection; dropping it")
+                await self._serve_peer(stream, creds)
+            except Exception:
+                logger.exception("internal error while serving %s; dropping it", _peer(creds))
             finally:
                 self._open -= 1
 
-    async def _serve_peer(self, stream: ByteStream) -> None:
+    async def _serve_peer(self, stream: ByteStream, creds: PeerCredentials | None) -> None:
         profile = self.profile
         try:
             with anyio.fail_after(self.handshake_timeout):
@@ -211,18 +325,26 @@ class Broker:
             hello = decode_hello(profile, first[0])
         except TimeoutError:
             self._refused += 1
-            logger.warning("dropping a peer: no handshake and hello within %ss", self.handshake_timeout)
+            self._handshake_timeouts += 1
+            self.log_limiter.log(
+                logging.WARNING,
+                "dropping %s: no handshake and hello within %ss",
+                _peer(creds),
+                self.handshake_timeout,
+            )
             return
         except (HandshakeError, RemoteProtocolError) as exc:
             self._refused += 1
-            logger.warning("dropping a peer before its hello: %s", exc)
+            self.log_limiter.log(
+                logging.WARNING, "dropping %s before its hello: %s", _peer(creds), exc
+            )
             return
         except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
             self._refused += 1
-            logger.info("peer left before its hello: %r", exc)
+            logger.info("%s left before its hello: %r", _peer(creds), exc)
             return
         self._accepted += 1
-        conn = self._register(hello.worker_id, hello.pid, frames)
+        conn = self._register(hello.worker_id, hello.pid, frames, creds)
         try:
             async with anyio.create_task_group() as tg:
                 conn.scope = tg.cancel_scope
@@ -232,71 +354,143 @@ class Broker:
         finally:
             self._unregister(conn)
 
-    def _register(self, worker_id: int, pid: int, frames: FrameStream) -> _Connection:
+    def _register(
+        self, worker_id: int, pid: int, frames: FrameStream, creds: PeerCredentials | None
+    ) -> _Connection:
         old = self._connections.get(worker_id)
         if old is not None:
-            logger.warning("%s replaces the connection of %s", f"pid {pid}", old)
-            if old.scope is not None:
-                old.scope.cancel()
-        conn = _Connection(worker_id, pid, frames, self.router.attach(worker_id))
+            logger.warning("worker %d (pid %d) replaces the connection of %s", worker_id, pid, old)
+            self._hang_up(old)
+        uid = None if creds is None else creds.uid
+        conn = _Connection(worker_id, pid, frames, self.router.attach(worker_id), uid)
+        if self.router.overflow is OverflowPolicy.DISCONNECT:
+            conn.queue.on_overflow = lambda: self._cut(conn)
         self._connections[worker_id] = conn
-        logger.info("%s connected", conn)
+        if self.lifecycle_events and (old is None or old.pid != pid):
+            # A quick reconnect of the same process is not news; a new process is.
+            if old is not None:
+                self._announce("left", old)
+            self._announce("joined", conn)
+        if creds is not None and creds.pid != pid:
+            # e.g. a pid namespace, or a process that connects on behalf of another
+            logger.info("%s connected (kernel reports pid %d)", conn, creds.pid)
+        else:
+            logger.info("%s connected", conn)
         return conn
+
+    def _cut(self, conn: _Connection) -> None:
+        self.log_limiter.log(
+            logging.WARNING,
+            "closing %s: its queue overflowed (max_queue_len=%d, overflow=disconnect); "
+            "%d undelivered events dropped so far",
+            conn,
+            self.router.max_queue_len,
+            conn.queue.dropped_unreported,
+        )
+        conn.cut = True
+        self._hang_up(conn)  # the blocked write then fails, and its batch is dropped
+
+    @staticmethod
+    def _hang_up(conn: _Connection) -> None:
+        # Shut the socket down rather than cancel the connection's tasks: its reader then
+        # ends on EOF by itself. Cancelling a task blocked in receive() on an anyio UNIX
+        # stream races with the fd becoming readable on asyncio (InvalidStateError in
+        # Future.set_result, anyio's _RawSocketMixin; see docs/protocol.md).
+        try:
+            sock = conn.frames.stream.extra(anyio.abc.SocketAttribute.raw_socket)
+            sock.shutdown(socket.SHUT_RDWR)
+        except (anyio.TypedAttributeLookupError, OSError):
+            if conn.scope is not None:
+                conn.scope.cancel()
 
     def _unregister(self, conn: _Connection) -> None:
         if self._connections.get(conn.worker_id) is conn:
             del self._connections[conn.worker_id]
             self.router.detach(conn.queue)
+            if self.lifecycle_events:
+                self._announce("left", conn)
         logger.info("%s disconnected", conn)
 
     async def _read_loop(self, conn: _Connection, frames: list[bytes]) -> None:
         profile = self.profile
         header_len = profile.header_len
-        route = self.router.route
+        route_many = self.router.route_many
         wid = conn.worker_id
         try:
             while True:
-                for payload in frames:
-                    target, data = decode_publish(profile, payload)
-                    route(wid, target, frame_header(len(data), header_len) + data)
+                # Consecutive publishes with the same target are routed as one run, so each
+                # queue takes a whole read's worth at once. A bad frame still ends the
+                # connection only after everything before it was routed (the finally).
+                run: list[bytes] = []
+                run_target: Target | None = None
+                try:
+                    for payload in frames:
+                        target, data = decode_publish(profile, payload)
+                        if target is not run_target:
+                            if run_target is not None:
+                                done, run = run, []  # (never routed twice, even if it raises)
+                                route_many(wid, run_target, done)
+                            run_target = target
+                        # (the data came in a frame of this header width, so it fits one)
+                        run.append(len(data).to_bytes(header_len, "big") + data)
+                finally:
+                    if run_target is not None and run:
+                        done, run = run, []
+                        route_many(wid, run_target, done)
                 frames = await conn.frames.receive()
         except anyio.EndOfStream:
             pass
         except RemoteProtocolError as exc:
             self._protocol_errors += 1
-            logger.warning("closing %s: protocol error: %s", conn, exc)
-        except (anyio.BrokenResourceError, OSError) as exc:
+            self.log_limiter.log(logging.WARNING, "closing %s: protocol error: %s", conn, exc)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             logger.info("connection of %s broke: %r", conn, exc)
 
     async def _write_loop(self, conn: _Connection) -> None:
         queue = conn.queue
         send = conn.frames.send
+        if self.lifecycle_events:
+            try:
+                await send(self._welcome(conn))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                logger.info("welcome to %s failed: %r", conn, exc)
+                if conn.scope is not None:
+                    conn.scope.cancel()
+                return
         while True:
             if not queue.frames:
                 wakeup = anyio.Event()
                 queue.wakeup = wakeup.set
                 await wakeup.wait()
                 continue
-            batch = queue.take_all()
+            batch = queue.take_batch(self.max_batch_bytes)
             events = len(batch)
-            if queue.dropped_unreported:
-                batch.insert(0, self._dropped_notice(queue))
+            reported = queue.dropped_unreported
+            if reported:
+                batch.insert(0, self._dropped_notice(conn))
             try:
                 await send(b"".join(batch))
             except BaseException as exc:
                 # Retain the batch for the next connection of this worker id; a failed
                 # write must not lose events (lua-resty-events' push_front, 0.3.0).
-                queue.put_back(batch[len(batch) - events :])
+                # Unless the disconnect policy cut us off: then it is dropped, counted.
+                unsent = batch[len(batch) - events :]
+                if conn.cut:
+                    queue.discard(unsent)
+                else:
+                    queue.put_back(unsent)
+                queue.dropped_unreported += reported  # the notice did not get through
                 if isinstance(exc, (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)):
                     logger.info("write to %s failed: %r", conn, exc)
                     if conn.scope is not None:
                         conn.scope.cancel()
                     return
                 raise
-            queue.sent += events
+            queue.mark_sent(events)
 
-    def _dropped_notice(self, queue: WorkerQueue) -> bytes:
+    def _dropped_notice(self, conn: _Connection) -> bytes:
         # Tell the worker how many events it missed; counted once, reported once.
+        queue = conn.queue
         count, queue.dropped_unreported = queue.dropped_unreported, 0
         inner = encode_event(
             self.profile,
@@ -305,10 +499,35 @@ class Broker:
             {"count": count, "total": queue.dropped},
             None,
         )
-        logger.warning("worker %d missed %d events (queue full)", queue.worker_id, count)
+        self.log_limiter.log(
+            logging.WARNING, "%s missed %d events (total %d)", conn, count, queue.dropped
+        )
         return frame_header(len(inner), self.profile.header_len) + inner
 
+    def _lifecycle_event(self, event: str, data: dict[str, object]) -> bytes:
+        return encode_event(self.profile, LIFECYCLE_SOURCE, event, data, None)
+
+    def _welcome(self, conn: _Connection) -> bytes:
+        # Sent before any queued frame, so the worker knows which broker (and which
+        # generation of an embedded broker) the events that follow come from.
+        inner = self._lifecycle_event(
+            "welcome",
+            {"worker_id": conn.worker_id, "broker": dict(self.identity), "workers": sorted(self._connections)},
+        )
+        return frame_header(len(inner), self.profile.header_len) + inner
+
+    def _announce(self, event: str, conn: _Connection) -> None:
+        self.inject(ALL, self._lifecycle_event(event, {"worker_id": conn.worker_id, "pid": conn.pid}))
+
     # --- bridge seam & introspection -----------------------------------------------------
+
+    def hang_up_all(self) -> int:
+        """Shut every worker connection down (each reader then ends on EOF); returns how
+        many. For a graceful stop: hang up, wait for ``connections`` to reach 0, cancel."""
+        conns = list(self._connections.values())
+        for conn in conns:
+            self._hang_up(conn)
+        return len(conns)
 
     def inject(self, target: Target, event_bytes: bytes) -> int:
         """Route an already encoded event that came from outside this broker."""
@@ -322,4 +541,29 @@ class Broker:
             refused=self._refused,
             protocol_errors=self._protocol_errors,
             router=self.router.statistics(),
+            refused_untrusted=self._untrusted,
+            refused_over_limit=self._over_limit,
+            handshake_timeouts=self._handshake_timeouts,
+            open_connections=self._open,
         )
+
+
+class _SocketFile:
+    """The socket path and the inodes this broker put there (the only ones it may remove)."""
+
+    __slots__ = ("foreign", "group", "inodes", "mode", "path")
+
+    def __init__(self, path: str, mode: int, group: str | int | None, inode: int) -> None:
+        self.path = path
+        self.mode = mode
+        self.group = group
+        self.inodes = {inode}
+        #: The inode of a file someone else put at the path, once logged.
+        self.foreign: int | None = None
+
+    def remove_own(self) -> None:
+        try:
+            if os.lstat(self.path).st_ino in self.inodes:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass

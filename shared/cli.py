@@ -1,4 +1,4 @@
-"""The ``workerbus`` command: broker, publish, tail, demo, conformance.
+"""The ``workerbus`` command: broker, publish, tail, demo, conformance, bench.
 
 Each subcommand is a thin shell over the library; long-running ones stop cleanly on
 SIGINT/SIGTERM.
@@ -7,6 +7,7 @@ SIGINT/SIGTERM.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import signal
@@ -19,7 +20,13 @@ import anyio
 from .broker import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Broker
 from .client import Client
 from .errors import AddressInUse, BusError
-from .router import DEFAULT_MAX_QUEUE_LEN, DEFAULT_QUEUE_GRACE, DEFAULT_UNIQUE_TIMEOUT, OverflowPolicy
+from .peercred import default_trusted_uids
+from .router import (
+    DEFAULT_MAX_QUEUE_LEN,
+    DEFAULT_QUEUE_GRACE,
+    DEFAULT_UNIQUE_TIMEOUT,
+    OverflowPolicy,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -29,7 +36,12 @@ logger = logging.getLogger("workerbus")
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", choices=("http", "stream"), default="http")
     p.add_argument("--profile", choices=("native", "kong"), default="native")
-    p.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--backend",
+        choices=("asyncio", "uvloop", "trio"),
+        default="asyncio",
+        help="event loop: asyncio (default), uvloop (asyncio on uvloop, if installed) or trio",
+    )
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
 
@@ -49,8 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N")
     p.add_argument("--overflow", choices=[o.value for o in OverflowPolicy], default=OverflowPolicy.DROP_NEWEST.value)
     p.add_argument("--mode", type=lambda s: int(s, 8), default=0o600, metavar="OCTAL", help="socket file mode (default 600)")
+    p.add_argument("--lifecycle-events", action="store_true",
+                   help="also deliver workerbus/welcome, joined and left events (docs/embedding.md)")
+    p.add_argument("--group", default=None, metavar="NAME",
+                   help="group of the socket file (with --mode 660 lets that group connect)")
+    p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
+                   help="also serve peers with this uid (repeatable; default: own uid and root)")
+    p.add_argument("--max-header-bytes", type=int, default=None, metavar="N",
+                   help="largest HTTP upgrade request head (http transport; default 16384)")
+    p.add_argument("--stats-listen", default=None, metavar="unix:PATH",
+                   help="serve GET /metrics (Prometheus) and GET /stats (JSON) on this socket")
     _add_common(p)
     p.set_defaults(func=_cmd_broker)
+
+    p = sub.add_parser("stats", help="print a broker's statistics (from its --stats-listen socket)")
+    p.add_argument("address", metavar="unix:PATH")
+    p.add_argument("--json", action="store_true", help="JSON instead of the Prometheus text format")
+    p.add_argument("--timeout", type=float, default=5.0, help="give up after SECONDS")
+    p.add_argument("--log-level", default="WARNING")
+    p.set_defaults(func=_cmd_stats)
 
     p = sub.add_parser("publish", help="publish one event and exit")
     p.add_argument("address", metavar="unix:PATH")
@@ -58,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("event")
     p.add_argument("data", nargs="?", default=None, metavar="JSON-DATA")
     p.add_argument("--target", default="all", help="all | others | worker:N | unique:KEY")
-    p.add_argument("--id", type=int, default=-2, dest="worker_id",
-                   help="worker id in the hello (default -2, so a `tail` on -1 is not replaced)")
+    p.add_argument("--id", type=int, default=None, dest="worker_id",
+                   help="worker id in the hello (default -2 native, so a `tail` on -1 is not "
+                        "replaced; -1 kong, since a real lua-resty-events broker closes ids "
+                        "it has no queue for)")
     p.add_argument("--timeout", type=float, default=5.0, help="give up after SECONDS")
     _add_common(p)
     p.set_defaults(func=_cmd_publish, log_level="WARNING")
@@ -74,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a broker and N worker processes publishing to each other")
     p.add_argument("--workers", type=int, default=4, metavar="N")
     p.add_argument("--transport", choices=("http", "stream"), default="http")
+    p.add_argument("--asgi", action="store_true",
+                   help="instead: run examples/asgi_app.py under uvicorn with N workers (embedded bus)")
     p.add_argument("--log-level", default="WARNING")
     p.set_defaults(func=_cmd_demo)
 
@@ -83,12 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_conformance(sub)
+    from .bench.cli import add_parser as add_bench
+
+    add_bench(sub)
     return parser
 
 
 def _run(args: argparse.Namespace, func: Callable[[], Awaitable[int]]) -> int:
+    backend = getattr(args, "backend", "asyncio")
     backend_options: dict[str, Any] = {}
-    return anyio.run(func, backend=getattr(args, "backend", "asyncio"), backend_options=backend_options)
+    if backend == "uvloop":
+        # uvloop is not a backend of its own: it is an asyncio loop that anyio can use.
+        backend, backend_options = "asyncio", {"use_uvloop": True}
+    return anyio.run(func, backend=backend, backend_options=backend_options)
 
 
 async def _until_signal(scope: anyio.CancelScope) -> None:
@@ -112,6 +152,9 @@ def _cmd_broker(args: argparse.Namespace) -> int:
             handshake_timeout=args.handshake_timeout,
             max_connections=args.max_connections,
             overflow=OverflowPolicy(args.overflow),
+            lifecycle_events=args.lifecycle_events,
+            allowed_uids=default_trusted_uids(args.allow_uid),
+            max_header_bytes=args.max_header_bytes,
         )
     except ValueError as exc:
         print(f"workerbus broker: {exc}", file=sys.stderr)
@@ -120,7 +163,20 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     async def run() -> int:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_until_signal, tg.cancel_scope)
-            await broker.serve(args.listen, mode=args.mode)
+            await tg.start(functools.partial(broker.serve, args.listen, mode=args.mode, group=args.group))
+            if args.stats_listen:
+                from .statsserver import serve_stats
+
+                await tg.start(
+                    functools.partial(
+                        serve_stats,
+                        args.stats_listen,
+                        broker.statistics,
+                        mode=args.mode,
+                        group=args.group,
+                        allowed_uids=broker.allowed_uids,
+                    )
+                )
         stats = broker.statistics()
         logger.info(
             "broker stopped: %d publishes, %d deliveries, %d dropped",
@@ -130,16 +186,51 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 
     try:
         return _run(args, run)
-    except AddressInUse as exc:
-        print(f"workerbus broker: {exc}", file=sys.stderr)
-        return 1
+    except Exception as group:
+        # The task group reports even one failure as a group: show the one error.
+        err = _single_error(group)
+        if isinstance(err, AddressInUse):
+            print(f"workerbus broker: {err}", file=sys.stderr)
+            return 1
+        if isinstance(err, ValueError):
+            print(f"workerbus broker: {err}", file=sys.stderr)
+            return 2
+        if isinstance(err, OSError):
+            # e.g. the path is a planted symlink or a regular file, or no such directory
+            print(f"workerbus broker: cannot listen: {err}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _single_error(exc: BaseException) -> BaseException:
+    inner = getattr(exc, "exceptions", None)
+    while inner is not None and len(inner) == 1:
+        exc = inner[0]
+        inner = getattr(exc, "exceptions", None)
+    return exc
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    import httpx
+
+    from .statsserver import fetch_stats
+
+    try:
+        sys.stdout.write(fetch_stats(args.address, as_json=args.json, timeout=args.timeout))
     except ValueError as exc:
-        print(f"workerbus broker: {exc}", file=sys.stderr)
+        print(f"workerbus stats: {exc}", file=sys.stderr)
         return 2
+    except httpx.HTTPError as exc:
+        print(f"workerbus stats: cannot fetch statistics from {args.address}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.address, transport=args.transport, profile=args.profile, worker_id=args.worker_id)
+    worker_id = args.worker_id
+    if worker_id is None:
+        worker_id = -1 if args.profile == "kong" else -2
+    return Client(args.address, transport=args.transport, profile=args.profile, worker_id=worker_id)
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
@@ -198,6 +289,10 @@ def _jsonable(value: object) -> object:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if args.asgi:
+        from .demo_asgi import run_asgi_demo
+
+        return run_asgi_demo(workers=args.workers, transport=args.transport)
     return run_demo(workers=args.workers, transport=args.transport)
 
 

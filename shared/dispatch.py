@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeAlias
 
@@ -30,6 +30,13 @@ logger = logging.getLogger(__name__)
 
 #: ``handler(data, event, source, wid)``; may return an awaitable.
 Handler: TypeAlias = Callable[[Any, str, str, "int | None"], "Awaitable[None] | None"]
+#: An event in the inbox: ``(source, event, data, wid)``.
+Fields: TypeAlias = "tuple[str, str, Any, int | None]"
+#: The handler lists of one (source, event), per level: ((key, handlers), ...).
+_Route: TypeAlias = "tuple[tuple[tuple[str, str], tuple[Handler, ...]], ...]"
+#: (source, event) pairs whose handler lists are remembered at once. Names come from
+#: peers, so the memo is bounded: when full it is simply emptied.
+_MAX_ROUTES = 1024
 
 
 class Dispatcher:
@@ -46,8 +53,13 @@ class Dispatcher:
         self._subscriptions: dict[tuple[str, str], dict[str, Handler]] = {}
         self._index: dict[str, tuple[str, str]] = {}
         self._next_id = 0
-        self._inbox: deque[Event] = deque()
+        # Plain tuples, not Event objects: the inbox sees every delivery.
+        self._inbox: deque[Fields] = deque()
         self._wakeup: anyio.Event | None = None
+        # Handler lists per (source, event), resolved once instead of per event; emptied
+        # on every (un)subscribe, which also bumps the version (see run()).
+        self._routes: dict[tuple[str, str], _Route] = {}
+        self._version = 0
         self.delivered = 0
         self.dropped = 0
         self.handler_errors = 0
@@ -76,7 +88,12 @@ class Dispatcher:
         sub_id = str(self._next_id)
         self._subscriptions.setdefault((source, event), {})[sub_id] = handler
         self._index[sub_id] = (source, event)
+        self._changed()
         return sub_id
+
+    def _changed(self) -> None:
+        self._routes.clear()
+        self._version += 1
 
     def unsubscribe(self, sub_id: str) -> bool:
         """Remove a subscription; False if the id is unknown."""
@@ -87,6 +104,7 @@ class Dispatcher:
         del handlers[sub_id]
         if not handlers:
             del self._subscriptions[key]
+        self._changed()
         return True
 
     @asynccontextmanager
@@ -122,28 +140,98 @@ class Dispatcher:
             self.dropped += 1
             logger.error("event inbox full (%d): dropped %s/%s", self.max_queue_len, event.source, event.event)
             return False
-        self._inbox.append(event)
+        self._inbox.append((event.source, event.event, event.data, event.wid))
         if self._wakeup is not None:
             self._wakeup.set()
             self._wakeup = None
         return True
 
-    async def run(self) -> None:
-        """Handle queued events forever, one at a time."""
+    def push_many(self, events: Sequence[Fields]) -> int:
+        """Queue ``(source, event, data, wid)`` tuples in order; returns how many fitted.
+
+        What does not fit in the inbox is dropped and counted, as with :meth:`push`.
+        """
         inbox = self._inbox
+        room = self.max_queue_len - len(inbox)
+        if len(events) <= room:
+            inbox.extend(events)
+            taken = len(events)
+        else:
+            taken = max(room, 0)
+            inbox.extend(events[:taken])
+            lost = len(events) - taken
+            self.dropped += lost
+            first = events[taken]
+            logger.error(
+                "event inbox full (%d): dropped %d events, the first %s/%s",
+                self.max_queue_len, lost, first[0], first[1],
+            )  # fmt: skip
+        if taken and self._wakeup is not None:
+            self._wakeup.set()
+            self._wakeup = None
+        return taken
+
+    async def run(self) -> None:
+        """Handle queued events forever, one at a time.
+
+        This is :meth:`dispatch` inlined, because it runs once per delivery: no coroutine
+        per event, handler lists resolved once per (source, event), and ``isawaitable``
+        asked only of handlers that returned something.
+        """
+        inbox = self._inbox
+        popleft = inbox.popleft
+        routes = self._routes
+        subs = self._subscriptions
+        isawaitable = inspect.isawaitable
         while True:
             if not inbox:
                 self._wakeup = wakeup = anyio.Event()
                 await wakeup.wait()
                 continue
-            while inbox:
-                self.busy = True
-                try:
-                    await self.dispatch(inbox.popleft())
-                finally:
-                    self.busy = False
+            self.busy = True
+            try:
+                while inbox:
+                    source, event, data, wid = popleft()
+                    route = routes.get((source, event))
+                    if route is None:
+                        route = self._route(source, event)
+                    self.delivered += 1
+                    version = self._version
+                    for key, handlers in route:
+                        if self._version != version:
+                            # A handler (un)subscribed: like dispatch(), every later level
+                            # sees the subscriptions as they are now.
+                            live = subs.get(key)
+                            handlers = tuple(live.values()) if live else ()
+                        for handler in handlers:
+                            try:
+                                result = handler(data, event, source, wid)
+                                if result is not None and isawaitable(result):
+                                    await result
+                            except Exception:
+                                self.handler_errors += 1
+                                logger.exception(
+                                    "event handler failed; source=%s, event=%s, wid=%s", source, event, wid
+                                )
+            finally:
+                self.busy = False
             # Let other tasks run between batches even when every handler is synchronous.
             await anyio.lowlevel.checkpoint()
+
+    def _route(self, source: str, event: str) -> _Route:
+        """The handler lists for one (source, event), level by level, remembered."""
+        keys = (("*", "*"), (source, "*"), (source, event))
+        route = []
+        for level, key in enumerate(keys):
+            if key in keys[:level]:
+                continue  # a literal "*" source or event must not run one list twice
+            handlers = self._subscriptions.get(key)
+            route.append((key, tuple(handlers.values()) if handlers else ()))
+        if len(self._routes) >= _MAX_ROUTES:
+            self._routes.clear()
+        result = tuple(route)
+        self._routes[(source, event)] = result
+        return result
 
     async def dispatch(self, ev: Event) -> None:
         """Run every matching handler for one event."""

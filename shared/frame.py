@@ -88,6 +88,8 @@ class FrameDecoder:
         end = len(buf)
         pos = 0
         out: list[bytes] = []
+        if hlen == 2:
+            return self._parse2(buf)
         while end - pos >= hlen:
             length = int.from_bytes(buf[pos : pos + hlen], "big")
             if length > limit:
@@ -102,6 +104,33 @@ class FrameDecoder:
             pos = stop
         else:
             self._need = hlen
+        if pos < end:
+            self._pending += buf[pos:] if pos else buf
+        return out
+
+    def _parse2(self, buf: bytes) -> list[bytes]:
+        # _parse for the native 2-byte header, which every delivery of the native profile
+        # goes through: the length is read as two byte values, with no slice and no
+        # int.from_bytes per frame. Same rules, same results.
+        limit = self._max
+        end = len(buf)
+        pos = 0
+        out: list[bytes] = []
+        append = out.append
+        while end - pos >= 2:
+            start = pos + 2
+            length = (buf[pos] << 8) | buf[pos + 1]
+            if length > limit:
+                self._error = f"frame announces {length} bytes, over the limit of {limit}"
+                raise RemoteProtocolError(self._error)
+            stop = start + length
+            if stop > end:
+                self._need = stop - pos
+                break
+            append(buf[start:stop])
+            pos = stop
+        else:
+            self._need = 2
         if pos < end:
             self._pending += buf[pos:] if pos else buf
         return out

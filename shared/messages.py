@@ -17,6 +17,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from .codec import MsgpackCodec
 from .errors import PayloadTooLarge, RemoteProtocolError
 from .profile import Profile
 
@@ -30,6 +31,7 @@ __all__ = [
     "TargetKind",
     "build_publish",
     "decode_event",
+    "decode_event_fields",
     "decode_hello",
     "decode_publish",
     "encode_event",
@@ -70,6 +72,8 @@ class Target:
 ALL = Target(TargetKind.ALL)
 CURRENT = Target(TargetKind.CURRENT)
 OTHERS = Target(TargetKind.OTHERS)
+#: parse_target runs once per publish: the named targets are looked up, not rebuilt.
+_NAMED_TARGETS = {"all": ALL, "current": CURRENT, "others": OTHERS}
 
 
 def parse_target(value: str | int | Target) -> Target:
@@ -81,6 +85,10 @@ def parse_target(value: str | int | Target) -> Target:
     """
     if isinstance(value, Target):
         return value
+    if isinstance(value, str):
+        named = _NAMED_TARGETS.get(value)
+        if named is not None:
+            return named
     if isinstance(value, int) and not isinstance(value, bool):
         return Target(TargetKind.WORKER, worker_id=value)
     if not isinstance(value, str):
@@ -160,9 +168,30 @@ def decode_hello(profile: Profile, payload: bytes) -> Hello:
 # --- publish -----------------------------------------------------------------------------
 
 
+# A native publish to all or others is built by concatenation: the bytes MessagePack makes
+# of {"spec": {...}, "data": <bin>} (it keeps map order), without packing two maps per
+# publish. decode_publish recognises the same bytes without unpacking them.
+_MSGPACK_ALL_HEAD = b"\x82\xa4spec\x80\xa4data"
+_MSGPACK_OTHERS_HEAD = b"\x82\xa4spec\x81\xa6others\xc3\xa4data"
+
+
+def _msgpack_bin_header(length: int) -> bytes:
+    if length < 0x100:
+        return bytes((0xC4, length))
+    if length < 0x10000:
+        return b"\xc5" + length.to_bytes(2, "big")
+    return b"\xc6" + length.to_bytes(4, "big")
+
+
 def encode_publish(profile: Profile, target: Target, event_bytes: bytes) -> bytes:
     """The outer publish message around an already encoded event."""
     kind = target.kind
+    if type(profile.codec) is MsgpackCodec and len(event_bytes) < 1 << 32:
+        # (identity tests, not a dict lookup: hashing an Enum member runs Python code)
+        if kind is TargetKind.ALL:
+            return _MSGPACK_ALL_HEAD + _msgpack_bin_header(len(event_bytes)) + event_bytes
+        if kind is TargetKind.OTHERS and profile.extended_targets:
+            return _MSGPACK_OTHERS_HEAD + _msgpack_bin_header(len(event_bytes)) + event_bytes
     spec: dict[str, object]
     if kind is TargetKind.ALL:
         spec = {}
@@ -183,6 +212,10 @@ def decode_publish(profile: Profile, payload: bytes) -> tuple[Target, bytes]:
     Raises:
         RemoteProtocolError: not a valid publish message.
     """
+    if type(profile.codec) is MsgpackCodec and type(payload) is bytes:
+        fast = _decode_msgpack_publish(payload, profile.extended_targets)
+        if fast is not None:
+            return fast
     msg = _as_map(profile.codec.loads(payload), "publish")
     try:
         spec = _as_map(msg["spec"], "publish spec")
@@ -193,6 +226,33 @@ def decode_publish(profile: Profile, payload: bytes) -> tuple[Target, bytes]:
         extra = sorted(str(k) for k in msg if k not in ("spec", "data"))
         raise RemoteProtocolError(f"publish has unknown keys {extra}")
     return _decode_spec(profile, spec), data
+
+
+def _decode_msgpack_publish(payload: bytes, extended: bool) -> tuple[Target, bytes] | None:
+    """The broker's fast path: a publish to all/others exactly as encode_publish makes it.
+
+    Returns None for anything else (another target, key order or length encoding, a length
+    that does not match); the full decoder then accepts or rejects it with a reason.
+    """
+    if payload.startswith(_MSGPACK_ALL_HEAD):
+        target, pos = ALL, len(_MSGPACK_ALL_HEAD)
+    elif extended and payload.startswith(_MSGPACK_OTHERS_HEAD):
+        target, pos = OTHERS, len(_MSGPACK_OTHERS_HEAD)
+    else:
+        return None
+    size = len(payload)
+    if size < pos + 2:
+        return None
+    tag = payload[pos]
+    if tag == 0xC4:
+        start, length = pos + 2, payload[pos + 1]
+    elif tag == 0xC5 and size >= pos + 3:
+        start, length = pos + 3, (payload[pos + 1] << 8) | payload[pos + 2]
+    else:
+        return None
+    if start + length != size:
+        return None
+    return target, payload[start:]
 
 
 def _decode_spec(profile: Profile, spec: dict[Any, Any]) -> Target:
@@ -263,10 +323,30 @@ def encode_event(
 
 def decode_event(profile: Profile, payload: bytes) -> Event:
     """Raises: RemoteProtocolError if the payload is not a valid event."""
-    msg = _as_map(profile.codec.loads(payload), "event")
+    return Event(*decode_event_fields(profile, payload))
+
+
+def decode_event_fields(profile: Profile, payload: bytes) -> tuple[str, str, Any, int | None]:
+    """:func:`decode_event` as a plain ``(source, event, data, wid)`` tuple.
+
+    The client's receive path uses this: it runs once per delivery, and building a frozen
+    dataclass costs about as much as decoding the payload.
+
+    Raises:
+        RemoteProtocolError: not a valid event.
+    """
+    msg = profile.codec.loads(payload)
+    if type(msg) is dict:
+        source = msg.get("source")
+        event = msg.get("event")
+        wid = msg.get("wid")
+        # Exact types: a bool or float wid (or anything odd) takes the checked path below.
+        if type(source) is str and type(event) is str and (wid is None or type(wid) is int):
+            return source, event, msg.get("data"), wid
+    msg = _as_map(msg, "event")
     source = msg.get("source")
     event = msg.get("event")
     if not isinstance(source, str) or not isinstance(event, str):
         raise RemoteProtocolError("event needs string 'source' and 'event'")
     wid = msg.get("wid")
-    return Event(source, event, msg.get("data"), None if wid is None else _as_int(wid, "wid"))
+    return source, event, msg.get("data"), None if wid is None else _as_int(wid, "wid")

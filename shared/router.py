@@ -22,13 +22,16 @@ from __future__ import annotations
 import enum
 import random
 import time
+from bisect import bisect_right
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate, islice
 
 from .messages import Target, TargetKind
 
 __all__ = [
+    "DEFAULT_MAX_BATCH_BYTES",
     "DEFAULT_MAX_QUEUE_LEN",
     "DEFAULT_MAX_UNIQUE_KEYS",
     "DEFAULT_QUEUE_GRACE",
@@ -50,6 +53,10 @@ DEFAULT_QUEUE_GRACE = 60.0
 #: Unique keys remembered at once. lua-resty-events keeps 1024 in an LRU, which lets a burst
 #: of distinct keys evict a live one; we keep more and count every early eviction.
 DEFAULT_MAX_UNIQUE_KEYS = 65536
+#: Bytes one writer takes from a queue for one ``send``. The batch is joined into one
+#: buffer per connection, so this bounds the copy a stuck reader can pin (the frames
+#: themselves are shared between queues); 256 KiB matches the broker's read size.
+DEFAULT_MAX_BATCH_BYTES = 256 * 1024
 
 
 class OverflowPolicy(enum.Enum):
@@ -57,20 +64,39 @@ class OverflowPolicy(enum.Enum):
 
     DROP_NEWEST = "drop-newest"  #: refuse the new frame (lua-resty-events' behaviour)
     DROP_OLDEST = "drop-oldest"  #: discard the oldest queued frame to make room
+    #: cut the slow worker off: its backlog (and the batch being written) is discarded and
+    #: counted, its connection closed; it reconnects, is told the count, and goes on with
+    #: what is published from then on. While it has no connection, the queue drops newest.
+    DISCONNECT = "disconnect"
 
 
 @dataclass(frozen=True, slots=True)
 class QueueStatistics:
+    """One worker id's queue. ``routed == sent + dropped + depth + in_flight`` always holds."""
+
     worker_id: int
     connected: bool
+    #: frames waiting in the queue
     depth: int
+    #: frames accepted into the queue
     enqueued: int
+    #: frames written to the worker's connection
     sent: int
+    #: frames lost for this worker, whatever the reason (overflow, cut, expiry)
     dropped: int
+    #: frames the router offered to this queue
+    routed: int = 0
+    #: frames taken by the writer whose ``send`` has not finished
+    in_flight: int = 0
+    #: connections closed by the disconnect overflow policy
+    overflow_disconnects: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class RouterStatistics:
+    """Totals over every queue, including queues retired after their grace period:
+    ``routed == sent + dropped + queued + in_flight``."""
+
     publishes: int
     deliveries: int
     dropped: int
@@ -78,6 +104,11 @@ class RouterStatistics:
     unique_evicted: int
     unroutable: int
     queues: tuple[QueueStatistics, ...]
+    routed: int = 0
+    sent: int = 0
+    queued: int = 0
+    in_flight: int = 0
+    overflow_disconnects: int = 0
 
 
 class WorkerQueue:
@@ -89,13 +120,17 @@ class WorkerQueue:
 
     __slots__ = (
         "connected",
+        "disconnects",
         "dropped",
         "dropped_unreported",
         "enqueued",
         "expected",
         "frames",
         "idle_since",
+        "in_flight",
         "max_len",
+        "on_overflow",
+        "routed",
         "sent",
         "wakeup",
         "worker_id",
@@ -114,15 +149,24 @@ class WorkerQueue:
         #: Drops the worker has not been told about yet (see Broker: "dropped" event).
         self.dropped_unreported = 0
         self.wakeup: Callable[[], None] | None = None
+        self.routed = 0
+        self.in_flight = 0
+        self.disconnects = 0
+        #: Set by the broker while connected: closes the connection (disconnect policy).
+        self.on_overflow: Callable[[], None] | None = None
 
     def push(self, frame: bytes, policy: OverflowPolicy) -> bool:
         frames = self.frames
+        self.routed += 1
         if len(frames) >= self.max_len:
-            self.dropped += 1
-            self.dropped_unreported += 1
-            if policy is OverflowPolicy.DROP_NEWEST:
-                return False
-            frames.popleft()
+            if policy is OverflowPolicy.DISCONNECT and self.on_overflow is not None:
+                self._cut_off()
+            else:
+                self.dropped += 1
+                self.dropped_unreported += 1
+                if policy is not OverflowPolicy.DROP_OLDEST:
+                    return False  # drop newest; also disconnect with no connection to cut
+                frames.popleft()
         frames.append(frame)
         self.enqueued += 1
         if self.wakeup is not None:
@@ -130,11 +174,84 @@ class WorkerQueue:
             self.wakeup = None
         return True
 
+    def push_many(self, frames: list[bytes], policy: OverflowPolicy) -> int:
+        """:meth:`push` for several frames, in order; returns how many were queued.
+
+        With room for all of them this is one ``extend`` (the broker routes a whole read's
+        worth of publishes at once); otherwise frame by frame, so the overflow policy
+        applies exactly as it would one push at a time.
+        """
+        count = len(frames)
+        queued = self.frames
+        if len(queued) + count > self.max_len:
+            return sum(self.push(frame, policy) for frame in frames)
+        self.routed += count
+        queued.extend(frames)
+        self.enqueued += count
+        if self.wakeup is not None:
+            self.wakeup()
+            self.wakeup = None
+        return count
+
+    def _cut_off(self) -> None:
+        # Disconnect policy: the backlog is what made the worker too slow, so it goes
+        # (counted, and reported when the worker is back); the connection is closed once.
+        # The frame that found the queue full is kept: it is the first one after the cut.
+        lost = len(self.frames)
+        self.frames.clear()
+        self.dropped += lost
+        self.dropped_unreported += lost
+        self.disconnects += 1
+        callback, self.on_overflow = self.on_overflow, None
+        assert callback is not None
+        callback()
+
     def take_all(self) -> list[bytes]:
         """Remove and return every queued frame (one write's worth)."""
         batch = list(self.frames)
         self.frames.clear()
         return batch
+
+    def take_batch(self, max_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> list[bytes]:
+        """Remove and return the oldest frames up to ``max_bytes`` (at least one frame).
+
+        They count as in flight until :meth:`mark_sent` or :meth:`put_back`.
+        """
+        frames = self.frames
+        total = len(frames)
+        # How many of the oldest frames fit, found with C-level helpers (this runs for every
+        # write of every connection): running sizes, read a growing chunk at a time so a
+        # long backlog is not scanned past the cut, and a bisection per chunk.
+        sizes = accumulate(map(len, frames))
+        count = 0
+        chunk = 256
+        while True:
+            part = list(islice(sizes, chunk))
+            fit = bisect_right(part, max_bytes)
+            count += fit
+            if fit < len(part) or len(part) < chunk:
+                break
+            chunk *= 2
+        count = max(count, min(total, 1))
+        if count == total:
+            batch = list(frames)
+            frames.clear()
+        else:
+            popleft = frames.popleft
+            batch = [popleft() for _ in range(count)]
+        self.in_flight += count
+        return batch
+
+    def discard(self, batch: list[bytes]) -> None:
+        """Drop, and count, an unsent batch (its connection was cut: disconnect policy)."""
+        self.in_flight = max(0, self.in_flight - len(batch))
+        self.dropped += len(batch)
+        self.dropped_unreported += len(batch)
+
+    def mark_sent(self, count: int) -> None:
+        """``count`` frames taken by :meth:`take_batch` were written."""
+        self.sent += count
+        self.in_flight = max(0, self.in_flight - count)
 
     def put_back(self, batch: list[bytes]) -> None:
         """Return an unsent batch to the front, in order (the send failed).
@@ -142,6 +259,7 @@ class WorkerQueue:
         Like lua-resty-events' ``push_front`` this may exceed ``max_len`` for a moment:
         dropping frames that were already accepted would be a silent loss.
         """
+        self.in_flight = max(0, self.in_flight - len(batch))
         self.frames.extendleft(reversed(batch))
         if self.wakeup is not None:
             self.wakeup()
@@ -155,6 +273,9 @@ class WorkerQueue:
             self.enqueued,
             self.sent,
             self.dropped,
+            self.routed,
+            self.in_flight,
+            self.disconnects,
         )
 
 
@@ -206,8 +327,11 @@ class Router:
         self.unique_duplicates = 0
         self.unique_evicted = 0
         self.unroutable = 0
-        #: Drops of queues that were retired by expire(), so totals never go down.
+        #: Counters of queues that were retired by expire(), so totals never go down.
         self._retired_dropped = 0
+        self._retired_routed = 0
+        self._retired_sent = 0
+        self._retired_disconnects = 0
         now = clock()
         for wid in range(expected_workers):
             self.queues[wid] = WorkerQueue(wid, max_queue_len, expected=True, now=now)
@@ -227,6 +351,7 @@ class Router:
         """The connection of ``queue`` ended; the queue waits for the worker to come back."""
         queue.connected = False
         queue.wakeup = None
+        queue.on_overflow = None
         queue.idle_since = self._clock()
 
     def expire(self) -> list[int]:
@@ -242,8 +367,11 @@ class Router:
         ]
         for wid in gone:
             queue = self.queues.pop(wid)
-            queue.dropped += len(queue.frames)
+            queue.dropped += len(queue.frames) + queue.in_flight
             self._retired_dropped += queue.dropped
+            self._retired_routed += queue.routed
+            self._retired_sent += queue.sent
+            self._retired_disconnects += queue.disconnects
         return gone
 
     # --- routing -------------------------------------------------------------------------
@@ -266,11 +394,11 @@ class Router:
                 if queue.worker_id != publisher:
                     landed += queue.push(frame, policy)
         elif kind is TargetKind.WORKER:
-            queue = self.queues.get(target.worker_id)  # type: ignore[arg-type]
-            if queue is None:
+            one = self.queues.get(target.worker_id)  # type: ignore[arg-type]
+            if one is None:
                 self.unroutable += 1
             else:
-                landed = queue.push(frame, policy)
+                landed = one.push(frame, policy)
         elif kind is TargetKind.UNIQUE:
             landed = self._route_unique(target.key or "", frame)
         else:
@@ -279,6 +407,32 @@ class Router:
         if publisher is not None and self.taps:
             for tap in self.taps:
                 tap(publisher, target, frame)
+        return landed
+
+    def route_many(self, publisher: int | None, target: Target, frames: list[bytes]) -> int:
+        """:meth:`route` for several frames with one target, in order.
+
+        For ``all`` and ``others`` every queue takes the whole run in one go, which is what
+        keeps the broker's cost per delivery low; other targets go frame by frame.
+        """
+        kind = target.kind
+        if len(frames) == 1 or (kind is not TargetKind.ALL and kind is not TargetKind.OTHERS):
+            return sum(self.route(publisher, target, frame) for frame in frames)
+        self.publishes += len(frames)
+        policy = self.overflow
+        landed = 0
+        if kind is TargetKind.ALL:
+            for queue in self.queues.values():
+                landed += queue.push_many(frames, policy)
+        else:
+            for queue in self.queues.values():
+                if queue.worker_id != publisher:
+                    landed += queue.push_many(frames, policy)
+        self.deliveries += landed
+        if publisher is not None and self.taps:
+            for frame in frames:
+                for tap in self.taps:
+                    tap(publisher, target, frame)
         return landed
 
     def _route_unique(self, key: str, frame: bytes) -> int:
@@ -328,6 +482,12 @@ class Router:
             unique_evicted=self.unique_evicted,
             unroutable=self.unroutable,
             queues=queues,
+            routed=self._retired_routed + sum(q.routed for q in queues),
+            sent=self._retired_sent + sum(q.sent for q in queues),
+            queued=sum(q.depth for q in queues),
+            in_flight=sum(q.in_flight for q in queues),
+            overflow_disconnects=self._retired_disconnects
+            + sum(q.overflow_disconnects for q in queues),
         )
 
 

@@ -18,6 +18,7 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 
 import anyio
+import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .dispatch import Dispatcher, Handler
@@ -100,7 +101,7 @@ class LocalBus:
     async def drain(self) -> None:
         """Wait until every event published so far has been handled."""
         while self._dispatcher.depth or self._dispatcher.busy:
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
 
     def subscribe(self, source: str, event: str, handler: Handler) -> str:
         return self._dispatcher.subscribe(source, event, handler)

@@ -21,7 +21,7 @@ from .transport import TRANSPORT, StreamTransport
 __all__ = ["TRANSPORT", "Broker", "Client", "StreamTransport", "connect"]
 
 
-def Broker(**options: Any) -> _Broker:  # noqa: N802 - a factory that reads like the class
+def Broker(**options: Any) -> _Broker:
     """A :class:`shared.broker.Broker` on the stream transport."""
     return _Broker(transport=TRANSPORT, **options)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from shared.errors import LocalProtocolError, PayloadTooLarge
@@ -49,7 +50,7 @@ async def test_handlers_async_iterator_and_errors() -> None:
         seen: list[Any] = []
 
         async def handler(data: Any, event: str, source: str, wid: int | None) -> None:
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             seen.append(data)
             if data == 2:
                 raise RuntimeError("boom")

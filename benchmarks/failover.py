@@ -1,0 +1,372 @@
+"""Failover benchmark: ``kill -9`` the worker hosting the embedded broker, again and again.
+
+    python -m benchmarks.failover --workers 4 16 --kills 20 --json failover.json
+
+Each worker is a real process that joins with :func:`shared.embed.join` and reports on its
+stdout (one JSON object per line) every ``welcome`` it gets, with ``time.monotonic()``
+(one clock for every process of the machine). Per round the parent:
+
+1. has every worker publish a numbered event to ``others`` every ``--interval`` seconds;
+2. reads the host's pid from ``bus.sock.lock`` and sends it SIGKILL at ``t0``;
+3. waits until every survivor was welcomed by a broker of a newer generation: the
+   failover time is the latest of those moments minus ``t0``;
+4. starts a replacement worker (as a server would; it claims the freed id);
+5. stops the publishers, and counts per (publisher, receiver) pair of survivors which
+   numbered events never arrived: those published while the publisher was disconnected
+   (the gap; they sat in its buffer, so the aim is zero), and those the dead broker took
+   with it (which the receivers' sequence checks should report as ``lost``).
+
+Not a test: it prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from typing import IO, Any
+
+import anyio
+
+from shared.election import lock_path
+
+_DEADLINE = 20.0
+
+
+# --- the worker process -------------------------------------------------------------------
+
+
+async def _worker(address: str, workers: int, transport: str, interval: float) -> None:
+    from shared.embed import join
+    from shared.errors import BusError
+
+    def emit(obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    pid = os.getpid()
+    received: dict[int, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+    async with join(address, workers=workers, transport=transport) as bus:
+
+        def on_event(data: Any, event: str, source: str, wid: int | None) -> None:
+            if source == "workerbus" and event == "welcome":
+                gen = data.get("broker", {}).get("generation")
+                # the moment the welcome was read, not when this handler got to run
+                emit({"type": "welcome", "gen": gen, "t": bus.welcomed_at, "pid": pid, "wid": bus.worker_id})
+            elif source == "bench" and isinstance(data, dict):
+                received[data["r"]][data["pid"]].add(data["n"])
+
+        bus.subscribe("*", "*", on_event)
+        stdin = anyio.wrap_file(sys.stdin)
+        stop = anyio.Event()
+        finished = anyio.Event()
+        result: dict[str, Any] = {}
+
+        async def publish(r: int, stop: anyio.Event) -> None:
+            n = 0
+            gap: list[int] = []
+            refused = 0
+            while not stop.is_set():
+                n += 1
+                if not bus.is_ready:
+                    gap.append(n)
+                try:
+                    bus.publish_nowait("bench", "tick", {"r": r, "n": n, "pid": pid}, "others")
+                except (anyio.WouldBlock, BusError):
+                    refused += 1  # buffer full: counted, not part of the loss figures
+                await anyio.sleep(interval)
+            result.update(count=n, gap=gap, refused=refused)
+            finished.set()
+
+        async with anyio.create_task_group() as tg:
+            lost_before = 0
+            async for line in stdin:
+                cmd, _, arg = line.strip().partition(" ")
+                if cmd == "pub":
+                    stop = anyio.Event()
+                    finished = anyio.Event()
+                    result.clear()
+                    lost_before = bus.lost
+                    tg.start_soon(publish, int(arg), stop)
+                elif cmd == "end":
+                    stop.set()
+                    with anyio.move_on_after(5):
+                        await finished.wait()
+                        await bus.flush()
+                    emit({"type": "published", "r": int(arg), "pid": pid, **result})
+                elif cmd == "report":
+                    r = int(arg)
+                    got = {str(p): sorted(ns) for p, ns in received.pop(r, {}).items()}
+                    emit({"type": "received", "r": r, "pid": pid, "from": got, "lost": bus.lost - lost_before})
+                elif cmd == "quit":
+                    break
+            tg.cancel_scope.cancel()
+
+
+def worker_main(argv: list[str]) -> None:
+    address, workers, transport, interval = argv[0], int(argv[1]), argv[2], float(argv[3])
+    # The parent reads the figures; the workers' own lost/reconnect warnings are expected.
+    logging.basicConfig(level=logging.ERROR)
+    anyio.run(_worker, address, workers, transport, interval)
+
+
+# --- the parent ---------------------------------------------------------------------------
+
+
+class _Proc:
+    def __init__(self, args: list[str], lines: queue.Queue[dict[str, Any]]) -> None:
+        self.popen = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+        self.pid = self.popen.pid
+        self.alive = True
+        threading.Thread(target=self._read, args=(self.popen.stdout, lines), daemon=True).start()
+
+    @staticmethod
+    def _read(stream: IO[str] | None, lines: queue.Queue[dict[str, Any]]) -> None:
+        assert stream is not None
+        for line in stream:
+            try:
+                lines.put(json.loads(line))
+            except ValueError:
+                pass
+
+    def send(self, line: str) -> None:
+        if self.alive and self.popen.stdin is not None:
+            try:
+                self.popen.stdin.write(line + "\n")
+                self.popen.stdin.flush()
+            except (BrokenPipeError, OSError):
+                pass
+
+
+class Fleet:
+    """N worker processes on one bus, with their reports gathered from a queue."""
+
+    def __init__(self, workers: int, transport: str, interval: float) -> None:
+        self.dir = tempfile.mkdtemp(prefix="wb-fo-")
+        self.path = os.path.join(self.dir, "bus.sock")
+        self.address = f"unix:{self.path}"
+        self.workers = workers
+        self.transport = transport
+        self.interval = interval
+        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.procs: dict[int, _Proc] = {}
+        self.generation: dict[int, int] = {}  # pid -> latest welcome generation
+        self.backlog: list[dict[str, Any]] = []
+
+    def spawn(self) -> _Proc:
+        args = [sys.executable, "-m", "benchmarks.failover", "--worker", self.address,
+                str(self.workers), self.transport, str(self.interval)]
+        proc = _Proc(args, self.lines)
+        self.procs[proc.pid] = proc
+        return proc
+
+    def live(self) -> list[_Proc]:
+        return [p for p in self.procs.values() if p.alive]
+
+    def _pump(self, timeout: float) -> dict[str, Any] | None:
+        try:
+            msg = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if msg.get("type") == "welcome" and isinstance(msg.get("gen"), int):
+            self.generation[msg["pid"]] = max(msg["gen"], self.generation.get(msg["pid"], 0))
+        return msg
+
+    def wait_for(self, predicate: Any, what: str, deadline: float = _DEADLINE) -> list[dict[str, Any]]:
+        """Collect messages until ``predicate(collected)`` is true."""
+        end = time.monotonic() + deadline
+        got: list[dict[str, Any]] = []
+        while not predicate(got):
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"timed out waiting for {what}")
+            msg = self._pump(min(left, 0.1))
+            if msg is not None:
+                got.append(msg)
+        return got
+
+    def host(self) -> tuple[int, int]:
+        with open(lock_path(self.path)) as f:
+            record = json.load(f)
+        return int(record["pid"]), int(record["generation"])
+
+    def settle(self) -> int:
+        """Wait until every live worker is connected to the current broker."""
+        end = time.monotonic() + _DEADLINE
+        while time.monotonic() < end:
+            try:
+                pid, gen = self.host()
+            except (OSError, ValueError, KeyError):
+                gen = -1
+            if gen > 0 and all(self.generation.get(p.pid) == gen for p in self.live()):
+                return gen
+            self._pump(0.05)
+        raise TimeoutError("workers did not settle on one broker")
+
+    def close(self) -> None:
+        for p in self.live():
+            p.send("quit")
+        end = time.monotonic() + 5
+        for p in self.procs.values():
+            try:
+                p.popen.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_round(fleet: Fleet, r: int, warmup: float) -> dict[str, Any]:
+    old_gen = fleet.settle()
+    publishers = fleet.live()
+    for p in publishers:
+        p.send(f"pub {r}")
+    time.sleep(warmup)
+    host_pid, gen = fleet.host()
+    assert gen == old_gen
+    victim = fleet.procs[host_pid]
+    t0 = time.monotonic()
+    os.kill(host_pid, signal.SIGKILL)
+    victim.alive = False
+    survivors = [p for p in publishers if p.alive]
+    reconnected: dict[int, float] = {}
+
+    def done(msgs: list[dict[str, Any]]) -> bool:
+        for m in msgs:
+            if m.get("type") == "welcome" and isinstance(m.get("gen"), int) and m["gen"] > old_gen:
+                reconnected.setdefault(m["pid"], m["t"])
+        return all(p.pid in reconnected for p in survivors)
+
+    fleet.wait_for(done, f"round {r}: survivors reconnected")
+    failover = max(reconnected[p.pid] for p in survivors) - t0
+    victim.popen.wait()
+    fleet.spawn()  # the server's respawn
+    time.sleep(warmup)
+    for p in survivors:
+        p.send(f"end {r}")
+    published = {
+        m["pid"]: m
+        for m in fleet.wait_for(
+            lambda ms: sum(m.get("type") == "published" for m in ms) >= len(survivors),
+            f"round {r}: publish counts",
+        )
+        if m.get("type") == "published"
+    }
+    time.sleep(0.3)  # let the last events arrive
+    for p in survivors:
+        p.send(f"report {r}")
+    reports = [
+        m
+        for m in fleet.wait_for(
+            lambda ms: sum(m.get("type") == "received" for m in ms) >= len(survivors),
+            f"round {r}: receive reports",
+        )
+        if m.get("type") == "received"
+    ]
+    expected = missing_gap = missing_other = gap_published = 0
+    for rep in reports:
+        for pub_pid, pub in published.items():
+            if pub_pid == rep["pid"]:
+                continue
+            got = set(rep["from"].get(str(pub_pid), []))
+            sent = set(range(1, pub["count"] + 1))
+            gap = set(pub["gap"])
+            missing = sent - got
+            expected += len(sent)
+            missing_gap += len(missing & gap)
+            missing_other += len(missing - gap)
+            gap_published += len(gap)
+    return {
+        "round": r,
+        "failover_s": failover,
+        "survivors": len(survivors),
+        "events_expected": expected,
+        "gap_events": gap_published,
+        "gap_events_lost": missing_gap,
+        "lost_in_dead_broker": missing_other,
+        "lost_reported": sum(rep["lost"] for rep in reports),
+        "refused": sum(p.get("refused", 0) for p in published.values()),
+    }
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))]
+
+
+def bench(workers: int, kills: int, transport: str, interval: float, warmup: float) -> dict[str, Any]:
+    fleet = Fleet(workers, transport, interval)
+    try:
+        for _ in range(workers):
+            fleet.spawn()
+        rounds = [run_round(fleet, r, warmup) for r in range(1, kills + 1)]
+    finally:
+        fleet.close()
+    times = [x["failover_s"] for x in rounds]
+    return {
+        "workers": workers,
+        "transport": transport,
+        "kills": kills,
+        "publish_interval_s": interval,
+        "failover_median_ms": statistics.median(times) * 1000,
+        "failover_p99_ms": _pct(times, 0.99) * 1000,
+        "failover_max_ms": max(times) * 1000,
+        "gap_events": sum(x["gap_events"] for x in rounds),
+        "gap_events_lost": sum(x["gap_events_lost"] for x in rounds),
+        "lost_in_dead_broker": sum(x["lost_in_dead_broker"] for x in rounds),
+        "lost_reported": sum(x["lost_reported"] for x in rounds),
+        "events_expected": sum(x["events_expected"] for x in rounds),
+        "rounds": rounds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list[:1] == ["--worker"]:
+        worker_main(args_list[1:])
+        return 0
+    p = argparse.ArgumentParser(prog="python -m benchmarks.failover", description=__doc__.split("\n")[0])
+    p.add_argument("--workers", type=int, nargs="+", default=[4, 16])
+    p.add_argument("--kills", type=int, default=20)
+    p.add_argument("--transport", choices=("http", "stream"), default="http")
+    p.add_argument("--interval", type=float, default=0.005, help="seconds between a worker's publishes")
+    p.add_argument("--warmup", type=float, default=0.3, help="seconds of publishing before a kill and after")
+    p.add_argument("--json", default=None, metavar="PATH")
+    args = p.parse_args(args_list)
+    results = []
+    header = (
+        f"{'workers':>7} {'kills':>5} {'median ms':>9} {'p99 ms':>7} {'max ms':>7} "
+        f"{'gap ev':>7} {'gap lost':>8} {'lost in broker':>14} {'reported':>8}"
+    )
+    print(header)
+    for n in args.workers:
+        res = bench(n, args.kills, args.transport, args.interval, args.warmup)
+        results.append(res)
+        print(
+            f"{n:>7} {res['kills']:>5} {res['failover_median_ms']:>9.1f} {res['failover_p99_ms']:>7.1f} "
+            f"{res['failover_max_ms']:>7.1f} {res['gap_events']:>7} {res['gap_events_lost']:>8} "
+            f"{res['lost_in_dead_broker']:>14} {res['lost_reported']:>8}",
+            flush=True,
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": "python -m benchmarks.failover " + " ".join(args_list),
+                       "cpus": os.cpu_count(), "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

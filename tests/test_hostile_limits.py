@@ -1,0 +1,165 @@
+"""Hostile peers against a real broker socket: every limit is enforced, and early.
+
+Limits (docs/hardening.md has the table): handshake deadline (which also covers the
+hello), max header bytes, max frame (``max_payload_len``), max connections. Each test
+checks that the offender is dropped, counted, logged without flooding the log, and that
+a well-behaved client still gets through.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+from anyio.abc import ByteStream
+
+from httpbus.handshake import REQUEST
+from shared.broker import Broker
+from shared.client import Client
+from shared.frame import encode_frame
+from shared.messages import encode_hello
+from shared.profile import NATIVE
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def serving(address: str, **options: Any) -> AsyncIterator[Broker]:
+    broker = Broker(**options)
+    async with anyio.create_task_group() as tg:
+        await tg.start(broker.serve, address)
+        yield broker
+        tg.cancel_scope.cancel()
+
+
+async def closed_by_peer(stream: ByteStream, wait: float) -> bool:
+    """True if the broker closed ``stream`` (EOF or reset) within ``wait`` seconds."""
+    with anyio.move_on_after(wait):
+        try:
+            while True:
+                await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return True
+    return False
+
+
+async def a_client_gets_through(address: str, transport: str) -> None:
+    with anyio.fail_after(10):
+        async with Client(address, transport=transport, worker_id=0) as bus:
+            await bus.wait_ready()
+
+
+async def test_slowloris_is_dropped_at_the_handshake_deadline(address: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "shared.broker")
+    async with serving(address, handshake_timeout=0.5) as broker:
+        with anyio.fail_after(10):
+            stream = await anyio.connect_unix(address[len("unix:") :])
+            async with stream:
+                sent = 0
+                for byte in REQUEST:  # one byte per 0.1 s: the head would take 8.7 s
+                    try:
+                        await stream.send(bytes([byte]))
+                    except (anyio.BrokenResourceError, OSError):
+                        break
+                    sent += 1
+                    if await closed_by_peer(stream, 0.1):
+                        break
+        assert sent < len(REQUEST)
+        stats = broker.statistics()
+        assert stats.handshake_timeouts == 1 and stats.refused == 1
+        assert "no handshake and hello within 0.5s" in caplog.text
+        assert "(pid " in caplog.text  # the kernel-reported pid, before any hello
+        await a_client_gets_through(address, "http")
+
+
+@pytest.mark.parametrize("transport", ["stream", "http"])
+async def test_a_peer_that_never_says_hello_is_dropped(address: str, transport: str) -> None:
+    async with serving(address, transport=transport, handshake_timeout=0.3) as broker:
+        with anyio.fail_after(10):
+            stream = await anyio.connect_unix(address[len("unix:") :])
+            async with stream:
+                if transport == "http":
+                    await stream.send(REQUEST)  # the upgrade, then silence instead of a hello
+                assert await closed_by_peer(stream, 5)
+        assert broker.statistics().handshake_timeouts == 1
+
+
+async def test_oversize_request_head_gets_431(address: str) -> None:
+    async with serving(address, transport="http", max_header_bytes=256) as broker:
+        with anyio.fail_after(10):
+            stream = await anyio.connect_unix(address[len("unix:") :])
+            async with stream:
+                head = REQUEST[:-2] + b"X-Padding: " + b"p" * 1000 + b"\r\n\r\n"
+                await stream.send(head)
+                answer = b""
+                try:
+                    while True:
+                        answer += await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    pass
+        assert answer.startswith(b"HTTP/1.1 431 ")
+        assert broker.statistics().refused == 1
+        await a_client_gets_through(address, "http")  # the contract's 87 bytes still fit
+
+
+async def test_max_header_bytes_is_for_http_only() -> None:
+    with pytest.raises(ValueError, match="http transport only"):
+        Broker(transport="stream", max_header_bytes=100)
+
+
+@pytest.mark.parametrize("after_hello", [False, True])
+async def test_oversize_frame_is_refused_on_its_header(address: str, after_hello: bool) -> None:
+    async with serving(address, transport="stream", max_payload_len=100) as broker:
+        with anyio.fail_after(10):
+            stream = await anyio.connect_unix(address[len("unix:") :])
+            async with stream:
+                if after_hello:
+                    await stream.send(encode_frame(encode_hello(NATIVE, 5, 4242)))
+                    await wait_until(lambda: broker.statistics().connections == 1)
+                # Only the 2-byte length goes out: the broker must not wait for 101 bytes.
+                await stream.send((101).to_bytes(2, "big"))
+                assert await closed_by_peer(stream, 5)
+        stats = broker.statistics()
+        if after_hello:
+            assert stats.protocol_errors == 1
+        else:
+            assert stats.refused == 1
+        await a_client_gets_through(address, "stream")
+
+
+async def test_max_connections(address: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "shared.broker")
+    async with serving(address, transport="stream", max_connections=2) as broker:
+        path = address[len("unix:") :]
+        with anyio.fail_after(10):
+            first = await anyio.connect_unix(path)
+            second = await anyio.connect_unix(path)
+            async with first, second:
+                await wait_until(lambda: broker.statistics().open_connections == 2)
+                third = await anyio.connect_unix(path)
+                async with third:
+                    assert await closed_by_peer(third, 5)
+                assert broker.statistics().refused_over_limit == 1
+            await wait_until(lambda: broker.statistics().open_connections == 0)
+        assert "max_connections=2 reached" in caplog.text
+        await a_client_gets_through(address, "stream")
+
+
+async def test_a_storm_of_bad_peers_does_not_flood_the_log(address: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "shared.broker")
+    async with serving(address, transport="http") as broker:
+        with anyio.fail_after(20):
+            for _ in range(50):
+                stream = await anyio.connect_unix(address[len("unix:") :])
+                async with stream:
+                    await stream.send(b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n")
+                    assert await closed_by_peer(stream, 5)
+        assert broker.statistics().refused == 50
+        lines = [r for r in caplog.records if "before its hello" in r.getMessage()]
+        assert len(lines) == broker.log_limiter.burst
+        assert broker.log_limiter.suppressed == 50 - broker.log_limiter.burst
