@@ -21,7 +21,7 @@ from anyio.abc import ByteStream, SocketListener, TaskStatus
 from .errors import AddressInUse, HandshakeError, RemoteProtocolError
 from .frame import frame_header
 from .logutil import LogLimiter
-from .messages import ALL, Target, decode_hello, decode_publish, encode_event
+from .messages import ALL, Target, decode_hello, decode_publish_batch, encode_event
 from .peercred import PEERCRED_SUPPORTED, PeerCredentials, default_trusted_uids, peer_credentials
 from .profile import Profile, get_profile
 from .router import (
@@ -413,30 +413,18 @@ class Broker:
 
     async def _read_loop(self, conn: _Connection, frames: list[bytes]) -> None:
         profile = self.profile
-        header_len = profile.header_len
         route_many = self.router.route_many
         wid = conn.worker_id
         try:
             while True:
                 # Consecutive publishes with the same target are routed as one run, so each
-                # queue takes a whole read's worth at once. A bad frame still ends the
-                # connection only after everything before it was routed (the finally).
-                run: list[bytes] = []
-                run_target: Target | None = None
-                try:
-                    for payload in frames:
-                        target, data = decode_publish(profile, payload)
-                        if target is not run_target:
-                            if run_target is not None:
-                                done, run = run, []  # (never routed twice, even if it raises)
-                                route_many(wid, run_target, done)
-                            run_target = target
-                        # (the data came in a frame of this header width, so it fits one)
-                        run.append(len(data).to_bytes(header_len, "big") + data)
-                finally:
-                    if run_target is not None and run:
-                        done, run = run, []
-                        route_many(wid, run_target, done)
+                # queue takes a whole read's worth at once. A bad frame ends the connection
+                # after everything before it was routed.
+                runs, error = decode_publish_batch(profile, frames)
+                for target, run in runs:
+                    route_many(wid, target, run)
+                if error is not None:
+                    raise error
                 frames = await conn.frames.receive()
         except anyio.EndOfStream:
             pass

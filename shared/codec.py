@@ -10,7 +10,7 @@ Error contract: ``dumps`` raises only :class:`LocalProtocolError`, ``loads`` rai
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgpack
 
@@ -44,11 +44,27 @@ class MsgpackCodec:
 
     name = "msgpack"
 
+    def __init__(self) -> None:
+        # msgpack.packb() builds a Packer for every call, which costs about as much as
+        # packing a small event. Packers are reused from this pool instead: a Packer has a
+        # buffer, so each is taken out while in use; another thread (or a re-entrant call
+        # from a dict subclass's items()) finds the pool empty and gets a new one. The pool
+        # never holds more packers than were ever in use at once.
+        self._packers: list[Any] = []
+
     def dumps(self, obj: object) -> bytes:
+        pool = self._packers
         try:
-            return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+            packer = pool.pop()
+        except IndexError:
+            packer = msgpack.Packer(use_bin_type=True)
+        try:
+            out: bytes = packer.pack(obj)
         except (TypeError, ValueError, OverflowError) as exc:
+            # (the packer is not put back: it may hold half a message)
             raise LocalProtocolError(f"cannot encode as MessagePack: {exc}") from exc
+        pool.append(packer)
+        return out
 
     def loads(self, data: bytes) -> object:
         try:

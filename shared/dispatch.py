@@ -32,11 +32,17 @@ logger = logging.getLogger(__name__)
 Handler: TypeAlias = Callable[[Any, str, str, "int | None"], "Awaitable[None] | None"]
 #: An event in the inbox: ``(source, event, data, wid)``.
 Fields: TypeAlias = "tuple[str, str, Any, int | None]"
-#: The handler lists of one (source, event), per level: ((key, handlers), ...).
-_Route: TypeAlias = "tuple[tuple[tuple[str, str], tuple[Handler, ...]], ...]"
+#: The handler lists of one (source, event) per level: ((key, handlers), ...).
+_Levels: TypeAlias = "tuple[tuple[tuple[str, str], tuple[Handler, ...]], ...]"
+#: Every handler of one (source, event) in calling order, and the levels they come from.
+_Route: TypeAlias = "tuple[tuple[Handler, ...], _Levels]"
 #: (source, event) pairs whose handler lists are remembered at once. Names come from
 #: peers, so the memo is bounded: when full it is simply emptied.
 _MAX_ROUTES = 1024
+#: Events handled before other tasks of the process get a turn (even when every handler is
+#: synchronous): a burst of thousands of events must not stall, say, a web server's
+#: requests in the same event loop for milliseconds.
+_MAX_BURST = 256
 
 
 class Dispatcher:
@@ -181,7 +187,6 @@ class Dispatcher:
         inbox = self._inbox
         popleft = inbox.popleft
         routes = self._routes
-        subs = self._subscriptions
         isawaitable = inspect.isawaitable
         while True:
             if not inbox:
@@ -190,48 +195,74 @@ class Dispatcher:
                 continue
             self.busy = True
             try:
-                while inbox:
+                for _ in range(min(len(inbox), _MAX_BURST)):
                     source, event, data, wid = popleft()
                     route = routes.get((source, event))
                     if route is None:
                         route = self._route(source, event)
                     self.delivered += 1
                     version = self._version
-                    for key, handlers in route:
+                    handlers, levels = route
+                    for done, handler in enumerate(handlers, 1):
+                        try:
+                            result = handler(data, event, source, wid)
+                            if result is not None and isawaitable(result):
+                                await result
+                        except Exception:
+                            self.handler_errors += 1
+                            logger.exception(
+                                "event handler failed; source=%s, event=%s, wid=%s", source, event, wid
+                            )
                         if self._version != version:
-                            # A handler (un)subscribed: like dispatch(), every later level
-                            # sees the subscriptions as they are now.
-                            live = subs.get(key)
-                            handlers = tuple(live.values()) if live else ()
-                        for handler in handlers:
-                            try:
-                                result = handler(data, event, source, wid)
-                                if result is not None and isawaitable(result):
-                                    await result
-                            except Exception:
-                                self.handler_errors += 1
-                                logger.exception(
-                                    "event handler failed; source=%s, event=%s, wid=%s", source, event, wid
-                                )
+                            await self._finish_changed(levels, done, (data, event, source, wid))
+                            break
             finally:
                 self.busy = False
-            # Let other tasks run between batches even when every handler is synchronous.
+            # Let other tasks run between bursts even when every handler is synchronous.
             await anyio.lowlevel.checkpoint()
 
     def _route(self, source: str, event: str) -> _Route:
-        """The handler lists for one (source, event), level by level, remembered."""
+        """The handlers for one (source, event), level by level, remembered."""
         keys = (("*", "*"), (source, "*"), (source, event))
-        route = []
+        levels = []
         for level, key in enumerate(keys):
             if key in keys[:level]:
                 continue  # a literal "*" source or event must not run one list twice
             handlers = self._subscriptions.get(key)
-            route.append((key, tuple(handlers.values()) if handlers else ()))
+            levels.append((key, tuple(handlers.values()) if handlers else ()))
         if len(self._routes) >= _MAX_ROUTES:
             self._routes.clear()
-        result = tuple(route)
-        self._routes[(source, event)] = result
-        return result
+        route = (tuple(h for _, hs in levels for h in hs), tuple(levels))
+        self._routes[(source, event)] = route
+        return route
+
+    async def _finish_changed(self, levels: _Levels, done: int, args: tuple[Any, str, str, int | None]) -> None:
+        """The rest of one event after its ``done``-th handler changed the subscriptions.
+
+        As in :meth:`dispatch`: the level being run finishes with the handlers it started
+        with; every later level is read from the subscriptions as they are when reached.
+        """
+        start = 0
+        current = 0
+        for current, (_, handlers) in enumerate(levels):  # noqa: B007 - used after the loop
+            if done <= start + len(handlers):
+                break
+            start += len(handlers)
+        await self._call_all(levels[current][1][done - start :], args)
+        for key, _ in levels[current + 1 :]:
+            live = self._subscriptions.get(key)
+            await self._call_all(tuple(live.values()) if live else (), args)
+
+    async def _call_all(self, handlers: tuple[Handler, ...], args: tuple[Any, str, str, int | None]) -> None:
+        data, event, source, wid = args
+        for handler in handlers:
+            try:
+                result = handler(data, event, source, wid)
+                if result is not None and inspect.isawaitable(result):
+                    await result
+            except Exception:
+                self.handler_errors += 1
+                logger.exception("event handler failed; source=%s, event=%s, wid=%s", source, event, wid)
 
     async def dispatch(self, ev: Event) -> None:
         """Run every matching handler for one event."""

@@ -273,7 +273,8 @@ async def _worker(args: argparse.Namespace) -> None:
 
     tally = _Tally()
     async with Client(
-        args.address, transport=args.transport, worker_id=args.id, max_buffer_len=args.buffer
+        args.address, transport=args.transport, worker_id=args.id, max_buffer_len=args.buffer,
+        max_queue_len=args.inbox,
     ) as bus:
         bus.subscribe("*", "*", tally)
 
@@ -401,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--id", type=int, required=True)
     p.add_argument("--transport", default="http")
     p.add_argument("--buffer", type=int, default=10240)
+    p.add_argument("--inbox", type=int, default=10240)
     p.add_argument("--backend", default="asyncio")
     p = sub.add_parser("storm")
     p.add_argument("address")

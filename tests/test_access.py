@@ -15,6 +15,7 @@ import os
 import socket
 import stat
 import subprocess
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -129,22 +130,28 @@ def _connect_as(uid: int, path: str) -> str:
     """
     hello = encode_frame(encode_hello(NATIVE, 9, os.getpid()))
     read_end, write_end = os.pipe()
-    pid = os.fork()
+    with warnings.catch_warnings():
+        # 3.12+ warns about fork() with threads alive; the child only makes one syscall
+        # sequence and _exit()s, it takes no lock another thread could hold.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         verdict = b"error"
         try:
             os.setgid(uid)
             os.setuid(uid)
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(2.0)
+            s.settimeout(1.0)
             s.connect(path)
-            s.sendall(hello)
             try:
+                s.sendall(hello)
                 verdict = b"refused" if s.recv(1) == b"" else b"served"
-            except ConnectionResetError:
-                verdict = b"refused"
+            except (BrokenPipeError, ConnectionResetError):
+                verdict = b"refused"  # closed before (or while) we sent the hello
             except TimeoutError:
                 verdict = b"served"  # still connected: the broker kept us
+        except OSError as exc:
+            verdict = f"error: {exc!r}".encode()
         finally:
             os.write(write_end, verdict)
             os._exit(0)

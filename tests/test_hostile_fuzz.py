@@ -21,7 +21,7 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("harness", ["frame", "handshake", "codec"])
+@pytest.mark.parametrize("harness", ["frame", "handshake", "codec", "publish"])
 def test_fuzz_harness_smoke(harness: str) -> None:
     runs = 3000
     with tempfile.TemporaryDirectory() as corpus:

@@ -18,8 +18,18 @@ from hypothesis import strategies as st
 
 from httpbus.handshake import REQUEST, ClientHandshake, ServerHandshake
 from shared.errors import HandshakeError, LocalProtocolError, RemoteProtocolError
-from shared.frame import FrameDecoder
-from shared.messages import decode_event, decode_hello, decode_publish
+from shared.frame import FrameDecoder, frame_header
+from shared.messages import (
+    ALL,
+    OTHERS,
+    Target,
+    decode_event,
+    decode_hello,
+    decode_publish,
+    decode_publish_batch,
+    encode_publish,
+    parse_target,
+)
 from shared.profile import Profile, get_profile
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -181,3 +191,43 @@ def test_frame_decoder_memory_is_bounded_by_its_limit() -> None:
 
     assert _peak_of(feed) < 64 * 1024
     assert decoder.buffered <= 4096 + 3
+
+
+# --- the broker's fast publish path ----------------------------------------------------------
+
+
+def _publishes(profile: Profile) -> st.SearchStrategy[bytes]:
+    targets = [ALL, parse_target("unique:k")]
+    if profile.extended_targets:
+        targets += [OTHERS, parse_target("worker:3")]
+    valid = st.builds(
+        lambda t, e: encode_publish(profile, t, e),
+        st.sampled_from(targets),
+        st.one_of(st.binary(max_size=300), st.integers(250, 260).map(lambda n: b"e" * n)),
+    )
+    # ...and the same bytes slightly damaged: a flipped byte, cut short, or extended.
+    damaged = st.builds(
+        lambda p, i, b, cut: (p[:i] + bytes([b]) + p[i + 1 :]) if not cut else p[: i % (len(p) + 1)] + b"\x00" * (cut - 1),
+        valid, st.integers(0, 20), st.integers(0, 255), st.integers(0, 3),
+    )
+    return st.one_of(valid, damaged, st.binary(max_size=40))
+
+
+@SETTINGS
+@given(profile=st.sampled_from(PROFILES), data=st.data())
+def test_publish_batch_agrees_with_decode_publish(profile: Profile, data: st.DataObject) -> None:
+    """decode_publish_batch (which reads common publishes straight from their bytes) must
+    give exactly what decode_publish gives, frame by frame, and stop at the same frame."""
+    payloads = data.draw(st.lists(_publishes(profile), max_size=6))
+    runs, error = decode_publish_batch(profile, payloads)
+    expected: list[tuple[Target, bytes]] = []
+    expected_error = None
+    for payload in payloads:
+        try:
+            target, inner = decode_publish(profile, payload)
+        except RemoteProtocolError as exc:
+            expected_error = exc
+            break
+        expected.append((target, frame_header(len(inner), profile.header_len) + inner))
+    assert [(t, f) for t, run in runs for f in run] == expected
+    assert (error is None) == (expected_error is None)

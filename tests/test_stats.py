@@ -22,6 +22,7 @@ from shared.messages import ALL
 from shared.stats import broker_metrics, client_metrics, process_memory, statistics_json
 from shared.statsserver import serve_stats
 from tests.faultkit import PY, REPO, BrokerProc, reap
+from tests.helpers import wait_until
 
 _SAMPLE = re.compile(r'^[a-z_]+(\{worker_id="-?\d+"\})? -?\d+(\.\d+)?$')
 
@@ -209,3 +210,16 @@ def test_log_limiter_options() -> None:
         LogLimiter(logging.getLogger("t"), burst=0)
     with pytest.raises(ValueError, match="interval"):
         LogLimiter(logging.getLogger("t"), interval=0)
+
+
+@pytest.mark.anyio
+async def test_client_reconnect_failures_do_not_flood_the_log(
+    sock_dir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, "shared.client")
+    address = f"unix:{os.path.join(sock_dir, 'nobody-home.sock')}"
+    async with Client(address, worker_id=4, reconnect_min=0.001, reconnect_max=0.002) as bus:
+        await wait_until(lambda: bus._reconnect_log.suppressed >= 20, 10)  # many attempts
+    warnings = [r for r in caplog.records if "cannot reach the broker" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert "(attempt 1)" in warnings[0].getMessage()

@@ -1,0 +1,80 @@
+"""Per-publish CPU of the broker's Python work, in one process, no sockets.
+
+    python benchmarks/broker_path.py [--subs 4]
+
+One read's worth (~256 KiB) of native publish frames goes through what the broker does per
+read: FrameDecoder → decode_publish_batch → Router.route_many → per connection
+take_batch + join. Compared with the limit-raw-uds broker's work on the same bytes (scan
+the lengths, forward the run). Process CPU per publish, best of 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from shared.frame import FrameDecoder
+from shared.messages import OTHERS, build_publish_frame
+from shared.profile import NATIVE
+from shared.router import DEFAULT_MAX_BATCH_BYTES, Router
+
+#: What the broker's writers take per send (Broker(max_batch_bytes=)).
+BATCH = DEFAULT_MAX_BATCH_BYTES
+
+
+def chunk(count: int) -> bytes:
+    return b"".join(
+        build_publish_frame(NATIVE, 99, "bench", "tick", {"i": i, "ts": time.monotonic_ns()}, OTHERS, 65535)
+        for i in range(count)
+    )
+
+
+def workerbus(data: bytes, subs: int, rounds: int) -> float:
+    from shared.messages import decode_publish_batch
+
+    router = Router(max_queue_len=10**9)
+    queues = [router.attach(w) for w in range(subs)]
+    dec = FrameDecoder(2)
+    t0 = time.process_time()
+    for _ in range(rounds):
+        runs, _err = decode_publish_batch(NATIVE, dec.feed(data))
+        for target, run in runs:
+            router.route_many(99, target, run)
+        for q in queues:
+            while q.frames:
+                batch = q.take_batch(BATCH)
+                b"".join(batch)
+                q.mark_sent(len(batch))
+    return time.process_time() - t0
+
+
+def raw(data: bytes, subs: int, rounds: int) -> float:
+    t0 = time.process_time()
+    for _ in range(rounds):
+        size = len(data)
+        pos = 0
+        while pos + 2 <= size:
+            end = pos + 2 + ((data[pos] << 8) | data[pos + 1])
+            if end > size:
+                break
+            pos = end
+        chunk = data[:pos]
+        for _s in range(subs):
+            bytes(chunk)  # what a write copies
+    return time.process_time() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--subs", type=int, default=4)
+    args = ap.parse_args()
+    per = 3800
+    data = chunk(per)
+    rounds = 50
+    for name, fn in (("workerbus broker", workerbus), ("raw broker", raw)):
+        best = min(fn(data, args.subs, rounds) for _ in range(5))
+        print(f"{name:18s} {best / (rounds * per) * 1e9:7.0f} ns/publish ({args.subs} subscribers)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Turning a benchmark result into tables (terminal and Markdown) and target verdicts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["evaluate_targets", "markdown", "text_report"]
+
+Table = tuple[list[str], list[list[str]]]
+
+
+# --- number formatting ---------------------------------------------------------------------
+
+
+def _num(v: Any, digits: int = 0) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:,.{digits}f}"
+
+
+def _us(v: Any) -> str:
+    if v is None:
+        return "–"
+    if v >= 10_000:
+        return f"{v / 1000:,.0f} ms"
+    if v >= 1000:
+        return f"{v / 1000:,.1f} ms"
+    return f"{v:,.0f} µs"
+
+
+def _ratio(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}×"
+
+
+# --- lookups -------------------------------------------------------------------------------
+
+
+def _index(result: dict[str, Any]) -> dict[tuple[str, str, int, int], dict[str, Any]]:
+    return {
+        (m["scenario"], m["test"], m["n_subs"], m["n_pubs"]): m for m in result["fanout"]["medians"]
+    }
+
+
+def _ok(m: dict[str, Any] | None) -> bool:
+    return bool(m and m.get("runs_ok"))
+
+
+def _raw_for(scenario: str) -> str:
+    """The minimal broker on the same kind of event loop as a workerbus scenario."""
+    return "limit-raw-uds-uvloop" if scenario.endswith("-uvloop") else "limit-raw-uds"
+
+
+# --- targets -------------------------------------------------------------------------------
+
+
+def _get(idx: dict[tuple[str, str, int, int], dict[str, Any]], key: tuple[str, str, int, int], metric: str) -> float | None:
+    m = idx.get(key)
+    if not _ok(m):
+        return None
+    assert m is not None
+    v = m.get(metric)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, for every workerbus scenario measured: value, limit, met."""
+    idx = _index(result)
+    out: list[dict[str, Any]] = []
+
+    def add(scenario: str, target: str, value: float | None, limit: float, *, at_most: bool, unit: str) -> None:
+        met = None if value is None else (value <= limit if at_most else value >= limit)
+        out.append({"scenario": scenario, "target": target, "value": value, "limit": limit,
+                    "at_most": at_most, "unit": unit, "met": met})  # fmt: skip
+
+    measured = {m["scenario"] for m in result["fanout"]["medians"]}
+    scenarios = [s for s in result["scenarios"] if s.startswith("workerbus-") and s in measured]
+    for s in scenarios:
+        raw = _raw_for(s)
+        thr = _get(idx, (s, "thr", 4, 1), "deliveries_per_s")
+        for peer, limit in (("pyzmq-proxy", 2.0), ("redis-pubsub", 4.0), (raw, 0.8)):
+            other = _get(idx, (peer, "thr", 4, 1), "deliveries_per_s")
+            ratio = None if thr is None or not other else thr / other
+            add(s, f"deliveries/s N=4 P=1 vs {peer}", ratio, limit, at_most=False, unit="×")
+        for metric, limit, label in (
+            ("total_cpu_s_per_M", 1.3, "whole-system CPU/M N=16 P=4"),
+            ("broker_cpu_s_per_M", 2.0, "broker CPU/M N=16 P=4"),
+        ):
+            mine = _get(idx, (s, "thr", 16, 4), metric)
+            base = _get(idx, (raw, "thr", 16, 4), metric)
+            ratio = None if mine is None or not base else mine / base
+            add(s, f"{label} vs {raw}", ratio, limit, at_most=True, unit="×")
+        p99 = _get(idx, (s, "lat", 4, 1), "lat_p99_us")
+        add(s, "p99 publish→handler, 10k ev/s, N=4", p99, 1000.0, at_most=True, unit="µs")
+    seed = result.get("seed") or {}
+    for storm in seed.get("storms", []):
+        if storm.get("name") != seed.get("heavy"):
+            continue
+        rows = {r["mode"]: r for r in storm.get("rows", []) if r.get("ok")}
+        base = seed.get("baseline", {})
+        bus, poll = rows.get("workerbus"), rows.get("shm-poll")
+        rps = None if not (bus and base.get("ok")) else bus["requests_per_s"] / base["requests_per_s"]
+        add("seed", f"req/s with workerbus vs no events ({storm['name']} storm)", rps, 0.9, at_most=False, unit="×")
+        vs = None if not (bus and poll) else bus["requests_per_s"] / poll["requests_per_s"]
+        add("seed", f"req/s with workerbus vs shm poller ({storm['name']} storm)", vs, 1.0, at_most=False, unit="×")
+        p99 = None if not (bus and poll) else bus["latency_p99_ms"] / poll["latency_p99_ms"]
+        add("seed", f"HTTP p99 with workerbus vs shm poller ({storm['name']} storm)", p99, 1.0, at_most=True, unit="×")
+    return out
+
+
+# --- tables --------------------------------------------------------------------------------
+
+
+def _summary(result: dict[str, Any]) -> Table:
+    idx = _index(result)
+    s = result["settings"]
+    thr_cols = [(n, p) for p in s["pubs"] for n in s["subs"] if "thr" in s["tests"]]
+    lat_cols = [(n, p) for p in s["lat_pubs"] for n in s["lat_subs"] if "lat" in s["tests"]]
+    big = (max(s["subs"]), max(s["pubs"]))
+    head = ["scenario"] + [f"N={n} P={p}" for n, p in thr_cols]
+    head += [f"lat p50 / p99 / max N={n} P={p}" for n, p in lat_cols]
+    head += [f"broker CPU s/M N={big[0]} P={big[1]}", f"all CPU s/M N={big[0]} P={big[1]}", "broker RSS MiB", "lost"]
+    rows: list[list[str]] = []
+    for name, info in result["scenarios"].items():
+        if info.get("unavailable"):
+            rows.append([name, f"not run: {info['unavailable']}"] + [""] * (len(head) - 2))
+            continue
+        row = [name]
+        lost = 0.0
+        for n, p in thr_cols:
+            m = idx.get((name, "thr", n, p))
+            if m is not None and _ok(m):
+                row.append(_num(m["deliveries_per_s"]))
+                lost += float(m.get("lost", 0))
+            else:
+                row.append("failed" if m else "n/r")
+        for n, p in lat_cols:
+            m = idx.get((name, "lat", n, p))
+            if _ok(m):
+                assert m is not None
+                row.append(f"{_us(m.get('lat_p50_us'))} / {_us(m.get('lat_p99_us'))} / {_us(m.get('lat_max_us'))}")
+                lost += float(m.get("lost", 0))
+            else:
+                row.append("failed" if m else "n/r")
+        m = idx.get((name, "thr", *big)) or {}
+        row += [_num(m.get("broker_cpu_s_per_M"), 3), _num(m.get("total_cpu_s_per_M"), 2),
+                _num(m.get("broker_peak_rss_mib"), 1), _num(lost)]  # fmt: skip
+        rows.append(row)
+    return head, rows
+
+
+def _all_runs(result: dict[str, Any], test: str) -> Table:
+    if test == "thr":
+        head = ["scenario", "N", "P", "E", "deliveries/s", "elapsed s", "broker CPU s/M",
+                "all CPU s/M", "broker RSS MiB", "lost", "bg CPU %", "ok"]  # fmt: skip
+    else:
+        head = ["scenario", "N", "P", "p50", "p99", "max", "delivered/s", "broker CPU s/M",
+                "all CPU s/M", "lost", "bg CPU %", "ok"]  # fmt: skip
+    rows: list[list[str]] = []
+    for m in result["fanout"]["medians"]:
+        if m["test"] != test or m.get("unavailable"):
+            continue
+        ok = f"{m['runs_ok']}/{m['runs']}"
+        if not m.get("runs_ok"):
+            rows.append([m["scenario"], str(m["n_subs"]), str(m["n_pubs"]),
+                         f"failed: {str(m.get('error'))[:100]}"] + [""] * (len(head) - 5) + [ok])  # fmt: skip
+            continue
+        common = [m["scenario"], str(m["n_subs"]), str(m["n_pubs"])]
+        tail = [_num(m.get("broker_cpu_s_per_M"), 3), _num(m.get("total_cpu_s_per_M"), 2)]
+        if test == "thr":
+            rows.append(common + [_num(m["events"]), _num(m["deliveries_per_s"]), _num(m["elapsed_s"], 2)]
+                        + tail + [_num(m.get("broker_peak_rss_mib"), 1), _num(m["lost"]),
+                                  _num(m.get("background_cpu_pct"), 1), ok])  # fmt: skip
+        else:
+            rows.append(common + [_us(m.get("lat_p50_us")), _us(m.get("lat_p99_us")), _us(m.get("lat_max_us")),
+                                  _num(m["deliveries_per_s"])]
+                        + tail + [_num(m["lost"]), _num(m.get("background_cpu_pct"), 1), ok])  # fmt: skip
+    return head, rows
+
+
+def _seed_table(seed: dict[str, Any]) -> Table:
+    head = ["storm", "events route", "requests/s", "vs no events", "HTTP p50", "HTTP p99",
+            "CPU s (all)", "CPU % of machine", "events published/s", "events received/s",
+            "event delay p50 / p99", "bg CPU %"]  # fmt: skip
+    rows: list[list[str]] = []
+    base = seed.get("baseline") or {}
+    entries: list[tuple[str, dict[str, Any]]] = [("none", base)]
+    for storm in seed.get("storms", []):
+        entries += [(storm["label"], r) for r in storm.get("rows", [])]
+    for storm_label, r in entries:
+        if not r.get("ok"):
+            rows.append([storm_label, r.get("mode", "none"), f"failed: {str(r.get('error'))[:100]}"] + [""] * (len(head) - 3))
+            continue
+        rel = r["requests_per_s"] / base["requests_per_s"] if base.get("ok") else None
+        delay = "–"
+        if r.get("event_delay_p50_ms") is not None:
+            delay = f"{r['event_delay_p50_ms']:.2f} / {r['event_delay_p99_ms']:.2f} ms"
+        rows.append([
+            storm_label, r.get("mode", "none"), _num(r["requests_per_s"]), _ratio(rel),
+            f"{r['latency_p50_ms']:.2f} ms", f"{r['latency_p99_ms']:.2f} ms", _num(r["cpu_s"], 1),
+            _num(r["cpu_pct"], 0), _num(r.get("published_per_s")), _num(r.get("received_per_s")),
+            delay, _num(r.get("background_cpu_pct"), 1),
+        ])  # fmt: skip
+    return head, rows
+
+
+def _targets_table(targets: list[dict[str, Any]]) -> Table:
+    head = ["scenario", "target", "measured", "limit", "met"]
+    rows = []
+    for t in targets:
+        if t["unit"] == "µs":
+            value, limit = _us(t["value"]), f"< {_us(t['limit'])}"
+        else:
+            value = _ratio(t["value"])
+            limit = ("≤ " if t["at_most"] else "≥ ") + _ratio(t["limit"])
+        met = "n/r" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        rows.append([t["scenario"], t["target"], value, limit, met])
+    return head, rows
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+
+def _md(table: Table, right_from: int = 1) -> str:
+    head, rows = table
+    align = ["---"] + ["---:" if i >= right_from else "---" for i in range(1, len(head))]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _text(table: Table) -> str:
+    head, rows = table
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, strict=False)] if rows else [len(h) for h in head]
+    def fmt(r: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def text_report(result: dict[str, Any]) -> str:
+    """What ``workerbus bench`` prints at the end."""
+    parts: list[str] = []
+    if result["fanout"]["medians"]:
+        parts += ["Fan-out (deliveries/s, median of runs; latency at "
+                  f"{result['settings']['rate']:,.0f} events/s)", _text(_summary(result))]  # fmt: skip
+    if result.get("seed"):
+        parts += ["", "Seed experiment (uvicorn + wrk under an event storm)", _text(_seed_table(result["seed"]))]
+    targets = evaluate_targets(result)
+    if targets:
+        parts += ["", "Targets", _text(_targets_table(targets))]
+    return "\n".join(parts)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The tables of ``docs/benchmarks.md`` for one result."""
+    meta = result["meta"]
+    s = result["settings"]
+    used = [r for r in result["fanout"]["runs"] if r.get("ok") and r.get("used")]
+    bg = sorted(r.get("background_cpu_pct", 0.0) for r in used)
+    redone = sum(1 for r in result["fanout"]["runs"] if not r.get("used"))
+    pk = meta["packages"]
+    lines = [
+        f"- machine: `nproc` = {meta['nproc']}, {meta['cpu_model']}, {meta['mem_gib']} GiB, "
+        f"Linux {meta['kernel']}; Python {meta['python']}",
+        "- packages: " + ", ".join(f"{k} {v}" for k, v in pk.items()) + f"; {meta['redis_server']}; {meta['wrk']}",
+        f"- measured {meta['date']}, {result['wall_s']:.0f} s in all; median of {s['reps']} runs per row",
+    ]
+    if bg:
+        lines.append(
+            f"- CPU used by other processes during the measured windows: median {bg[len(bg) // 2]:.1f} %, "
+            f"max {bg[-1]:.1f} % of the machine; {redone} runs were discarded and re-measured "
+            f"because it exceeded {s['max_bg']:g} %"
+        )
+    if result.get("command"):
+        lines.append(f"- command: `{result['command']}`")
+    out = ["\n".join(lines)]
+    if result["fanout"]["medians"]:
+        out += ["", "### Summary", "", _md(_summary(result)), "",
+                "### Every flood configuration", "", _md(_all_runs(result, "thr")), "",
+                "### Latency at a fixed rate", "", _md(_all_runs(result, "lat"))]  # fmt: skip
+    if result.get("seed"):
+        out += ["", "### Seed experiment", "", _md(_seed_table(result["seed"]), right_from=2)]
+    targets = evaluate_targets(result)
+    if targets:
+        out += ["", "### Targets", "", _md(_targets_table(targets), right_from=2)]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,109 @@
+"""``workerbus bench`` in its tiniest configuration: the runner works end to end.
+
+No timing is asserted (speed lives in docs/benchmarks.md); these check that the command
+runs the way a user runs it, counts every delivery, and writes a report of the documented
+shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCENARIO = "workerbus-stream-asyncio"
+
+
+def _bench(tmp_path: Path, *args: str, timeout: float = 120) -> dict[str, Any]:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "bench", *args, "--json", str(out),
+         "--markdown", str(tmp_path / "bench.md"), "--wait-idle", "0", "--retries", "0"],
+        capture_output=True, text=True, timeout=timeout, check=False,
+        start_new_session=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "bench.md").read_text().startswith("- machine:")
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def test_tiny_fanout_run_counts_every_delivery(tmp_path: Path) -> None:
+    n_subs, n_pubs, events = 2, 2, 3000
+    result = _bench(
+        tmp_path,
+        "--peers", SCENARIO, "--tests", "lat,thr",
+        "--subs", str(n_subs), "--pubs", str(n_pubs), "--lat-subs", str(n_subs), "--lat-pubs", "1",
+        "--events", str(events), "--rate", "2000", "--duration", "0.5", "--reps", "1", "--no-seed",
+    )  # fmt: skip
+    assert set(result) >= {"meta", "command", "settings", "wall_s", "scenarios", "fanout", "seed"}
+    assert result["meta"]["nproc"] == os.cpu_count()
+    assert {"cpu_model", "python", "packages", "date"} <= set(result["meta"])
+    assert result["scenarios"][SCENARIO]["unavailable"] is None
+    assert result["seed"] is None
+    medians = {m["test"]: m for m in result["fanout"]["medians"]}
+    assert set(medians) == {"thr", "lat"}
+
+    thr = medians["thr"]
+    assert (thr["scenario"], thr["n_subs"], thr["n_pubs"], thr["runs_ok"]) == (SCENARIO, n_subs, n_pubs, 1)
+    assert thr["expected"] == n_subs * events
+    assert thr["delivered"] == thr["expected"]
+    assert thr["lost"] == 0
+    for key in ("deliveries_per_s", "broker_cpu_s_per_M", "total_cpu_s_per_M", "broker_peak_rss_mib",
+                "sub_cpu_s_per_M", "pub_cpu_s_per_M", "background_cpu_pct"):  # fmt: skip
+        assert isinstance(thr[key], (int, float)) and thr[key] >= 0, key
+
+    lat = medians["lat"]
+    assert lat["events"] == 1000  # 2000 events/s for 0.5 s
+    assert lat["delivered"] == lat["expected"] == n_subs * 1000
+    assert lat["lat_samples"] == lat["delivered"]
+    assert 0 < lat["lat_p50_us"] <= lat["lat_p99_us"] <= lat["lat_max_us"]
+
+    runs = result["fanout"]["runs"]
+    assert len(runs) == 2 and all(r["ok"] and r["used"] for r in runs)
+    targets = {t["target"] for t in _targets(result)}
+    assert "p99 publish→handler, 10k ev/s, N=4" in targets
+
+
+def _targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    from shared.bench.report import evaluate_targets
+
+    return evaluate_targets(result)
+
+
+def test_list_names_every_scenario() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "bench", "--list"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    names = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+    assert SCENARIO in names and "limit-raw-uds" in names and "shm-poll-10ms" in names
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs Debian's wrk")
+def test_tiny_seed_experiment(tmp_path: Path) -> None:
+    result = _bench(
+        tmp_path, "--seed-only", "--seed-duration", "1", "--seed-reps", "1",
+        "--seed-storms", "tiny=20/0.1", "--seed-workers", "2", timeout=180,
+    )  # fmt: skip
+    seed = result["seed"]
+    assert result["fanout"]["medians"] == []
+    assert seed["baseline"]["ok"], seed["baseline"]
+    assert seed["baseline"]["requests_per_s"] > 0
+    (storm,) = seed["storms"]
+    rows = {r["mode"]: r for r in storm["rows"]}
+    assert set(rows) == {"workerbus", "shm-poll"}
+    for mode, row in rows.items():
+        assert row["ok"], (mode, row)
+        assert row["requests_per_s"] > 0
+        # 2 workers × 20 events per 0.1 s, every worker handles every event
+        assert row["published_per_s"] > 0
+        assert row["received_per_s"] > 0
