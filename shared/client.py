@@ -75,6 +75,8 @@ _CURRENT = TargetKind.CURRENT
 _first = operator.itemgetter(0)
 #: Deliveries decoded at a time before other tasks get a turn (see _read_loop_fast).
 _DECODE_CHUNK = 256
+#: A connection that the broker ends sooner than this after the hello counts as refused.
+_SHORT_SESSION = 0.5
 #: Seconds between two "cannot reach the broker" warnings of one client.
 _RECONNECT_LOG_INTERVAL = 30.0
 
@@ -329,6 +331,7 @@ class Client:
 
     async def _connection_loop(self) -> None:
         failures = 0
+        short_sessions = 0
         while True:
             try:
                 with anyio.fail_after(self.connect_timeout):
@@ -357,8 +360,28 @@ class Client:
             if failures > 1:
                 logger.info("worker %d reached the broker after %d failed attempts", self.worker_id, failures)
             failures = 0
+            started = anyio.current_time()
             await self._session(stream, initial)
-            await anyio.sleep(self._backoff(0))
+            if anyio.current_time() - started < _SHORT_SESSION:
+                # Closed right after the hello, again and again: another process announces
+                # the same worker id (each new connection replaces the other), or the broker
+                # refuses our id (a real lua-resty-events broker closes unknown ids). Back
+                # off like a failed connect, so two such clients do not evict each other in
+                # a tight loop, and say so.
+                short_sessions += 1
+                if short_sessions >= 3:
+                    self._reconnect_log.log(
+                        logging.WARNING,
+                        "worker %d: the broker closed %d connections in a row right after "
+                        "the hello; is another process using worker id %d, or does the "
+                        "broker refuse it?",
+                        self.worker_id,
+                        short_sessions,
+                        self.worker_id,
+                    )
+            else:
+                short_sessions = 0
+            await anyio.sleep(self._backoff(short_sessions))
 
     async def _session(self, stream: ByteStream, initial: bytes) -> None:
         frames = FrameStream(

@@ -401,3 +401,14 @@ async def test_statistics(broker: Broker, address: str, transport: str) -> None:
         q1 = next(q for q in bs.router.queues if q.worker_id == 1)
         await wait_until(lambda: next(q for q in broker.statistics().router.queues if q.worker_id == 1).sent == 10)
         assert q1.dropped == 0
+
+
+async def test_two_clients_with_one_id_are_told_and_back_off(
+    broker: Broker, address: str, transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="shared.client"):
+        async with Client(address, transport=transport, worker_id=6), Client(address, transport=transport, worker_id=6):
+            await wait_until(
+                lambda: any("another process using worker id 6" in r.getMessage() for r in caplog.records),
+                timeout=10,
+            )
