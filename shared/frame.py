@@ -83,46 +83,28 @@ class FrameDecoder:
         return self._parse(buf)
 
     def _parse(self, buf: bytes) -> list[bytes]:
+        # Every delivery goes through here: the length is read from byte values (no slice,
+        # no int.from_bytes per frame), and the payload is the only copy made.
+        two = self._header_len == 2
         hlen = self._header_len
         limit = self._max
         end = len(buf)
         pos = 0
         out: list[bytes] = []
-        if hlen == 2:
-            return self._parse2(buf)
+        append = out.append
         while end - pos >= hlen:
-            length = int.from_bytes(buf[pos : pos + hlen], "big")
+            if two:
+                length = (buf[pos] << 8) | buf[pos + 1]
+            else:
+                length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
             if length > limit:
                 self._error = f"frame announces {length} bytes, over the limit of {limit}"
+                if out:
+                    # The frames before the bad header are whole and valid: hand them
+                    # over; the error is raised by the next call (see ``failed``).
+                    return out
                 raise RemoteProtocolError(self._error)
             start = pos + hlen
-            stop = start + length
-            if stop > end:
-                self._need = stop - pos
-                break
-            out.append(buf[start:stop])
-            pos = stop
-        else:
-            self._need = hlen
-        if pos < end:
-            self._pending += buf[pos:] if pos else buf
-        return out
-
-    def _parse2(self, buf: bytes) -> list[bytes]:
-        # _parse for the native 2-byte header, which every delivery of the native profile
-        # goes through: the length is read as two byte values, with no slice and no
-        # int.from_bytes per frame. Same rules, same results.
-        limit = self._max
-        end = len(buf)
-        pos = 0
-        out: list[bytes] = []
-        append = out.append
-        while end - pos >= 2:
-            start = pos + 2
-            length = (buf[pos] << 8) | buf[pos + 1]
-            if length > limit:
-                self._error = f"frame announces {length} bytes, over the limit of {limit}"
-                raise RemoteProtocolError(self._error)
             stop = start + length
             if stop > end:
                 self._need = stop - pos
@@ -130,10 +112,15 @@ class FrameDecoder:
             append(buf[start:stop])
             pos = stop
         else:
-            self._need = 2
+            self._need = hlen
         if pos < end:
             self._pending += buf[pos:] if pos else buf
         return out
+
+    @property
+    def failed(self) -> bool:
+        """True once the stream is known to be broken; every later call raises."""
+        return self._error is not None
 
     def eof(self) -> None:
         """The stream ended. Raises if it ended inside a frame.

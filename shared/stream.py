@@ -58,6 +58,8 @@ class FrameStream:
                 return frames
         receive = self.stream.receive
         feed = self._decoder.feed
+        if self._decoder.failed:
+            feed(b"")  # raises the latched error instead of waiting on a broken peer
         while True:
             try:
                 data = await receive(RECEIVE_SIZE)

@@ -45,6 +45,14 @@ def test_oversize_is_refused_before_buffering_and_latches() -> None:
         dec.eof()
 
 
+def test_frames_before_an_oversize_header_are_kept() -> None:
+    dec = FrameDecoder(2, max_frame_len=10)
+    assert dec.feed(b"\x00\x01a\x00\x02bc\x00\x0b") == [b"a", b"bc"]
+    assert dec.failed
+    with pytest.raises(RemoteProtocolError, match="over the limit"):
+        dec.feed(b"")
+
+
 def test_http_request_on_the_stream_socket_looks_like_a_huge_frame() -> None:
     dec = FrameDecoder(3, max_frame_len=65535)
     with pytest.raises(RemoteProtocolError):
