@@ -32,7 +32,7 @@ import anyio
 from anyio.abc import ByteStream
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from .dispatch import Dispatcher, Handler
+from .dispatch import Dispatcher, Fields, Handler
 from .errors import HandshakeError, PublishBufferFull, RemoteProtocolError
 from .frame import frame_header
 from .logutil import LogLimiter
@@ -41,7 +41,6 @@ from .messages import (
     Target,
     TargetKind,
     build_publish_frame,
-    decode_event,
     decode_event_batch,
     encode_hello,
     parse_target,
@@ -73,7 +72,7 @@ _LIFECYCLE_SOURCE = "workerbus"
 #: Looking up an Enum member on its class runs Python code (~65 ns); publish() runs often.
 _CURRENT = TargetKind.CURRENT
 _first = operator.itemgetter(0)
-#: Deliveries decoded at a time before other tasks get a turn (see _read_loop_fast).
+#: Deliveries decoded at a time before other tasks get a turn (see _read_loop).
 _DECODE_CHUNK = 256
 #: A connection that the broker ends sooner than this after the hello counts as refused.
 _SHORT_SESSION = 0.5
@@ -419,42 +418,18 @@ class Client:
     def _session_ended(self) -> None:
         pass
 
-    def _decode_event(self, payload: bytes) -> Event:
-        """Decode one delivery. Raises: RemoteProtocolError."""
-        return decode_event(self.profile, payload)
+    def _decode_batch(self, payloads: list[bytes]) -> tuple[list[Fields], list[RemoteProtocolError]]:
+        """Decode one read's deliveries: the valid events in order, one error per bad one.
+
+        A subclass may check deliveries itself and insert events of its own in order
+        (shared.embed does, to report events that died with a broker).
+        """
+        return decode_event_batch(self.profile, payloads)
 
     async def _read_loop(self, frames: FrameStream) -> None:
-        if type(self)._decode_event is Client._decode_event:
-            await self._read_loop_fast(frames)
-            return
-        # A subclass checks deliveries itself (shared.embed): one Event at a time, so what
-        # its hook pushes lands in order between them.
-        decode = self._decode_event
-        push = self._dispatcher.push
-        try:
-            while True:
-                for payload in await frames.receive():
-                    try:
-                        ev = decode(payload)
-                    except RemoteProtocolError as exc:
-                        # Another publisher's bad event: skip it, keep the connection.
-                        self._undecodable += 1
-                        logger.error("worker %d: undecodable event skipped: %s", self.worker_id, exc)
-                        continue
-                    if ev.source == _LIFECYCLE_SOURCE and ev.event == "dropped":
-                        self._note_broker_drops(ev.data)
-                    push(ev)
-        except anyio.EndOfStream:
-            pass
-        except RemoteProtocolError as exc:
-            logger.error("worker %d: broker broke the protocol: %s", self.worker_id, exc)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            logger.info("worker %d: read failed: %r", self.worker_id, exc)
-
-    async def _read_loop_fast(self, frames: FrameStream) -> None:
-        # The same loop without an Event object per delivery: each read's events go to the
-        # dispatcher as (source, event, data, wid) tuples, in one call.
-        profile = self.profile
+        # No Event object per delivery: each read's events go to the dispatcher as
+        # (source, event, data, wid) tuples, in one call.
+        decode_batch = self._decode_batch
         push_many = self._dispatcher.push_many
         try:
             while True:
@@ -466,7 +441,7 @@ class Client:
                         # connection still hands over every event it had read.
                         with anyio.CancelScope(shield=True):
                             await anyio.lowlevel.checkpoint()
-                    batch, errors = decode_event_batch(profile, payloads[start : start + _DECODE_CHUNK])
+                    batch, errors = decode_batch(payloads[start : start + _DECODE_CHUNK])
                     for exc in errors:
                         # Another publisher's bad event: skip it, keep the connection.
                         self._undecodable += 1

@@ -39,6 +39,7 @@ from anyio.abc import TaskStatus
 
 from .broker import LIFECYCLE_SOURCE, Broker, BrokerStatistics
 from .client import Client
+from .dispatch import Fields
 from .election import (
     DEFAULT_MAX_WORKER_ID,
     FileLock,
@@ -126,6 +127,8 @@ class EmbeddedClient(Client):
         self._socket_path = parse_address(address)
         self._out = SequenceOut()
         self._in = SequenceIn(worker_id)
+        #: While a read's deliveries are decoded: where "lost" notices go, in order.
+        self._batch: list[Fields] | None = None
         self._broker: Broker | None = None
         self._socket_inode = -1
         self._broker_identity: dict[str, Any] | None = None
@@ -374,6 +377,24 @@ class EmbeddedClient(Client):
 
     # --- checked deliveries --------------------------------------------------------------
 
+    def _decode_batch(self, payloads: list[bytes]) -> tuple[list[Fields], list[RemoteProtocolError]]:
+        # One delivery at a time, so that a "lost" notice lands right before the event
+        # that revealed the gap.
+        out: list[Fields] = []
+        errors: list[RemoteProtocolError] = []
+        self._batch = out
+        try:
+            for payload in payloads:
+                try:
+                    ev = self._decode_event(payload)
+                except RemoteProtocolError as exc:
+                    errors.append(exc)
+                    continue
+                out.append((ev.source, ev.event, ev.data, ev.wid))
+        finally:
+            self._batch = None
+        return out, errors
+
     def _decode_event(self, payload: bytes) -> Event:
         msg = self.profile.codec.loads(payload)
         if not isinstance(msg, dict):
@@ -409,9 +430,11 @@ class EmbeddedClient(Client):
             count,
             wid,
         )
-        self._dispatcher.push(
-            Event(LIFECYCLE_SOURCE, "lost", {"count": count, "wid": wid, "total": self._in.lost}, None)
-        )
+        notice = (LIFECYCLE_SOURCE, "lost", {"count": count, "wid": wid, "total": self._in.lost}, None)
+        if self._batch is not None:
+            self._batch.append(notice)
+        else:
+            self._dispatcher.push(Event(*notice))
 
     def _lifecycle(self, event: str, data: dict[Any, Any]) -> None:
         if event == "dropped":
