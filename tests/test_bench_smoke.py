@@ -100,7 +100,7 @@ def test_tiny_seed_experiment(tmp_path: Path) -> None:
     assert seed["baseline"]["requests_per_s"] > 0
     (storm,) = seed["storms"]
     rows = {r["mode"]: r for r in storm["rows"]}
-    assert set(rows) == {"workerbus", "shm-poll"}
+    assert set(rows) == {"workerbus", "workerbus-embedded", "shm-poll"}
     for mode, row in rows.items():
         assert row["ok"], (mode, row)
         assert row["requests_per_s"] > 0

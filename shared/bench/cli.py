@@ -89,10 +89,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s = SeedSettings()
     g.add_argument("--no-seed", action="store_true", help="skip the seed experiment")
     g.add_argument("--seed-only", action="store_true", help="run only the seed experiment")
-    g.add_argument("--seed-workers", type=int, default=s.workers, help="uvicorn workers (default 2)")
-    g.add_argument("--seed-duration", type=float, default=s.duration, help="seconds of wrk load per run (8)")
+    g.add_argument("--seed-workers", type=int, default=s.workers, help="uvicorn server processes (default 2)")
+    g.add_argument("--seed-duration", type=float, default=s.duration, help="seconds of wrk load per run (5)")
     g.add_argument("--seed-connections", type=int, default=s.connections, help="wrk connections (32)")
-    g.add_argument("--seed-reps", type=int, default=s.reps, help="runs per storm and route (3)")
+    g.add_argument("--seed-reps", type=int, default=s.reps, help="runs per storm and route, interleaved (5)")
     g.add_argument("--seed-storms", type=parse_storms, default=s.storms, metavar="NAME=BURST/SECONDS,..",
                    help="storms: events per burst per worker / seconds between bursts "
                         "(default light=100/0.5,heavy=1000/0.1)")
@@ -102,6 +102,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--seed-poll", type=float, default=s.poll, help="poll interval of the shm route (0.01 s)")
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", help="write the whole result (every run) as JSON")
+    o.add_argument("--from-json", metavar="PATH", help="measure nothing: print (and --markdown) a saved result")
     o.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown")
     p.set_defaults(func=_cmd_bench, log_level="WARNING")
     return p
@@ -136,6 +137,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             peer = make_peer(name)
             why = peer.unavailable()
             print(f"{name:26s} {'NOT AVAILABLE: ' + why if why else peer.describe()}")
+        return 0
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        print(text_report(saved))
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(markdown(saved))
         return 0
     s, seed = settings_from_args(args)
     # SIGTERM unwinds like Ctrl-C, so every run's finally block stops what it started.

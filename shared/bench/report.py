@@ -97,15 +97,14 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     for storm in seed.get("storms", []):
         if storm.get("name") != seed.get("heavy"):
             continue
-        rows = {r["mode"]: r for r in storm.get("rows", []) if r.get("ok")}
-        base = seed.get("baseline", {})
-        bus, poll = rows.get("workerbus"), rows.get("shm-poll")
-        rps = None if not (bus and base.get("ok")) else bus["requests_per_s"] / base["requests_per_s"]
-        add("seed", f"req/s with workerbus vs no events ({storm['name']} storm)", rps, 0.9, at_most=False, unit="×")
-        vs = None if not (bus and poll) else bus["requests_per_s"] / poll["requests_per_s"]
-        add("seed", f"req/s with workerbus vs shm poller ({storm['name']} storm)", vs, 1.0, at_most=False, unit="×")
-        p99 = None if not (bus and poll) else bus["latency_p99_ms"] / poll["latency_p99_ms"]
-        add("seed", f"HTTP p99 with workerbus vs shm poller ({storm['name']} storm)", p99, 1.0, at_most=True, unit="×")
+        paired = storm.get("paired", {})
+        for route in ("workerbus", "workerbus-embedded"):
+            got = paired.get(route, {})
+            label = f"seed: {route}"
+            name = storm["name"]
+            add(label, f"req/s vs no events ({name} storm)", got.get("rps_vs_none"), 0.9, at_most=False, unit="×")
+            add(label, f"req/s vs shm poller ({name} storm)", got.get("rps_vs_shm"), 1.0, at_most=False, unit="×")
+            add(label, f"HTTP p99 vs shm poller ({name} storm)", got.get("p99_vs_shm"), 1.0, at_most=True, unit="×")
     return out
 
 
@@ -180,25 +179,32 @@ def _all_runs(result: dict[str, Any], test: str) -> Table:
 
 
 def _seed_table(seed: dict[str, Any]) -> Table:
-    head = ["storm", "events route", "requests/s", "vs no events", "HTTP p50", "HTTP p99",
-            "CPU s (all)", "CPU % of machine", "events published/s", "events received/s",
+    head = ["storm", "events route", "requests/s", "vs no events*", "HTTP p50", "HTTP p90", "HTTP p99",
+            "server CPU % of machine", "events published/s", "events handled/s",
             "event delay p50 / p99", "bg CPU %"]  # fmt: skip
     rows: list[list[str]] = []
     base = seed.get("baseline") or {}
     entries: list[tuple[str, dict[str, Any]]] = [("none", base)]
+    paired_rel: dict[tuple[str, Any], float | None] = {}
     for storm in seed.get("storms", []):
         entries += [(storm["label"], r) for r in storm.get("rows", [])]
+        for route, got in storm.get("paired", {}).items():
+            paired_rel[(storm["label"], route)] = got.get("rps_vs_none")
     for storm_label, r in entries:
         if not r.get("ok"):
             rows.append([storm_label, r.get("mode", "none"), f"failed: {str(r.get('error'))[:100]}"] + [""] * (len(head) - 3))
             continue
-        rel = r["requests_per_s"] / base["requests_per_s"] if base.get("ok") else None
+        rel = None
+        if storm_label != "none":
+            rel = paired_rel.get((storm_label, r.get("mode")))
+        elif base.get("ok"):
+            rel = 1.0
         delay = "–"
         if r.get("event_delay_p50_ms") is not None:
             delay = f"{r['event_delay_p50_ms']:.2f} / {r['event_delay_p99_ms']:.2f} ms"
         rows.append([
             storm_label, r.get("mode", "none"), _num(r["requests_per_s"]), _ratio(rel),
-            f"{r['latency_p50_ms']:.2f} ms", f"{r['latency_p99_ms']:.2f} ms", _num(r["cpu_s"], 1),
+            f"{r['latency_p50_ms']:.2f} ms", f"{r['latency_p90_ms']:.2f} ms", f"{r['latency_p99_ms']:.2f} ms",
             _num(r["cpu_pct"], 0), _num(r.get("published_per_s")), _num(r.get("received_per_s")),
             delay, _num(r.get("background_cpu_pct"), 1),
         ])  # fmt: skip
@@ -252,6 +258,17 @@ def text_report(result: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _spread(runs: list[dict[str, Any]]) -> tuple[float, float] | None:
+    groups: dict[tuple[str, int, int], list[float]] = {}
+    for r in runs:
+        if r["test"] == "thr":
+            groups.setdefault((r["scenario"], r["n_subs"], r["n_pubs"]), []).append(r["deliveries_per_s"])
+    spreads = sorted(
+        (max(v) - min(v)) / sorted(v)[len(v) // 2] * 100 for v in groups.values() if len(v) > 1
+    )
+    return (spreads[len(spreads) // 2], spreads[-1]) if spreads else None
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The tables of ``docs/benchmarks.md`` for one result."""
     meta = result["meta"]
@@ -271,6 +288,13 @@ def markdown(result: dict[str, Any]) -> str:
             f"- CPU used by other processes during the measured windows: median {bg[len(bg) // 2]:.1f} %, "
             f"max {bg[-1]:.1f} % of the machine; {redone} runs were discarded and re-measured "
             f"because it exceeded {s['max_bg']:g} %"
+        )
+    spread = _spread(used)
+    if spread:
+        lines.append(
+            f"- repeatability: the flood throughput of one configuration varies by {spread[0]:.0f} % "
+            f"(max − min over its runs, relative to the median) for the median configuration and by "
+            f"{spread[1]:.0f} % at worst, so differences smaller than that are not significant"
         )
     if result.get("command"):
         lines.append(f"- command: `{result['command']}`")

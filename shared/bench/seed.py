@@ -2,11 +2,14 @@
 
 Kong measured lua-resty-events against lua-resty-worker-events (shared memory, polled) by
 loading nginx with HTTP traffic while every worker posted events in bursts: 1000 events per
-0.5 s, and 10 000 per 0.1 s. Here uvicorn serves :mod:`shared.bench.seedapp` with W
-workers on 127.0.0.1, ``wrk`` loads it for a fixed time, and every worker posts its bursts
-through workerbus, through the shared-memory poller, or not at all (the baseline). The
-default storms are the seed's scaled by 1/10 per worker, because this runs W = 2 workers on
-2 cores (``--seed-storms`` changes them).
+0.5 s, and 10 000 per 0.1 s. Here W uvicorn processes serve :mod:`shared.bench.seedapp`
+on one 127.0.0.1 port (``SO_REUSEPORT``, see :mod:`.seedserve`), ``wrk`` loads it for a
+fixed time, and every worker posts its bursts through workerbus (a broker process, as the
+``workerbus broker`` command runs it), through workerbus embedded in the workers
+(:func:`shared.embed.join`: one worker hosts the broker, like lua-resty-events), through the
+shared-memory poller, or not at all (the baseline). The default storms are the seed's
+scaled by 1/10 per worker, because this runs W = 2 workers on 2 cores (``--seed-storms``
+changes them).
 
 Reported per storm and route: requests/s and the HTTP latency percentiles from ``wrk``,
 CPU of the server's processes (uvicorn master and workers, and the broker), events
@@ -64,9 +67,9 @@ def parse_storms(text: str) -> list[Storm]:
 @dataclass
 class SeedSettings:
     workers: int = 2
-    duration: float = 8.0
+    duration: float = 5.0
     connections: int = 32
-    reps: int = 3
+    reps: int = 5
     storms: list[Storm] = field(
         default_factory=lambda: [Storm("light", 100, 0.5), Storm("heavy", 1000, 0.1)]
     )
@@ -128,15 +131,6 @@ def parse_wrk(out: str) -> dict[str, Any]:
     return res
 
 
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        kids = procfs.children_of(todo.pop())
-        out += kids
-        todo += kids
-    return out
-
-
 def _read_counts(workdir: str) -> tuple[int, int]:
     published = received = 0
     for name in os.listdir(workdir):
@@ -167,51 +161,56 @@ def _http_up(port: int) -> bool:
         return False
 
 
+#: The routes events take in the experiment, in run order; "none" is the baseline.
+ROUTES = ("workerbus", "workerbus-embedded", "shm-poll")
+
+
 def run_once(s: SeedSettings, mode: str, storm: Storm | None) -> dict[str, Any]:
     """One measured window of ``s.duration`` seconds."""
     base: dict[str, Any] = {"mode": mode, "storm": storm.name if storm else None}
     workdir = tempfile.mkdtemp(prefix="wbseed-", dir="/tmp")
     shm_path = None
     broker = None
-    server: subprocess.Popen[bytes] | None = None
+    servers: list[subprocess.Popen[bytes]] = []
     deadline = time.monotonic() + s.timeout
     try:
-        env = dict(os.environ, WB_SEED_MODE=mode, WB_SEED_DIR=workdir,
+        env = dict(os.environ, WB_SEED_MODE=mode, WB_SEED_DIR=workdir, WB_SEED_WORKERS=str(s.workers),
                    WB_SEED_BURST=str(storm.burst if storm else 0),
                    WB_SEED_EVERY=str(storm.every if storm else 1))  # fmt: skip
         broker_pids: list[int] = []
+        address = f"unix:{os.path.join(workdir, 'bus.sock')}"
+        env.update(WB_SEED_ADDRESS=address, WB_SEED_TRANSPORT=s.transport)
         if mode == "workerbus":
-            path = os.path.join(workdir, "bus.sock")
-            argv = [sys.executable, "-m", "shared.cli", "broker", "--listen", f"unix:{path}",
+            argv = [sys.executable, "-m", "shared.cli", "broker", "--listen", address,
                     "--transport", s.transport, "--backend", s.backend, "--log-level", "WARNING"]  # fmt: skip
             proc = spawn(argv)
             broker = stopper(proc)
-            wait_for_socket(path, proc)
+            wait_for_socket(address[len("unix:") :], proc)
             broker_pids = [proc.pid]
-            env.update(WB_SEED_ADDRESS=f"unix:{path}", WB_SEED_TRANSPORT=s.transport)
         elif mode == "shm-poll":
             shm_path = tempfile.mktemp(prefix="wbseed-ring-", dir="/dev/shm")
             with open(shm_path, "wb") as ring:
                 ring.truncate(ring_size())
             env.update(WB_SEED_SHM=shm_path, WB_SEED_POLL=str(s.poll))
         port = _free_port()
-        argv = [sys.executable, "-m", "uvicorn", "shared.bench.seedapp:app", "--host", "127.0.0.1",
-                "--port", str(port), "--workers", str(s.workers), "--no-access-log",
-                "--log-level", "warning", "--lifespan", "on"]  # fmt: skip
-        server = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  start_new_session=True)  # fmt: skip
+        for _ in range(s.workers):  # one by one: each is stopped in `finally` if a later one fails
+            servers.append(subprocess.Popen(  # noqa: PERF401
+                [sys.executable, "-m", "shared.bench.seedserve", str(port)], env=env,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
+            ))  # fmt: skip
 
         def ready() -> bool:
-            assert server is not None
-            if server.poll() is not None:
-                raise RuntimeError(f"uvicorn exited with status {server.returncode}")
+            for server in servers:
+                if server.poll() is not None:
+                    raise RuntimeError(f"a server process exited with status {server.returncode}")
             n = sum(1 for f in os.listdir(workdir) if f.startswith("ready-"))
             return n >= s.workers and _http_up(port)
 
-        _wait(ready, deadline, "the uvicorn workers to start")
+        _wait(ready, deadline, "the server processes to start")
         time.sleep(s.warmup)
-        pids = broker_pids + [server.pid] + _descendants(server.pid)
-        cpu0 = sum(procfs.cpu_seconds(p) for p in pids)
+        server_pids = [p.pid for p in servers]
+        pids = broker_pids + server_pids
+        cpu0 = {p: procfs.cpu_seconds(p) for p in pids}
         m0 = procfs.machine_sample()
         c0 = _read_counts(workdir)
         wrk_cpu0 = _children_cpu()
@@ -221,33 +220,39 @@ def run_once(s: SeedSettings, mode: str, storm: Storm | None) -> dict[str, Any]:
             capture_output=True, text=True, timeout=s.duration + 30, check=False,
         )  # fmt: skip
         t1 = time.monotonic()
-        cpu1 = sum(procfs.cpu_seconds(p) for p in pids)
+        used = {p: procfs.cpu_seconds(p) - cpu0[p] for p in pids}
         m1 = procfs.machine_sample()
         c1 = _read_counts(workdir)
+        # wrk is the only child reaped meanwhile, so the children's usage delta is its CPU.
+        wrk_cpu = _children_cpu() - wrk_cpu0
         if wrk.returncode != 0:
             raise RuntimeError(f"wrk failed ({wrk.returncode}): {wrk.stderr.strip()}")
         res = {**base, "ok": True, **parse_wrk(wrk.stdout)}
         window = t1 - t0
-        cpu = cpu1 - cpu0
-        # wrk is the only child reaped meanwhile, so the children's usage delta is its CPU.
-        wrk_cpu = _children_cpu() - wrk_cpu0
+        cpu = sum(used.values())
+        per_server = [used[p] for p in server_pids]
         res.update(
             cpu_s=round(cpu, 2),
             cpu_pct=round(100 * cpu / (window * (os.cpu_count() or 1)), 1),
+            broker_cpu_s=round(sum(used[p] for p in broker_pids), 2) if broker_pids else None,
+            # how evenly the kernel spread the load: least busy server / busiest
+            server_balance=round(min(per_server) / max(per_server), 2) if max(per_server) > 0 else None,
             published_per_s=round((c1[0] - c0[0]) / window, 1),
             received_per_s=round((c1[1] - c0[1]) / window, 1),
             window_s=round(window, 2),
+            wrk_cpu_s=round(wrk_cpu, 2),
         )
-        res["wrk_cpu_s"] = round(wrk_cpu, 2)
         bg, steal = procfs.background_share(m0, m1, cpu + wrk_cpu)
         res["background_cpu_pct"] = round(bg, 1)
         res["steal_pct"] = round(steal, 1)
-        # Graceful stop so every worker writes its final report (event delays).
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
+        # Graceful stop so every server writes its final report (event delays).
+        for server in servers:
+            server.send_signal(signal.SIGTERM)
+        for server in servers:
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
         delays: list[int] = []
         for name in os.listdir(workdir):
             if name.startswith("final-"):
@@ -261,14 +266,15 @@ def run_once(s: SeedSettings, mode: str, storm: Storm | None) -> dict[str, Any]:
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
         return {**base, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
     finally:
-        if server is not None:
+        for server in servers:
             if server.poll() is None:
                 server.send_signal(signal.SIGTERM)
-                try:
-                    server.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    pass
-            try:  # uvicorn's workers are in its process group: leave none behind
+        for server in servers:
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # its own process group: leave nothing of it behind
                 os.killpg(server.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
@@ -303,6 +309,32 @@ def _median(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _paired(runs: list[dict[str, Any]], storm: str) -> dict[str, dict[str, float | None]]:
+    """Ratios between runs of the same repetition, then their median over repetitions.
+
+    This machine's speed drifts between repetitions (a whole repetition can run 30 %
+    slower), while runs next to each other see about the same machine; so a route is
+    compared with the baseline and the poller of its own repetition.
+    """
+    by_rep: dict[int, dict[str, dict[str, Any]]] = {}
+    for r in runs:
+        if r.get("ok") and r["storm"] in (storm, None):
+            by_rep.setdefault(r["rep"], {})[r["mode"]] = r
+    out: dict[str, dict[str, float | None]] = {}
+    for route in ROUTES:
+        ratios: dict[str, list[float]] = {"rps_vs_none": [], "rps_vs_shm": [], "p99_vs_shm": [], "p90_vs_shm": []}
+        for rep in by_rep.values():
+            mine, none, shm = rep.get(route), rep.get("none"), rep.get("shm-poll")
+            if mine and none:
+                ratios["rps_vs_none"].append(mine["requests_per_s"] / none["requests_per_s"])
+            if mine and shm and route != "shm-poll":
+                ratios["rps_vs_shm"].append(mine["requests_per_s"] / shm["requests_per_s"])
+                ratios["p99_vs_shm"].append(mine["latency_p99_ms"] / shm["latency_p99_ms"])
+                ratios["p90_vs_shm"].append(mine["latency_p90_ms"] / shm["latency_p90_ms"])
+        out[route] = {k: round(statistics.median(v), 3) if v else None for k, v in ratios.items()}
+    return out
+
+
 def run_seed(s: SeedSettings, log: Any = None) -> dict[str, Any]:
     """Every storm × route, ``s.reps`` times interleaved; medians per (storm, route)."""
     why = unavailable()
@@ -311,7 +343,7 @@ def run_seed(s: SeedSettings, log: Any = None) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     for rep in range(s.reps):
         plan: list[tuple[str, Storm | None]] = [("none", None)]
-        plan += [(mode, storm) for storm in s.storms for mode in ("workerbus", "shm-poll")]
+        plan += [(mode, storm) for storm in s.storms for mode in ROUTES]
         for mode, storm in plan:
             r = run_once(s, mode, storm)
             r["rep"] = rep
@@ -327,8 +359,9 @@ def run_seed(s: SeedSettings, log: Any = None) -> dict[str, Any]:
     storms = []
     for storm in s.storms:
         rows = [_median([r for r in runs if r["mode"] == mode and r["storm"] == storm.name])
-                for mode in ("workerbus", "shm-poll")]  # fmt: skip
-        storms.append({"name": storm.name, "label": storm.label, "rows": rows})
+                for mode in ROUTES]  # fmt: skip
+        storms.append({"name": storm.name, "label": storm.label, "rows": rows,
+                       "paired": _paired(runs, storm.name)})  # fmt: skip
     return {
         "settings": s.describe(),
         "heavy": max(s.storms, key=lambda st: st.burst / st.every).name if s.storms else None,

@@ -6,6 +6,8 @@ worker posted, through one of:
 
 - ``workerbus``: a :class:`shared.client.Client` on the broker at ``WB_SEED_ADDRESS``,
   publishing to ``all`` workers (the poster included, like lua-resty-events);
+- ``workerbus-embedded``: the same through :func:`shared.embed.join`, so one of the
+  workers hosts the broker (``WB_SEED_WORKERS`` workers in all);
 - ``shm-poll``: the lua-resty-worker-events design: a ring in a shared-memory file, each
   post appended under an ``flock``, every worker polling the ring every ``WB_SEED_POLL``
   seconds;
@@ -29,6 +31,7 @@ import os
 import time
 from array import array
 from collections.abc import Awaitable, Callable, MutableMapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
@@ -112,7 +115,7 @@ class _Worker:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.report_counts)
-            if self.mode == "workerbus":
+            if self.mode in ("workerbus", "workerbus-embedded"):
                 await self._run_bus(tg, task_status)
             elif self.mode == "shm-poll":
                 await self._run_shm(tg, task_status)
@@ -122,10 +125,16 @@ class _Worker:
 
     async def _run_bus(self, tg: anyio.abc.TaskGroup, task_status: anyio.abc.TaskStatus[None]) -> None:
         from shared.client import Client
+        from shared.embed import join
 
         env = os.environ
-        client = Client(env["WB_SEED_ADDRESS"], transport=env.get("WB_SEED_TRANSPORT", "stream"), worker_id=self.pid)
-        async with client:
+        address, transport = env["WB_SEED_ADDRESS"], env.get("WB_SEED_TRANSPORT", "stream")
+        bus: AbstractAsyncContextManager[Client]
+        if self.mode == "workerbus-embedded":
+            bus = join(address, workers=int(env.get("WB_SEED_WORKERS", "2")), transport=transport)
+        else:
+            bus = Client(address, transport=transport, worker_id=self.pid)
+        async with bus as client:
             client.subscribe(_SOURCE, "*", self.on_event)
             with anyio.fail_after(15):
                 await client.wait_ready()
