@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -36,3 +38,17 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
     with anyio.fail_after(timeout):
         while not predicate():  # noqa: ASYNC110
             await anyio.sleep(0.005)
+
+
+def kong_captures() -> pathlib.Path:
+    """Where the captures of the real lua-resty-events live, if anywhere.
+
+    They ship beside the checkout (``../shared/vectors/kong``) only on the team's machines and
+    in CI; ``WORKERBUS_KONG_CAPTURES`` overrides. Tests using them skip when the folder is
+    missing.
+    """
+    override = os.environ.get("WORKERBUS_KONG_CAPTURES")
+    if override:
+        return pathlib.Path(override)
+    beside = pathlib.Path(__file__).resolve().parents[2] / "shared" / "vectors" / "kong"
+    return beside if beside.is_dir() else pathlib.Path("/work/shared/vectors/kong")

@@ -9,7 +9,6 @@ does not exist (it ships beside the checkout only on the team's machines and in 
 from __future__ import annotations
 
 import os
-import pathlib
 import shutil
 import subprocess
 from typing import Any
@@ -26,10 +25,10 @@ from shared.luabuf import dumps, loads
 from shared.profile import get_profile
 from shared.transport import get_transport, parse_address
 
-from .helpers import Recorder, wait_until
+from .helpers import Recorder, kong_captures, wait_until
 
 KONG = get_profile("kong")
-CAPTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "vectors" / "kong"
+CAPTURES = kong_captures()
 
 
 @pytest.fixture

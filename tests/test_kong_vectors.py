@@ -21,8 +21,10 @@ import pytest
 from shared.errors import RemoteProtocolError
 from shared.luabuf import NULL, loads
 
+from .helpers import kong_captures
+
 OWN = pathlib.Path(__file__).resolve().parent / "vectors" / "kong" / "vectors.json"
-SHARED = pathlib.Path("/work/shared/vectors/kong")
+SHARED = kong_captures()
 NOT_FRAMES = {
     "worker-upgrade-request.hex",
     "real-broker-101-response.hex",
