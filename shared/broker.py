@@ -392,10 +392,9 @@ class Broker:
 
     @staticmethod
     def _hang_up(conn: _Connection) -> None:
-        # Shut the socket down rather than cancel the connection's tasks: its reader then
-        # ends on EOF by itself. Cancelling a task blocked in receive() on an anyio UNIX
-        # stream races with the fd becoming readable on asyncio (InvalidStateError in
-        # Future.set_result, anyio's _RawSocketMixin; see docs/protocol.md).
+        # Shut the socket down rather than cancel the connection's tasks: its reader ends
+        # on EOF by itself, its writer's send fails, and the peer sees the close at once.
+        # (Cancelling would be safe too since shared/sockets.py, but less direct.)
         try:
             sock = conn.frames.stream.extra(anyio.abc.SocketAttribute.raw_socket)
             sock.shutdown(socket.SHUT_RDWR)
