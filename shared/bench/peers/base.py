@@ -14,6 +14,7 @@ they inherit that state, and each calls :meth:`Peer.publisher` or :meth:`Peer.su
 from __future__ import annotations
 
 import abc
+import importlib
 import os
 import signal
 import socket
@@ -133,6 +134,15 @@ class Peer(abc.ABC):
 
     def subscriber_sync(self, setup: RunSetup, index: int, tally: Tally) -> SyncSubscription:
         raise NotImplementedError
+
+
+def missing(module: str, package: str, extra: str) -> str | None:
+    """Why a peer cannot run without ``module`` (from ``package``), or None when it imports."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return f"{package} is not installed (pip install 'workerbus[{extra}]')"
+    return None
 
 
 def spawn(argv: Sequence[str], **options: Any) -> subprocess.Popen[bytes]:

@@ -25,6 +25,7 @@ from .base import (
     Publisher,
     RunSetup,
     Subscription,
+    missing,
     spawn,
     stopper,
     wait_for_socket,
@@ -117,12 +118,7 @@ class RawUdsPeer(Peer):
         return f"minimal broker (`shared/bench/peers/rawuds_broker.py`) and clients, on {loop}"
 
     def unavailable(self) -> str | None:
-        if self.client_backend == "uvloop":
-            try:
-                import uvloop  # noqa: F401
-            except ImportError:
-                return "uvloop is not installed (pip install 'workerbus[bench]')"
-        return None
+        return missing("uvloop", "uvloop", "bench") if self.client_backend == "uvloop" else None
 
     def start(self, setup: RunSetup) -> BrokerHandle:
         path = os.path.join(setup.workdir, "raw.sock")

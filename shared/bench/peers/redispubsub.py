@@ -24,6 +24,7 @@ from .base import (
     Publisher,
     RunSetup,
     Subscription,
+    missing,
     spawn,
     stopper,
     wait_for_socket,
@@ -94,11 +95,7 @@ class RedisPeer(Peer):
     def unavailable(self) -> str | None:
         if shutil.which("redis-server") is None:
             return "redis-server is not installed (apt-get install redis-server)"
-        try:
-            import redis.asyncio  # noqa: F401
-        except ImportError:
-            return "redis-py is not installed (pip install 'workerbus[bench]')"
-        return None
+        return missing("redis.asyncio", "redis-py", "bench")
 
     def start(self, setup: RunSetup) -> BrokerHandle:
         exe = shutil.which("redis-server")

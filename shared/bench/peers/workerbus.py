@@ -36,6 +36,7 @@ from .base import (
     Publisher,
     RunSetup,
     Subscription,
+    missing,
     spawn,
     stopper,
     wait_for_socket,
@@ -89,15 +90,9 @@ class WorkerbusPeer(Peer):
 
     def unavailable(self) -> str | None:
         if self.client_backend == "uvloop":
-            try:
-                import uvloop  # noqa: F401
-            except ImportError:
-                return "uvloop is not installed (pip install 'workerbus[bench]')"
+            return missing("uvloop", "uvloop", "bench")
         if self.client_backend == "trio":
-            try:
-                import trio  # noqa: F401
-            except ImportError:
-                return "trio is not installed (pip install 'workerbus[trio]')"
+            return missing("trio", "trio", "trio")
         return None
 
     def start(self, setup: RunSetup) -> BrokerHandle:

@@ -21,6 +21,7 @@ from .base import (
     Publisher,
     RunSetup,
     Subscription,
+    missing,
     spawn,
     stopper,
     wait_for_socket,
@@ -90,11 +91,7 @@ class ZmqProxyPeer(Peer):
         return "pyzmq `zmq.proxy(XSUB, XPUB)` on ipc://, PUB/SUB clients on zmq.asyncio, HWM 0"
 
     def unavailable(self) -> str | None:
-        try:
-            import zmq  # noqa: F401
-        except ImportError:
-            return "pyzmq is not installed (pip install 'workerbus[bench]')"
-        return None
+        return missing("zmq", "pyzmq", "bench")
 
     def start(self, setup: RunSetup) -> BrokerHandle:
         inbound = os.path.join(setup.workdir, "in.ipc")
