@@ -22,6 +22,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Literal
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.servers import ROOT
 
@@ -42,11 +49,8 @@ def find_chromium() -> tuple[str, str] | None:
 
 
 @contextmanager
-def chromium() -> Iterator[object]:
+def chromium() -> Iterator[WebDriver]:
     """A headless chromium with a fresh profile; quit (and the profile removed) on exit."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
     found = find_chromium()
     if found is None:
         raise RuntimeError("chromium and chromium-driver are not installed")
@@ -126,51 +130,49 @@ def chat_server(workers: int, app: str = "examples.ws_chat.app:app") -> Iterator
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def page_worker(driver: object, timeout: float = 15.0) -> int:
-    """The worker id the current page shows once its websocket said hello."""
-    from selenium.webdriver.support.ui import WebDriverWait
+def page_worker(driver: WebDriver, timeout: float = 15.0) -> tuple[int, int]:
+    """(worker id, pid) that the current page shows once its websocket said hello."""
 
-    def shown(d: object) -> str | bool:
-        value = d.find_element("tag name", "body").get_attribute("data-worker")  # type: ignore[attr-defined]
-        return value or False
+    def shown(d: WebDriver) -> tuple[int, int] | Literal[False]:
+        body = d.find_element("tag name", "body")
+        worker, pid = body.get_attribute("data-worker"), body.get_attribute("data-pid")
+        return (int(worker), int(pid)) if worker and pid else False
 
-    return int(WebDriverWait(driver, timeout).until(shown))
+    return WebDriverWait(driver, timeout).until(shown)
 
 
-def send_message(driver: object, text: str) -> None:
-    from selenium.webdriver.common.keys import Keys
-
-    box = driver.find_element("id", "text")  # type: ignore[attr-defined]
+def send_message(driver: WebDriver, text: str) -> None:
+    box = driver.find_element("id", "text")
     box.send_keys(text, Keys.ENTER)
 
 
-def wait_for_message(driver: object, text: str, timeout: float = 15.0) -> str:
-    """The list item that shows ``text`` (bounded wait)."""
-    from selenium.webdriver.support.ui import WebDriverWait
+def wait_for_message(driver: WebDriver, text: str, timeout: float = 15.0) -> str:
+    """The text of the list item that shows ``text`` (bounded wait)."""
 
-    def found(d: object) -> str | bool:
-        for item in d.find_elements("css selector", "#messages li"):  # type: ignore[attr-defined]
+    def found(d: WebDriver) -> str | Literal[False]:
+        for item in d.find_elements("css selector", "#messages li"):
             if item.text.endswith(text):
                 return str(item.text)
         return False
 
-    return str(WebDriverWait(driver, timeout).until(found))
+    return WebDriverWait(driver, timeout).until(found)
 
 
-def open_tabs_on_distinct_workers(driver: object, url: str, want: int, attempts: int = 12) -> dict[str, int]:
+def open_tabs_on_distinct_workers(
+    driver: WebDriver, url: str, want: int, attempts: int = 12
+) -> dict[str, tuple[int, int]]:
     """Open tabs of ``url`` until ``want`` distinct workers hold their websockets.
 
-    Returns {window handle: worker id} for every tab opened (at most ``attempts``); raises
-    when the kernel kept handing the connections to fewer workers.
+    Returns {window handle: (worker id, pid)} for every tab opened (at most ``attempts``);
+    raises when the kernel kept handing the connections to fewer workers.
     """
-    d: object = driver
-    tabs: dict[str, int] = {}
+    tabs: dict[str, tuple[int, int]] = {}
     for n in range(attempts):
         if n:
-            d.switch_to.new_window("tab")  # type: ignore[attr-defined]
-        d.get(url + "/")  # type: ignore[attr-defined]
-        tabs[d.current_window_handle] = page_worker(d)  # type: ignore[attr-defined]
-        if len(set(tabs.values())) >= want:
+            driver.switch_to.new_window("tab")
+        driver.get(url + "/")
+        tabs[driver.current_window_handle] = page_worker(driver)
+        if len({worker for worker, _ in tabs.values()}) >= want:
             return tabs
     raise AssertionError(f"{attempts} tabs landed on workers {sorted(set(tabs.values()))} only")
 
@@ -182,24 +184,24 @@ def screenshot(path: str, workers: int = 4) -> None:
     photographed in turn (no image library needed).
     """
     with chat_server(workers) as url, chromium() as driver:
-        d: object = driver
-        d.set_window_size(560, 420)  # type: ignore[attr-defined]
+        d = driver
+        d.set_window_size(560, 420)
         tabs = open_tabs_on_distinct_workers(d, url, 2)
-        by_worker = {w: h for h, w in tabs.items()}
+        by_worker = {worker: handle for handle, (worker, _) in tabs.items()}
         left, right = list(by_worker.values())[:2]
         lines = ("hello from the tab on the left", "and hi from the one on the right")
-        for handle, text in zip((left, right), lines):
-            d.switch_to.window(handle)  # type: ignore[attr-defined]
+        for handle, text in zip((left, right), lines, strict=True):
+            d.switch_to.window(handle)
             send_message(d, text)
             wait_for_message(d, text)
         shots = []
         for handle in (left, right):
-            d.switch_to.window(handle)  # type: ignore[attr-defined]
+            d.switch_to.window(handle)
             wait_for_message(d, lines[-1])
-            shots.append(d.get_screenshot_as_base64())  # type: ignore[attr-defined]
-        d.switch_to.new_window("tab")  # type: ignore[attr-defined]
-        d.set_window_size(1150, 460)  # type: ignore[attr-defined]
-        d.execute_script(  # type: ignore[attr-defined]
+            shots.append(d.get_screenshot_as_base64())
+        d.switch_to.new_window("tab")
+        d.set_window_size(1150, 460)
+        d.execute_script(
             "document.body.style.cssText = 'margin:0;padding:8px;background:#9aa;display:flex;gap:8px;overflow:hidden';"
             "for (const s of arguments[0]) {"
             "  const img = document.createElement('img');"
@@ -207,7 +209,7 @@ def screenshot(path: str, workers: int = 4) -> None:
             "  document.body.append(img); }",
             shots,
         )
-        d.save_screenshot(path)  # type: ignore[attr-defined]
+        d.save_screenshot(path)
 
 
 def main() -> None:
