@@ -29,8 +29,15 @@ def _needs_chromium() -> None:
         pytest.skip("chromium and chromium-driver are not installed (bash scripts/setup.sh)")
 
 
-def test_a_message_reaches_tabs_on_every_worker() -> None:
-    with chat_server(WORKERS) as url, chromium() as driver:
+@pytest.mark.parametrize(
+    "app",
+    [
+        "examples.ws_chat.app:app",  # workerbus's own API
+        "examples.ws_chat.broadcast_app:app",  # broadcaster's API, workerbus underneath
+    ],
+)
+def test_a_message_reaches_tabs_on_every_worker(app: str) -> None:
+    with chat_server(WORKERS, app) as url, chromium() as driver:
         tabs = open_tabs_on_distinct_workers(driver, url, want=2)
         assert all(0 <= worker < WORKERS for worker, _ in tabs.values()), tabs
         # One worker id, one process: the page's ids name real, different workers.

@@ -44,14 +44,14 @@ def bus_address() -> str:
     return f"unix:{os.path.join(directory, 'ws_chat.sock')}"
 
 
-def _workers() -> int | None:
+def workers() -> int | None:
     value = os.environ.get("WORKERBUS_WORKERS", "")
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    async with join(bus_address(), workers=_workers()) as bus:
+    async with join(bus_address(), workers=workers()) as bus:
         await bus.wait_ready()  # serve once this worker is on the bus
         app.state.bus = bus
         yield

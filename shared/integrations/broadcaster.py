@@ -27,6 +27,7 @@ sent them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from typing import Any
@@ -146,10 +147,13 @@ class WorkerbusBackend(BroadcastBackend):
             await stack.aclose()
 
     async def subscribe(self, channel: str) -> None:
-        if not isinstance(channel, str) or not channel or channel == "*":
-            raise ValueError(f"a channel must be a non-empty name other than '*': {channel!r}")
+        if not isinstance(channel, str) or not channel:
+            raise ValueError(f"a channel must be a non-empty string, got {channel!r}")
         if channel not in self._subscriptions:
-            self._subscriptions[channel] = self.bus.subscribe(self.source, channel, self._deliver)
+            # "*" is workerbus's wildcard: that subscription sees every channel of the
+            # source, and _deliver keeps only events published to the channel "*" itself.
+            handler = functools.partial(self._deliver, channel)
+            self._subscriptions[channel] = self.bus.subscribe(self.source, channel, handler)
 
     async def unsubscribe(self, channel: str) -> None:
         sub_id = self._subscriptions.pop(channel, None)
@@ -169,11 +173,13 @@ class WorkerbusBackend(BroadcastBackend):
             raise RuntimeError("the backend is not connected")
         return await self._receive.receive()
 
-    async def _deliver(self, data: Any, event: str, source: str, wid: int | None) -> None:
+    async def _deliver(
+        self, channel: str, data: Any, event: str, source: str, wid: int | None
+    ) -> None:
         send = self._send
-        if send is None or event not in self._subscriptions:
-            return  # unsubscribed meanwhile: nobody here wants it any more
+        if send is None or event != channel or channel not in self._subscriptions:
+            return  # another channel (under "*"), or unsubscribed meanwhile
         try:
-            await send.send(Event(channel=event, message=data))
+            await send.send(Event(channel=channel, message=data))
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             pass  # disconnect() ran while we waited for room: the receiver is gone
