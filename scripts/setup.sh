@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything workerbus needs on a fresh Debian machine, idempotently:
 # Debian packages (luajit for the Kong-codec oracle tests, redis-server and wrk for the
-# benchmarks), a virtualenv in .venv, and the project with all its extras.
+# benchmarks, chromium and its webdriver for the browser tests), a virtualenv in .venv, and
+# the project with all its extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +10,8 @@ missing=()
 command -v luajit >/dev/null || missing+=(luajit2)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v wrk >/dev/null || missing+=(wrk)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     echo "setup: installing Debian packages: ${missing[*]}"
