@@ -71,6 +71,12 @@ def chromium() -> Iterator[WebDriver]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
+def _tool(name: str) -> str:
+    """The venv's copy of a server command, else the one on PATH."""
+    path = os.path.join(BIN, name)
+    return path if os.path.exists(path) else name
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,8 +91,13 @@ def _listening(port: int) -> bool:
 
 
 @contextmanager
-def chat_server(workers: int, app: str = "examples.ws_chat.app:app") -> Iterator[str]:
-    """``uvicorn APP --workers N`` on a loopback port; yields its base URL."""
+def chat_server(
+    workers: int, app: str = "examples.ws_chat.app:app", server: str = "uvicorn"
+) -> Iterator[str]:
+    """``uvicorn APP --workers N`` on a loopback port; yields its base URL.
+
+    ``server="hypercorn-trio"`` runs it under hypercorn's trio workers instead.
+    """
     tmp = tempfile.mkdtemp(prefix="wb-wschat-")
     port = free_port()
     env = {
@@ -95,20 +106,25 @@ def chat_server(workers: int, app: str = "examples.ws_chat.app:app") -> Iterator
         "WORKERBUS_WORKERS": str(workers),
         "PYTHONUNBUFFERED": "1",
     }
-    uvicorn = os.path.join(BIN, "uvicorn")
+    if server == "uvicorn":
+        argv = [_tool("uvicorn"), app, "--workers", str(workers), "--host", "127.0.0.1",
+                "--port", str(port), "--log-level", "warning"]
+    elif server == "hypercorn-trio":
+        argv = [_tool("hypercorn"), "--workers", str(workers), "--worker-class", "trio",
+                "--bind", f"127.0.0.1:{port}", app]
+    else:
+        raise ValueError(f"unknown server {server!r}")
     log_path = os.path.join(tmp, "log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [uvicorn if os.path.exists(uvicorn) else "uvicorn", app, "--workers", str(workers),
-             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
         deadline = time.monotonic() + 30
         while not _listening(port):
             if proc.poll() is not None or time.monotonic() > deadline:
                 with open(log_path, errors="replace") as f:
-                    raise RuntimeError(f"uvicorn did not listen on {port}:\n{f.read()[-3000:]}")
+                    raise RuntimeError(f"{server} did not listen on {port}:\n{f.read()[-3000:]}")
             time.sleep(0.05)
         yield f"http://127.0.0.1:{port}"
     finally:

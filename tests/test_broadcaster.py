@@ -1,26 +1,21 @@
 """shared.integrations.broadcaster: the ``broadcaster`` package's API over workerbus.
 
 In process against a real broker (both transports; the backend alone on both anyio
-backends, ``Broadcast`` on asyncio, the only loop it supports), and across real uvicorn
-worker processes with real websocket clients.
+backends, ``Broadcast`` on asyncio, the only loop it supports). Across real uvicorn worker
+processes: tests/test_ws_chat_servers.py and tests/test_ws_chat_browser.py.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from contextlib import ExitStack
 from typing import Any
 
 import anyio
 import pytest
 from broadcaster import Broadcast, Event
-from websockets.sync.client import ClientConnection, connect
 
 from shared.broker import Broker
 from shared.embed import join
 from shared.integrations.broadcaster import WorkerbusBackend
-from tests.browser import chat_server
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -168,34 +163,3 @@ async def test_broadcast_api_over_workerbus(address: str, broker: Broker, transp
             with anyio.fail_after(5):
                 assert await star.get() == Event("*", "for star")
                 assert await first.get() == Event("chat", "not for star")
-
-
-# --- real worker processes ---------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_broadcast_chat_under_uvicorn_workers() -> None:
-    """examples/ws_chat/broadcast_app.py under ``uvicorn --workers 2``, websocket clients."""
-    conns: list[ClientConnection] = []
-    with chat_server(2, app="examples.ws_chat.broadcast_app:app") as url, ExitStack() as stack:
-        workers: dict[int, int] = {}
-        deadline = time.monotonic() + 30
-        # Connect until both workers hold a websocket (bounded). Paced: connections made
-        # while one worker is still starting all go to the other.
-        for _ in range(100):
-            if len(workers) == 2 or time.monotonic() > deadline:
-                break
-            ws = stack.enter_context(connect(url.replace("http:", "ws:") + "/ws", open_timeout=10))
-            conns.append(ws)
-            hello = json.loads(ws.recv(timeout=10))
-            assert hello["type"] == "hello", hello
-            assert workers.setdefault(hello["worker"], hello["pid"]) == hello["pid"]
-            time.sleep(0.05)
-        assert sorted(workers) == [0, 1], workers
-        assert len(set(workers.values())) == 2
-
-        conns[-1].send("across the workers")
-        for ws in conns:
-            got = json.loads(ws.recv(timeout=10))
-            assert got == {"type": "message", "text": "across the workers",
-                           "worker": hello["worker"]}

@@ -7,6 +7,8 @@ Skipped only where Debian's chromium and chromium-driver are not installed
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 
 from tests.browser import (
@@ -14,6 +16,7 @@ from tests.browser import (
     chromium,
     find_chromium,
     open_tabs_on_distinct_workers,
+    screenshot,
     send_message,
     wait_for_message,
 )
@@ -69,3 +72,10 @@ def test_a_tab_gets_an_error_for_a_blank_or_oversized_message() -> None:
             driver.execute_script("document.getElementById('messages').replaceChildren()")
         send_message(driver, "still here")
         wait_for_message(driver, "still here")
+
+
+def test_the_readme_screenshot_is_made_from_two_tabs_on_two_workers(tmp_path: pathlib.Path) -> None:
+    # What `python -m tests.browser docs/img/ws-chat.png` runs; it checks the tabs itself.
+    png = tmp_path / "ws-chat.png"
+    screenshot(str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
