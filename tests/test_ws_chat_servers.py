@@ -58,3 +58,15 @@ def test_a_message_reaches_the_clients_of_every_worker(server: str, app: str) ->
             for ws in conns:
                 got = json.loads(ws.recv(timeout=10))
                 assert got == {"type": "message", "text": text, "worker": worker}
+
+
+@pytest.mark.parametrize("app", ["examples.ws_chat.app:app", "examples.ws_chat.broadcast_app:app"])
+def test_blank_and_oversized_messages_are_refused_to_their_sender(app: str) -> None:
+    with chat_server(1, app) as url, connect(url.replace("http:", "ws:") + "/ws", open_timeout=10) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+        for bad in ("   ", "x" * 2001):
+            ws.send(bad)
+            assert json.loads(ws.recv(timeout=10)) == {
+                "type": "error", "error": "a message has 1 to 2000 characters"}
+        ws.send("x" * 2000)
+        assert json.loads(ws.recv(timeout=10))["text"] == "x" * 2000
