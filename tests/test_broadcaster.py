@@ -126,6 +126,25 @@ async def test_a_given_bus_is_used_and_left_running(address: str, transport: str
         await wait_until(lambda: got == ["hi", "after"])
 
 
+async def test_disconnect_frees_a_given_bus_blocked_on_a_full_buffer(
+    address: str, transport: str
+) -> None:
+    async with join(address, workers=1, transport=transport) as bus:
+        backend = WorkerbusBackend(bus=bus, max_buffer=1)
+        await backend.connect()
+        await backend.subscribe("room")
+        for n in range(5):
+            await backend.publish("room", n)
+        # Nobody reads: the backend's handler waits for room, the rest waits behind it.
+        await wait_until(lambda: bus.statistics().inbox >= 2)
+        await backend.disconnect()
+        # The app's bus is not stuck behind a backend that is gone.
+        got: list[Any] = []
+        bus.subscribe("app", "ping", lambda data, *_: got.append(data))
+        await bus.publish("app", "ping", "still alive")
+        await wait_until(lambda: got == ["still alive"])
+
+
 async def test_connect_fails_clearly_without_a_broker(address: str) -> None:
     backend = WorkerbusBackend(address, embedded=False, connect_timeout=0.3)
     with pytest.raises(TimeoutError, match="no workerbus broker answered at unix:.* within 0.3s"):

@@ -72,7 +72,10 @@ async def chat(websocket: WebSocket) -> None:
             try:
                 async for ev in events:
                     if isinstance(ev.data, dict):  # anything else is not one of ours
-                        await websocket.send_json({"type": "message", **ev.data})
+                        text, worker = ev.data.get("text"), ev.data.get("worker")
+                        await websocket.send_json(
+                            {"type": "message", "text": text, "worker": worker}
+                        )
             except WebSocketDisconnect:
                 pass
             tg.cancel_scope.cancel()
@@ -90,6 +93,7 @@ async def chat(websocket: WebSocket) -> None:
         except WebSocketDisconnect:
             pass
         tg.cancel_scope.cancel()
+
 
 app = Starlette(
     routes=[Route("/", page), WebSocketRoute("/ws", chat)],
