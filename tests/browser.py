@@ -56,18 +56,21 @@ def chromium() -> Iterator[WebDriver]:
         raise RuntimeError("chromium and chromium-driver are not installed")
     browser, driver_path = found
     profile = tempfile.mkdtemp(prefix="wb-chromium-")
-    options = webdriver.ChromeOptions()
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    options.binary_location = browser
-    # An explicit driver path: selenium then never looks for (or downloads) one itself.
-    driver = webdriver.Chrome(options=options, service=Service(driver_path, log_output=subprocess.DEVNULL))
-    driver.set_page_load_timeout(20)
-    driver.set_script_timeout(20)
     try:
-        yield driver
+        options = webdriver.ChromeOptions()
+        for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
+            options.add_argument(flag)
+        options.binary_location = browser
+        # An explicit driver path: selenium then never looks for (or downloads) one itself.
+        service = Service(driver_path, log_output=subprocess.DEVNULL)
+        driver = webdriver.Chrome(options=options, service=service)
+        try:
+            driver.set_page_load_timeout(20)
+            driver.set_script_timeout(20)
+            yield driver
+        finally:
+            driver.quit()
     finally:
-        driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
 
 
