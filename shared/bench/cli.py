@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import sys
@@ -104,6 +105,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     o.add_argument("--json", metavar="PATH", help="write the whole result (every run) as JSON")
     o.add_argument("--from-json", metavar="PATH", help="measure nothing: print (and --markdown) a saved result")
     o.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown")
+    o.add_argument("--plot", metavar="DIR",
+                   help="write PNG charts (deliveries/s, latency, seed experiment) into DIR; "
+                        "needs the 'plot' extra (matplotlib)")
     p.set_defaults(func=_cmd_bench, log_level="WARNING")
     return p
 
@@ -131,7 +135,34 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, SeedSettings
     return s, seed
 
 
+def _plot_dir_problem(directory: str) -> str | None:
+    """Why ``--plot DIR`` cannot work, checked before anything is measured."""
+    from .plot import plot_support
+
+    why = plot_support()
+    if why is not None:
+        return why
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        return f"--plot {directory}: exists and is not a directory"
+    parent = os.path.dirname(os.path.abspath(directory))
+    if not os.path.isdir(parent):
+        return f"--plot {directory}: no directory {parent}"
+    return None
+
+
+def _plot(result: dict[str, Any], directory: str) -> None:
+    from .plot import write_plots
+
+    for path in write_plots(result, directory):
+        print(f"wrote {path}", file=sys.stderr)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.plot:
+        why = _plot_dir_problem(args.plot)
+        if why is not None:
+            print(f"workerbus bench: {why}", file=sys.stderr)
+            return 2
     if args.list:
         for name in PEERS:
             peer = make_peer(name)
@@ -145,6 +176,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if args.markdown:
             with open(args.markdown, "w") as f:
                 f.write(markdown(saved))
+        if args.plot:
+            _plot(saved, args.plot)
         return 0
     s, seed = settings_from_args(args)
     # SIGTERM unwinds like Ctrl-C, so every run's finally block stops what it started.
@@ -164,4 +197,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         with open(args.markdown, "w") as f:
             f.write(markdown(result))
         print(f"wrote {args.markdown}", file=sys.stderr)
+    if args.plot:
+        _plot(result, args.plot)
     return 0
