@@ -11,10 +11,12 @@ import sys
 from dataclasses import replace
 from typing import Any
 
+from shared.progress import Progress
+
 from .peers import BASELINES, PEERS, WORKERBUS, make_peer
 from .report import markdown, text_report
-from .runner import Settings, run_benchmark
-from .seed import SeedSettings, parse_storms, run_seed
+from .runner import Settings, estimate_seconds, plan_runs, run_benchmark
+from .seed import SeedSettings, estimate_seed_seconds, parse_storms, run_seed
 
 __all__ = ["add_parser", "settings_from_args"]
 
@@ -183,11 +185,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     # SIGTERM unwinds like Ctrl-C, so every run's finally block stops what it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    def seed_runner(_: Settings) -> dict[str, Any]:
-        return run_seed(seed, log=lambda line: print(line, file=sys.stderr, flush=True))
+    # One progress line over every run, the seed experiment's included (terminal only).
+    weights = [estimate_seconds(s, run) for run in plan_runs(s)]
+    if s.seed:
+        weights += estimate_seed_seconds(seed)
 
     command = "workerbus bench " + shlex.join(sys.argv[2:]) if len(sys.argv) > 1 else ""
-    result = run_benchmark(s, seed_runner=seed_runner, command=command.strip())
+    with Progress(len(weights), weights=weights, seconds_per_weight=1.0) as progress:
+
+        def seed_runner(_: Settings) -> dict[str, Any]:
+            return run_seed(seed, log=progress.print, progress=progress)
+
+        result = run_benchmark(s, seed_runner=seed_runner, command=command.strip(), progress=progress)
     print(text_report(result))
     if args.json:
         with open(args.json, "w") as f:
