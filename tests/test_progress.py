@@ -149,7 +149,7 @@ def test_bench_shows_progress_on_a_terminal_only(tmp_path: object) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris is not installed")
 def test_fuzz_script_shows_progress_on_a_terminal_only() -> None:
     with tempfile.TemporaryDirectory() as corpus:
-        env = dict(os.environ, RUNS="20000", HARNESSES="codec", PY=sys.executable, CORPUS_ROOT=corpus)
+        env = dict(os.environ, RUNS="5000", HARNESSES="codec", PY=sys.executable, CORPUS_ROOT=corpus)
         cmd = ["bash", "fuzz/run.sh"]
         piped = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
         with PtyProc(cmd, env={k: env[k] for k in ("RUNS", "HARNESSES", "PY")} | {"CORPUS_ROOT": corpus}) as term:
@@ -157,6 +157,6 @@ def test_fuzz_script_shows_progress_on_a_terminal_only() -> None:
             screen = term.text
     assert piped.returncode == 0, piped.stdout + piped.stderr
     assert "\r" not in piped.stdout + piped.stderr and "\x1b" not in piped.stdout + piped.stderr
-    assert "== [1/1] fuzz_codec: 20000 inputs" in piped.stdout and "Done 20000" in piped.stdout
-    assert re.search(r"\r\x1b\[K\[1/1\] fuzz_codec \d+/20000 inputs … ", screen)
-    assert "Done 20000" in screen
+    assert "== [1/1] fuzz_codec: 5000 inputs" in piped.stdout and "Done 5000" in piped.stdout
+    assert re.search(r"\r\x1b\[K\[1/1\] fuzz_codec \d+/5000 inputs … ", screen)
+    assert "Done 5000" in screen
