@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import subprocess
+import termios
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -171,12 +172,18 @@ def test_live_view_on_a_terminal_quits_on_q(sock_dir: str, style: str) -> None:
 
 
 @pytest.mark.slow
-def test_live_view_exits_cleanly_on_ctrl_c(sock_dir: str) -> None:
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_live_view_exits_cleanly_on_ctrl_c_and_sigterm(sock_dir: str, how: str) -> None:
     with _busy_bus(sock_dir) as (broker, _, _), PtyProc([*TOP, f"unix:{broker.stats_path}", "--interval", "0.3"]) as top:
         top.read_until(lambda t: "WORKER" in t, "the table")
-        top.send(b"\x03")  # typed on the terminal: SIGINT to its foreground process group
+        if how == "ctrl-c":
+            top.send(b"\x03")  # typed on the terminal: SIGINT to its foreground process group
+        else:
+            top.proc.send_signal(signal.SIGTERM)
         assert top.wait() == 0
         assert "Traceback" not in top.text and "KeyboardInterrupt" not in top.text
+        assert "\x1b[?1049l" in top.text[-200:]  # the terminal is given back (main screen)
+        assert termios.tcgetattr(top.master)[3] & termios.ICANON  # and in line mode again
 
 
 @pytest.mark.slow
