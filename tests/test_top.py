@@ -151,6 +151,11 @@ def test_once_prints_the_workers_with_sensible_numbers(sock_dir: str) -> None:
     assert _num(rows[2][3]) == 50 and _num(rows[2][6]) > 0  # nobody drains 2: full, dropping
     publishes = re.search(r"publishes ([\d,]+) \(([\d,]+)/s\)", out)
     assert publishes and _num(publishes.group(1)) >= 100 and _num(publishes.group(2)) > 0
+    # One sample's numbers add up: the totals are the sums over the queues (none retired here).
+    delivered = re.search(r"delivered ([\d,]+) \(([\d,]+)/s\)", out)
+    assert delivered is not None
+    assert _num(delivered.group(1)) == sum(_num(r[4]) for r in rows.values())
+    assert abs(_num(delivered.group(2)) - sum(_num(r[5]) for r in rows.values())) <= len(rows)  # rounding
 
 
 @pytest.mark.slow
