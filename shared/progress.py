@@ -107,11 +107,20 @@ class Progress:
         return per_weight * after + in_current
 
     def line(self) -> str:
+        if self.index == 0:
+            return self.label  # a note before the first item (see note())
         left = self.seconds_left()
         estimate = "estimating time left" if left is None else format_left(left)
         return f"[{self.index}/{self.total}] {self.label} … {estimate}"
 
     # --- items ---------------------------------------------------------------------------
+
+    def note(self, text: str) -> None:
+        """Show ``text`` before the first item starts (e.g. a wait); terminal only."""
+        with self._lock:
+            if self.index == 0:
+                self.label = text
+                self._draw()
 
     def start(self, label: str) -> None:
         """The next item begins."""
@@ -140,7 +149,7 @@ class Progress:
         return columns if columns >= 20 else shutil.get_terminal_size((80, 24)).columns
 
     def _draw(self) -> None:
-        if not self.enabled or self.index == 0:
+        if not self.enabled or not self.label:
             return
         # One column short of the width: a full line would wrap on some terminals.
         self.stream.write(_CLEAR + self.line()[: max(10, self._width() - 1)])

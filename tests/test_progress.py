@@ -58,6 +58,16 @@ def test_estimate_uses_the_speed_so_far_and_the_weights() -> None:
     assert term.getvalue().startswith("\r\x1b[K[1/3] case a")
 
 
+def test_a_note_before_the_first_item() -> None:
+    term = FakeTerminal()
+    p = Progress(2, stream=term, clock=Clock())
+    p.note("waiting for an idle machine …")
+    assert term.getvalue() == "\r\x1b[Kwaiting for an idle machine …"
+    p.start("run 1")
+    p.note("ignored once items run")
+    assert p.line() == "[1/2] run 1 … estimating time left"
+
+
 def test_a_guess_gives_an_estimate_before_the_first_item_ends() -> None:
     p = Progress(2, stream=FakeTerminal(), weights=[3, 5], seconds_per_weight=2.0, clock=Clock())
     p.start("run 1")

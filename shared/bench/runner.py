@@ -157,6 +157,8 @@ def run_benchmark(
         scenarios[name] = {"description": peer.describe(), "unavailable": peer.unavailable()}
         if scenarios[name]["unavailable"]:
             _log(f"skipping {name}: {scenarios[name]['unavailable']}", progress)
+    if progress is not None and s.wait_idle > 0:
+        progress.note(f"waiting up to {s.wait_idle:g} s for other processes to use < {s.max_bg:g} % CPU …")
     idle_before = procfs.wait_until_idle(s.wait_idle, s.max_bg) if s.wait_idle > 0 else None
     started = time.monotonic()
     runs = plan_runs(s)
