@@ -45,6 +45,7 @@ __all__ = [
     "LIFECYCLE_SOURCE",
     "Broker",
     "BrokerStatistics",
+    "WorkerStatistics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,17 @@ DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 DEFAULT_MAX_CONNECTIONS = 1024
 #: The reserved event source of messages the bus itself generates (e.g. "dropped").
 LIFECYCLE_SOURCE = "workerbus"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatistics:
+    """One connected worker, as its hello introduced it (for ``workerbus top``)."""
+
+    worker_id: int
+    #: the pid the worker sent in its hello
+    pid: int
+    #: the peer's uid from ``SO_PEERCRED`` (None where the platform cannot tell)
+    uid: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +89,12 @@ class BrokerStatistics:
     handshake_timeouts: int = 0
     #: connections open now, including those still in their handshake
     open_connections: int = 0
+    #: ids ``0..N-1`` whose queues the broker keeps whether or not they are connected
+    expected_workers: int = 0
+    #: the broker's own process id
+    pid: int = 0
+    #: the workers connected now, by id
+    workers: tuple[WorkerStatistics, ...] = ()
 
 
 class _Connection:
@@ -174,6 +192,7 @@ class Broker:
             max_unique_keys=max_unique_keys,
             overflow=overflow,
         )
+        self.expected_workers = expected_workers
         self._connections: dict[int, _Connection] = {}
         self._open = 0
         self._accepted = 0
@@ -532,7 +551,17 @@ class Broker:
             refused_over_limit=self._over_limit,
             handshake_timeouts=self._handshake_timeouts,
             open_connections=self._open,
+            expected_workers=self.expected_workers,
+            pid=os.getpid(),
+            workers=tuple(
+                WorkerStatistics(c.worker_id, c.pid, c.uid)
+                for c in sorted(self._connections.values(), key=_by_worker_id)
+            ),
         )
+
+
+def _by_worker_id(conn: _Connection) -> int:
+    return conn.worker_id
 
 
 class _SocketFile:

@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="WARNING")
     p.set_defaults(func=_cmd_stats)
 
+    from .top import add_parser as add_top
+
+    add_top(sub)
+
     p = sub.add_parser("publish", help="publish one event and exit")
     p.add_argument("address", metavar="unix:PATH")
     p.add_argument("source")

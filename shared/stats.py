@@ -26,7 +26,8 @@ __all__ = [
 
 #: Fields that go up and down; every other numeric field is a counter.
 _GAUGES = frozenset(
-    {"connections", "open_connections", "queued", "in_flight", "depth", "connected", "buffered", "inbox"}
+    {"connections", "open_connections", "queued", "in_flight", "depth", "connected", "buffered", "inbox",
+     "expected_workers", "pid"}
 )
 _HELP = {
     "connections": "Worker connections past their hello.",
@@ -37,6 +38,8 @@ _HELP = {
     "refused_untrusted": "Connections refused because the peer's uid is not trusted.",
     "refused_over_limit": "Connections refused because max_connections was reached.",
     "handshake_timeouts": "Connections dropped at the handshake deadline.",
+    "expected_workers": "Worker ids 0..N-1 whose queues are kept whether or not they are connected.",
+    "pid": "Process id of the broker.",
     "publishes": "Publishes routed.",
     "deliveries": "Frames accepted into worker queues.",
     "dropped": "Events lost for a worker (overflow, disconnect policy, expiry).",
@@ -135,7 +138,7 @@ def _memory(expo: _Exposition, memory: ProcessMemory | None) -> None:
 def broker_metrics(stats: Any, *, memory: ProcessMemory | None = None) -> str:
     """Render a :class:`shared.broker.BrokerStatistics` (and this process's memory)."""
     expo = _Exposition()
-    expo.add_fields("workerbus_broker", stats, skip=("router",))
+    expo.add_fields("workerbus_broker", stats, skip=("router", "workers"))
     router = stats.router
     expo.add_fields("workerbus_router", router, skip=("queues",))
     for queue in router.queues:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import sys
 from dataclasses import replace
 from typing import Any
 
+from shared.progress import Progress
+
 from .peers import BASELINES, PEERS, WORKERBUS, make_peer
 from .report import markdown, text_report
-from .runner import Settings, run_benchmark
-from .seed import SeedSettings, parse_storms, run_seed
+from .runner import Settings, estimate_seconds, plan_runs, run_benchmark
+from .seed import SeedSettings, estimate_seed_seconds, parse_storms, run_seed
 
 __all__ = ["add_parser", "settings_from_args"]
 
@@ -104,6 +107,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     o.add_argument("--json", metavar="PATH", help="write the whole result (every run) as JSON")
     o.add_argument("--from-json", metavar="PATH", help="measure nothing: print (and --markdown) a saved result")
     o.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown")
+    o.add_argument("--plot", metavar="DIR",
+                   help="write PNG charts (deliveries/s, latency, seed experiment) into DIR; "
+                        "needs the 'plot' extra (matplotlib)")
     p.set_defaults(func=_cmd_bench, log_level="WARNING")
     return p
 
@@ -131,7 +137,34 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, SeedSettings
     return s, seed
 
 
+def _plot_dir_problem(directory: str) -> str | None:
+    """Why ``--plot DIR`` cannot work, checked before anything is measured."""
+    from .plot import plot_support
+
+    why = plot_support()
+    if why is not None:
+        return why
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        return f"--plot {directory}: exists and is not a directory"
+    parent = os.path.dirname(os.path.abspath(directory))
+    if not os.path.isdir(parent):
+        return f"--plot {directory}: no directory {parent}"
+    return None
+
+
+def _plot(result: dict[str, Any], directory: str) -> None:
+    from .plot import write_plots
+
+    for path in write_plots(result, directory):
+        print(f"wrote {path}", file=sys.stderr)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.plot:
+        why = _plot_dir_problem(args.plot)
+        if why is not None:
+            print(f"workerbus bench: {why}", file=sys.stderr)
+            return 2
     if args.list:
         for name in PEERS:
             peer = make_peer(name)
@@ -145,16 +178,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if args.markdown:
             with open(args.markdown, "w") as f:
                 f.write(markdown(saved))
+        if args.plot:
+            _plot(saved, args.plot)
         return 0
     s, seed = settings_from_args(args)
     # SIGTERM unwinds like Ctrl-C, so every run's finally block stops what it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    def seed_runner(_: Settings) -> dict[str, Any]:
-        return run_seed(seed, log=lambda line: print(line, file=sys.stderr, flush=True))
+    # One progress line over every run, the seed experiment's included (terminal only).
+    weights = [estimate_seconds(s, run) for run in plan_runs(s)]
+    if s.seed:
+        weights += estimate_seed_seconds(seed)
 
     command = "workerbus bench " + shlex.join(sys.argv[2:]) if len(sys.argv) > 1 else ""
-    result = run_benchmark(s, seed_runner=seed_runner, command=command.strip())
+    with Progress(len(weights), weights=weights, seconds_per_weight=1.0) as progress:
+
+        def seed_runner(_: Settings) -> dict[str, Any]:
+            return run_seed(seed, log=progress.print, progress=progress)
+
+        result = run_benchmark(s, seed_runner=seed_runner, command=command.strip(), progress=progress)
     print(text_report(result))
     if args.json:
         with open(args.json, "w") as f:
@@ -164,4 +206,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         with open(args.markdown, "w") as f:
             f.write(markdown(result))
         print(f"wrote {args.markdown}", file=sys.stderr)
+    if args.plot:
+        _plot(result, args.plot)
     return 0

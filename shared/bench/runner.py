@@ -16,12 +16,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from shared.progress import Progress
+
 from . import procfs
 from .fanout import median_of, run_one
 from .machine import describe_machine
 from .peers import PEERS, make_peer
 
-__all__ = ["Settings", "plan_runs", "run_benchmark"]
+__all__ = ["Settings", "estimate_seconds", "plan_runs", "run_benchmark"]
 
 
 @dataclass
@@ -73,8 +75,23 @@ def plan_runs(s: Settings) -> list[Run]:
     return runs
 
 
-def _log(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+def estimate_seconds(s: Settings, run: Run) -> float:
+    """A guess of a run's wall time on a small machine, for the time-left estimate only.
+
+    The progress line rescales it by the speed measured as runs finish, so only the
+    proportions between runs matter.
+    """
+    _, test, n, _, events = run
+    # ~1.5 s to start the broker and the subscriber processes, then the measured part
+    measured = s.duration if test == "lat" else events * n / 400_000
+    return s.reps * (1.5 + measured)
+
+
+def _log(line: str, progress: Progress | None = None) -> None:
+    if progress is not None:
+        progress.print(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _measure(s: Settings, run: Run, started: float, raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -127,23 +144,35 @@ def run_benchmark(
     *,
     seed_runner: Callable[[Settings], dict[str, Any]] | None = None,
     command: str = "",
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Run everything ``s`` asks for; return the JSON-ready report."""
+    """Run everything ``s`` asks for; return the JSON-ready report.
+
+    ``progress`` (made for :func:`plan_runs`' runs, then the seed runner's) is told when
+    each run starts and ends, and carries the log lines.
+    """
     scenarios = {}
     for name in s.scenarios:
         peer = make_peer(name)
         scenarios[name] = {"description": peer.describe(), "unavailable": peer.unavailable()}
         if scenarios[name]["unavailable"]:
-            _log(f"skipping {name}: {scenarios[name]['unavailable']}")
+            _log(f"skipping {name}: {scenarios[name]['unavailable']}", progress)
+    if progress is not None and s.wait_idle > 0:
+        progress.note(f"waiting up to {s.wait_idle:g} s for other processes to use < {s.max_bg:g} % CPU …")
     idle_before = procfs.wait_until_idle(s.wait_idle, s.max_bg) if s.wait_idle > 0 else None
     started = time.monotonic()
     runs = plan_runs(s)
     medians: list[dict[str, Any]] = []
     raw: list[dict[str, Any]] = []
     for k, run in enumerate(runs, 1):
+        if progress is not None:
+            name, test, n, p, _ = run
+            progress.start(f"{name} {test} N={n} P={p}")
         m = median_of(_measure(s, run, started, raw))
         medians.append(m)
-        _log(_progress(k, len(runs), time.monotonic() - started, m))
+        if progress is not None:
+            progress.done()
+        _log(_progress(k, len(runs), time.monotonic() - started, m), progress)
     seed = seed_runner(s) if (s.seed and seed_runner is not None) else None
     meta = describe_machine()
     meta["background_cpu_pct_before"] = idle_before

@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.progress import Progress
+
 from . import procfs
 from .fanout import percentile
 from .peers.base import spawn, stopper, wait_for_socket
@@ -335,17 +337,30 @@ def _paired(runs: list[dict[str, Any]], storm: str) -> dict[str, dict[str, float
     return out
 
 
-def run_seed(s: SeedSettings, log: Any = None) -> dict[str, Any]:
+def seed_plan(s: SeedSettings) -> list[tuple[str, Storm | None]]:
+    """The runs of one repetition: the baseline, then every storm × route."""
+    return [("none", None), *((mode, storm) for storm in s.storms for mode in ROUTES)]
+
+
+def estimate_seed_seconds(s: SeedSettings) -> list[float]:
+    """A guess of each run's wall time (for the progress line's time left only)."""
+    # ~3 s to start uvicorn, the broker and the publishers, then warm-up and wrk
+    return [3.0 + s.warmup + s.duration] * (len(seed_plan(s)) * s.reps)
+
+
+def run_seed(s: SeedSettings, log: Any = None, progress: Progress | None = None) -> dict[str, Any]:
     """Every storm × route, ``s.reps`` times interleaved; medians per (storm, route)."""
     why = unavailable()
     if why:
         return {"settings": s.describe(), "unavailable": why, "storms": [], "baseline": {"ok": False, "error": why}}
     runs: list[dict[str, Any]] = []
     for rep in range(s.reps):
-        plan: list[tuple[str, Storm | None]] = [("none", None)]
-        plan += [(mode, storm) for storm in s.storms for mode in ROUTES]
-        for mode, storm in plan:
+        for mode, storm in seed_plan(s):
+            if progress is not None:
+                progress.start(f"seed {mode} {storm.name if storm else 'no events'} (rep {rep + 1}/{s.reps})")
             r = run_once(s, mode, storm)
+            if progress is not None:
+                progress.done()
             r["rep"] = rep
             runs.append(r)
             if log is not None:

@@ -13,6 +13,7 @@ from typing import TextIO
 from shared.conformance import cases_bad, cases_frames, cases_handshake, cases_routing
 from shared.conformance.casekit import REGISTRY, Case, CaseFailed, CaseSkipped, Ctx, KitConfig
 from shared.conformance.wire import SendFailed
+from shared.progress import Progress
 
 __all__ = ["CaseResult", "Report", "run_suite", "select", "write_json"]
 
@@ -126,8 +127,13 @@ def _run_case(cfg: KitConfig, index: int, c: Case) -> CaseResult:
                       c.summary)
 
 
-def run_suite(cfg: KitConfig, patterns: Sequence[str] | None, out: TextIO) -> Report:
-    """Run the selected cases in registry order, printing one line per case and the totals."""
+def run_suite(cfg: KitConfig, patterns: Sequence[str] | None, out: TextIO,
+              progress_stream: TextIO | None = None) -> Report:  # fmt: skip
+    """Run the selected cases in registry order, printing one line per case and the totals.
+
+    On a terminal ``progress_stream`` (stderr by default) also shows which case runs and
+    the time left, on one line redrawn in place; piped, it shows nothing.
+    """
     report = Report(
         target=cfg.address,
         transport=cfg.transport,
@@ -147,13 +153,17 @@ def run_suite(cfg: KitConfig, patterns: Sequence[str] | None, out: TextIO) -> Re
     print(f"conformance: broker {cfg.address} transport={cfg.transport} "
           f"profile={cfg.profile.name}", file=out, flush=True)
     start = time.monotonic()
-    for index, c in select(patterns):
-        result = _run_case(cfg, index, c)
-        report.cases.append(result)
-        line = f"{result.status.upper()} {result.name} ({result.duration:.2f}s)"
-        if result.reason:
-            line += f": {result.reason}"
-        print(line, file=out, flush=True)
+    selected = select(patterns)
+    with Progress(len(selected), stream=progress_stream) as progress:
+        for index, c in selected:
+            progress.start(f"case {c.name}")
+            result = _run_case(cfg, index, c)
+            report.cases.append(result)
+            line = f"{result.status.upper()} {result.name} ({result.duration:.2f}s)"
+            if result.reason:
+                line += f": {result.reason}"
+            progress.done()
+            progress.print(line, file=out)
     report.duration = time.monotonic() - start
     print(report.totals_line(), file=out, flush=True)
     return report
