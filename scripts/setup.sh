@@ -19,5 +19,5 @@ fi
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".[dev,servers,bench]"
+.venv/bin/python -m pip install -q -e ".[dev,servers,bench,channels]"
 echo "setup: ready (.venv)"
