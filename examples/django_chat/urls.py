@@ -1,0 +1,3 @@
+"""No HTTP views: the example is about websockets."""
+
+urlpatterns: list[object] = []
