@@ -51,7 +51,7 @@ class Chat:
             extra = self.ws.recv(timeout=window)
         except TimeoutError:
             return
-        raise AssertionError(f"unexpected extra message: {extra}")
+        raise AssertionError(f"unexpected extra message: {extra!r}")
 
 
 def wait_listening(server: Server, deadline: float = 30.0) -> None:
