@@ -56,10 +56,10 @@ class Client:
             self.progress = anyio.Event()
 
 
-def start_server(kind: str, tmp: str) -> tuple[list[subprocess.Popen[bytes]], str]:
+def start_server(kind: str, app: str, tmp: str) -> tuple[list[subprocess.Popen[bytes]], str]:
     procs: list[subprocess.Popen[bytes]] = []
     env = {**os.environ, "CHANNEL_BACKEND": kind, "PYTHONUNBUFFERED": "1",
-           "WORKERBUS_ADDRESS": f"unix:{tmp}/bus.sock"}
+           "WORKERBUS_ADDRESS": f"unix:{tmp}/bus.sock", "CHAT_CONSUMER": app}
     if kind == "redis":
         exe = shutil.which("redis-server")
         if exe is None:
@@ -149,16 +149,22 @@ async def measure(uds: str, args: argparse.Namespace) -> dict[str, Any]:
         elapsed = time.monotonic() - start
         base += args.messages
 
-        # latency at a fixed rate
-        for c in clients:
-            c.latencies.clear()
-        total = int(args.rate * args.seconds)
-        t0 = time.monotonic()
-        for i in range(total):
-            await anyio.sleep(max(0.0, t0 + i / args.rate - time.monotonic()))
-            await sender.ws.send(json.dumps({"op": "group", "body": [time.monotonic(), 1]}))
-        await wait_all(base + total)
-        lat = sorted(x for c in clients for x in c.latencies)
+        # latency at fixed rates
+        latency: dict[str, dict[str, float]] = {}
+        for rate in args.rates:
+            for c in clients:
+                c.latencies.clear()
+            total = int(rate * args.seconds)
+            t0 = time.monotonic()
+            for i in range(total):
+                await anyio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+                await sender.ws.send(json.dumps({"op": "group", "body": [time.monotonic(), 1]}))
+            await wait_all(base + total)
+            base += total
+            lat = sorted(x for c in clients for x in c.latencies)
+            latency[f"{rate:g}"] = {"p50_ms": 1000 * lat[len(lat) // 2],
+                                    "p99_ms": 1000 * lat[int(len(lat) * 0.99)],
+                                    "samples": len(lat)}
         for c in clients:
             await c.ws.close()
         tg.cancel_scope.cancel()
@@ -166,9 +172,8 @@ async def measure(uds: str, args: argparse.Namespace) -> dict[str, Any]:
         "workers_hit": len({c.worker for c in clients}),
         "group_msgs_per_s": args.messages / elapsed,
         "deliveries_per_s": args.messages * len(clients) / elapsed,
-        "p50_ms": 1000 * lat[len(lat) // 2],
-        "p99_ms": 1000 * lat[int(len(lat) * 0.99)],
-        "samples": len(lat),
+        "latency": latency,
+        "load": loadavg(),
     }
 
 
@@ -182,43 +187,59 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--messages", type=int, default=1000)
     p.add_argument("--window", type=int, default=50)
-    p.add_argument("--rate", type=float, default=100.0)
+    p.add_argument("--rates", type=float, nargs="+", default=[20.0, 100.0],
+                   help="group messages/s for the latency phases")
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--layers", nargs="+", default=["workerbus", "redis"])
+    p.add_argument("--apps", nargs="+", default=["stock", "nodb"],
+                   help="stock: channels' consumer; nodb: skips its per-message DB clean-up")
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.window >= 100:
         p.error("--window must stay below the channel capacity (100), or messages are dropped")
-    results: dict[str, list[dict[str, Any]]] = {k: [] for k in args.layers}
+    keys = [(app, kind) for app in args.apps for kind in args.layers]
+    results: dict[str, list[dict[str, Any]]] = {f"{app}/{kind}": [] for app, kind in keys}
     print(f"channels_layer: {args.clients} clients, uvicorn --workers {WORKERS}, "
-          f"{args.messages} group messages (window {args.window}), latency at {args.rate:g}/s; "
+          f"{args.messages} group messages (window {args.window}), latency at "
+          f"{', '.join(f'{r:g}' for r in args.rates)} msgs/s; "
           f"load average before: {loadavg()}")
     for run in range(args.repeat):
-        for kind in args.layers:  # interleaved, so background load hits both alike
+        for app, kind in keys:  # interleaved, so background load hits all alike
             tmp = tempfile.mkdtemp(prefix="wb-chl-")
-            procs, uds = start_server(kind, tmp)
+            procs, uds = start_server(kind, app, tmp)
             try:
                 r = anyio.run(measure, uds, args)
             finally:
                 stop(procs)
                 shutil.rmtree(tmp, ignore_errors=True)
-            results[kind].append(r)
-            print(f"  run {run + 1} {kind:9s} {r['group_msgs_per_s']:8.0f} group msgs/s "
-                  f"{r['deliveries_per_s']:9.0f} deliveries/s  p50 {r['p50_ms']:6.2f} ms  "
-                  f"p99 {r['p99_ms']:6.2f} ms  ({r['workers_hit']} workers hit)", flush=True)
+            results[f"{app}/{kind}"].append(r)
+            lat = "  ".join(f"@{k}/s p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f} ms"
+                            for k, v in r["latency"].items())
+            print(f"  run {run + 1} {app + '/' + kind:15s} {r['group_msgs_per_s']:6.0f} group "
+                  f"msgs/s {r['deliveries_per_s']:7.0f} deliveries/s  {lat}  "
+                  f"({r['workers_hit']} workers hit; load {r['load']})", flush=True)
     print("median of", args.repeat, "runs:")
     summary: dict[str, dict[str, float]] = {}
-    for kind, rs in results.items():
-        summary[kind] = {k: statistics.median(r[k] for r in rs)
-                         for k in ("group_msgs_per_s", "deliveries_per_s", "p50_ms", "p99_ms")}
-        s = summary[kind]
-        print(f"  {kind:9s} {s['group_msgs_per_s']:8.0f} group msgs/s {s['deliveries_per_s']:9.0f} "
-              f"deliveries/s  p50 {s['p50_ms']:6.2f} ms  p99 {s['p99_ms']:6.2f} ms")
-    if "workerbus" in summary and "redis" in summary:
-        w, r = summary["workerbus"], summary["redis"]
-        print(f"  workerbus / channels_redis: {w['group_msgs_per_s'] / r['group_msgs_per_s']:.2f}x "
-              f"throughput, p99 {w['p99_ms']:.2f} ms vs {r['p99_ms']:.2f} ms")
+    for key, rs in results.items():
+        m = {k: statistics.median(r[k] for r in rs)
+             for k in ("group_msgs_per_s", "deliveries_per_s")}
+        for rate in rs[0]["latency"]:
+            for q in ("p50_ms", "p99_ms"):
+                m[f"{q}@{rate}"] = statistics.median(r["latency"][rate][q] for r in rs)
+        summary[key] = m
+        lat = "  ".join(f"@{rate}/s p50 {m[f'p50_ms@{rate}']:.2f} p99 {m[f'p99_ms@{rate}']:.2f} ms"
+                        for rate in rs[0]["latency"])
+        print(f"  {key:15s} {m['group_msgs_per_s']:6.0f} group msgs/s "
+              f"{m['deliveries_per_s']:7.0f} deliveries/s  {lat}")
+    for app in args.apps:
+        w, r = summary.get(f"{app}/workerbus"), summary.get(f"{app}/redis")
+        if w is None or r is None:
+            continue
+        print(f"  {app}: workerbus / channels_redis "
+              f"{w['group_msgs_per_s'] / r['group_msgs_per_s']:.2f}x throughput; p99 " + ", ".join(
+                  f"@{rate:g}/s {w[f'p99_ms@{rate:g}']:.2f} vs {r[f'p99_ms@{rate:g}']:.2f} ms"
+                  for rate in args.rates))
     print(f"load average after: {loadavg()}")
     if args.json:
         with open(args.json, "w") as f:

@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any
 
+from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 GROUP = "chat"
@@ -42,3 +43,19 @@ class ChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         await self.send(text_data=json.dumps(
             {"body": event["body"], "via": event["via"], "worker": self._worker()}
         ))
+
+
+class NoDbChatConsumer(ChatConsumer):
+    """The same consumer for apps that use no database (``CHAT_CONSUMER=nodb``).
+
+    Before every handler, channels closes stale database connections through
+    ``sync_to_async``: a thread-pool round trip per message, which dominates a worker's
+    profile when messages are small. A consumer that never touches the database can skip
+    it; benchmarks/channels_layer.py measures both.
+    """
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message['type']}")
+        await handler(message)
