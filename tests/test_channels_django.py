@@ -9,6 +9,10 @@ one consumer's channel must reach that consumer, on whichever worker it lives.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -18,7 +22,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, unix_connect
 
-from tests.servers import Server, running
+from tests.servers import ROOT, Server, running
 from tests.test_integration_asgi import _tool
 
 pytestmark = [
@@ -123,3 +127,73 @@ def test_a_client_that_leaves_stops_receiving_and_the_others_go_on() -> None:
         chats[0].say(op="group", body="after")
         for c in chats:
             assert c.next()["body"] == "after"
+
+
+def test_a_sync_view_and_another_process_reach_every_client() -> None:
+    with django_chat() as (server, address), ExitStack() as stack:
+        chats = connect_spread(server, stack)
+        # A plain Django view: async_to_sync runs group_send in the worker's own loop.
+        r = server.http.get("/broadcast", params={"body": "from-view"})
+        assert r.status_code == 200, r.text
+        for c in chats:
+            assert c.next() == {"body": "from-view", "via": "view", "worker": c.worker}
+        # A separate process (a management command, a task queue worker): a fresh event
+        # loop per async_to_sync call, so the layer sends over a one-shot connection.
+        script = (
+            "import django; django.setup()\n"
+            "from asgiref.sync import async_to_sync\n"
+            "from channels.layers import get_channel_layer\n"
+            "layer = get_channel_layer()\n"
+            "async_to_sync(layer.group_send)('chat', "
+            "{'type': 'chat.message', 'body': 'from-script', 'via': 'script'})\n"
+            "print(layer.statistics().one_shot)\n"
+        )
+        env = {**os.environ, "DJANGO_SETTINGS_MODULE": "examples.django_chat.settings",
+               "WORKERBUS_ADDRESS": address}
+        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "1"
+        for c in chats:
+            assert c.next() == {"body": "from-script", "via": "script", "worker": c.worker}
+            c.quiet(0.2)
+
+
+def test_killing_the_worker_that_hosts_the_broker() -> None:
+    with django_chat() as (server, address), ExitStack() as stack:
+        chats = connect_spread(server, stack, want_workers=3)
+        lock = address.removeprefix("unix:") + ".lock"
+        with open(lock) as f:
+            host_pid = json.load(f)["pid"]
+        survivors = [c for c in chats if c.pid != host_pid]
+        doomed = [c for c in chats if c.pid == host_pid]
+        assert survivors, "every client landed on the broker's host"
+        os.kill(host_pid, signal.SIGKILL)
+        for c in doomed:
+            with pytest.raises(ConnectionClosed):
+                c.next()
+        # The survivors elect a new broker; a group message reaches each of them once.
+        survivors[0].say(op="group", body="after-kill")
+        for c in survivors:
+            assert c.next(timeout=15) == {"body": "after-kill", "via": "group", "worker": c.worker}
+        # uvicorn restarts the killed worker; a client that lands there joins the group.
+        # It needs a moment to start (Django included): connect, look, hang up, retry.
+        fresh: Chat | None = None
+        known = {s.pid for s in chats}
+        end = time.monotonic() + 30
+        while fresh is None and time.monotonic() < end:
+            attempt = ExitStack()
+            c = Chat(attempt.enter_context(unix_connect(server.uds, "ws://localhost/ws/chat/")))
+            if c.pid not in known:
+                fresh = c
+                stack.push(attempt.pop_all())
+                survivors.append(c)
+            else:
+                attempt.close()
+                time.sleep(0.1)
+        assert fresh is not None, f"no client reached a restarted worker:\n{server.log()}"
+        fresh.say(op="group", body="welcome-back")
+        for c in survivors:
+            assert c.next(timeout=15) == {"body": "welcome-back", "via": "group", "worker": c.worker}
+        for c in survivors:
+            c.quiet(0.2)

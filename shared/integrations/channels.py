@@ -150,11 +150,14 @@ def _owner(channel: str) -> tuple[int, str] | None:
 class _Channel:
     """Messages waiting in one local channel, and whoever waits for them."""
 
-    __slots__ = ("messages", "waiter")
+    __slots__ = ("messages", "waiter", "waiting")
 
     def __init__(self) -> None:
         self.messages: deque[tuple[float, dict[str, Any]]] = deque()
         self.waiter: anyio.Event | None = None
+        #: receive() calls waiting now; a cancelled one (its consumer left) must not keep
+        #: the channel alive for the sweep.
+        self.waiting = 0
 
     def wake(self) -> None:
         if self.waiter is not None:
@@ -419,8 +422,14 @@ class WorkerbusChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels
                 raise ChannelLayerUnavailable(f"the bus session at {self.address} ended")
             if ch.waiter is None:
                 ch.waiter = anyio.Event()
-            await ch.waiter.wait()
-            # A sweep may have replaced the entry while we waited: follow it.
+            ch.waiting += 1
+            try:
+                await ch.waiter.wait()
+            finally:
+                ch.waiting -= 1
+                if not ch.waiting:
+                    ch.waiter = None
+            # flush() or a sweep may have dropped the entry while we waited: put it back.
             ch = s.channels.setdefault(channel, ch)
 
     async def group_add(self, group: str, channel: str) -> None:
@@ -597,7 +606,7 @@ class WorkerbusChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels
             now = time.time()
             for name, ch in list(s.channels.items()):
                 self._expire(s, name, ch, now)
-                if not ch.messages and ch.waiter is None:
+                if not ch.messages and not ch.waiting:
                     del s.channels[name]
             oldest = now - self.group_expiry
             for group, members in list(s.groups.items()):
