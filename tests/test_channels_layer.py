@@ -301,3 +301,14 @@ async def test_external_broker_mode(address: str, transport: str) -> None:
             await a.close()
             await b.close()
         tg.cancel_scope.cancel()
+
+
+async def test_a_cancelled_receive_loses_nothing_and_does_not_pin_its_channel(address: str) -> None:
+    async with layers(address, 1) as (a,):
+        ch = await a.new_channel()
+        with anyio.move_on_after(0.05):
+            await a.receive(ch)  # a consumer that went away while waiting
+        entry = a._session.channels[ch]  # type: ignore[union-attr]
+        assert entry.waiting == 0 and entry.waiter is None  # the sweep may now forget it
+        await a.send(ch, {"type": "kept"})
+        assert (await recv(a, ch))["type"] == "kept"
