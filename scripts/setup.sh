@@ -22,5 +22,5 @@ fi
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".[dev,servers,bench,top,plot]"
+.venv/bin/python -m pip install -q -e ".[dev,servers,bench,top,plot,channels]"
 echo "setup: ready (.venv)"
