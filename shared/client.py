@@ -99,9 +99,6 @@ _DECODE_CHUNK = 256
 _SHORT_SESSION = 0.5
 #: Seconds between two "cannot reach the broker" warnings of one client.
 _RECONNECT_LOG_INTERVAL = 30.0
-#: Events written between two pings the writer adds by itself, so the events kept until
-#: confirmed (for re-sending after a broken connection) stay bounded without flush() calls.
-_AUTO_PING_EVERY = 1024
 #: A welcome is small; a reply announcing more than this is not one.
 _MAX_WELCOME_LEN = 4096
 #: Default clients of this process so far (see default_worker_id).
@@ -222,7 +219,6 @@ class Client:
         self._pings_pending: list[int] = []  # requested, to go out after the next batch
         self._pings_sent: deque[tuple[int, int]] = deque()  # (n, events written before it)
         self._written = 0  # events written this session
-        self._last_ping_mark = 0
         self._unconfirmed: deque[tuple[int, list[bytes]]] = deque()  # (mark after, batch)
         self._unconfirmed_total = 0
         self._session_no = 0
@@ -647,7 +643,7 @@ class Client:
         self._barrier = False
         self._pings_pending.clear()
         self._pings_sent.clear()
-        self._written = self._last_ping_mark = 0
+        self._written = 0
         if self._unconfirmed:
             frames = [frame for _, batch in self._unconfirmed for frame in batch]
             self._unconfirmed.clear()
@@ -673,6 +669,13 @@ class Client:
         unconfirmed = self._unconfirmed
         while unconfirmed and unconfirmed[0][0] <= mark:
             unconfirmed.popleft()
+        if unconfirmed and not sent and not self._pings_pending:
+            # Written while this ping was out: ask again, so they get confirmed too.
+            self._ping_seq += 1
+            self._pings_pending.append(self._ping_seq)
+            if self._writer_wakeup is not None:
+                self._writer_wakeup.set()
+                self._writer_wakeup = None
         self._pong_seen = n
         self._pong_event.set()
         self._pong_event = anyio.Event()
@@ -760,19 +763,20 @@ class Client:
             data = b"".join(batch)
             if barrier:
                 # Keep the batch until a pong confirms it (re-sent if the connection dies
-                # first, _end_barrier), and ping now and then so that happens.
+                # first, _end_barrier). One ping is kept in flight while anything is
+                # unconfirmed (see _on_pong), so what is kept stays about one round trip's
+                # worth, and a connection that dies after a quiet moment re-sends nothing.
                 end = self._written + len(batch)
                 if batch:
                     self._unconfirmed.append((end, batch))
-                if not pings and end - self._last_ping_mark >= _AUTO_PING_EVERY:
-                    self._ping_seq += 1
-                    pings.append(self._ping_seq)
+                    if not pings and not self._pings_sent:
+                        self._ping_seq += 1
+                        pings.append(self._ping_seq)
                 if pings:
                     for n in pings:
                         data += self._frame(encode_ping(self.profile, n))
                         self._pings_sent.append((n, end))
                     pings.clear()
-                    self._last_ping_mark = end
                 self._written = end
             try:
                 await frames.send(data)
