@@ -40,6 +40,7 @@ __all__ = [
     "Welcome",
     "Target",
     "TargetKind",
+    "as_control_frame",
     "build_publish",
     "build_publish_frame",
     "decode_event",
@@ -580,6 +581,14 @@ def encode_event(
     return profile.codec.dumps(msg)
 
 
+def as_control_frame(msg: dict[Any, Any]) -> ControlFrame | None:
+    """The :class:`ControlFrame` a decoded delivery is, if it is one (a pong: the only
+    control frame after the welcome); for decoders of events, on their error path."""
+    if "source" not in msg and len(msg) == 1 and "pong" in msg:
+        return ControlFrame("pong", msg)
+    return None
+
+
 def decode_event(profile: Profile, payload: bytes) -> Event:
     """Raises: RemoteProtocolError if the payload is not a valid event."""
     return Event(*decode_event_fields(profile, payload))
@@ -639,8 +648,9 @@ def decode_event_fields(profile: Profile, payload: bytes) -> tuple[str, str, Any
     msg = _as_map(msg, "event")
     source = msg.get("source")
     event = msg.get("event")
-    if source is None and len(msg) == 1 and "pong" in msg:
-        raise ControlFrame("pong", msg)  # (the only control frame after the welcome)
+    control = as_control_frame(msg)
+    if control is not None:
+        raise control
     if not isinstance(source, str) or not isinstance(event, str):
         raise RemoteProtocolError("event needs string 'source' and 'event'")
     wid = msg.get("wid")
