@@ -141,8 +141,7 @@ def test_kit_passes_serve_and_serve_reports_the_kits_bad_input(
             "--workers", "2", "--max-payload", "60000", "--json", report_path]
     with process(args, path, log) as proc:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-        # (serve does not implement the negotiated extensions yet)
-        report, text = kit(path, transport, workers=2, max_payload=60000, extensions=False)
+        report, text = kit(path, transport, workers=2, max_payload=60000)
         proc.send_signal(signal.SIGINT)
         code = proc.wait(10)
     assert failures(report) == {}, text

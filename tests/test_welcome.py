@@ -19,7 +19,7 @@ from shared.profile import NATIVE
 from shared.transport import get_transport, parse_address
 
 from .helpers import Recorder, wait_until
-from .proc import PY, broker, running, workerbus
+from .proc import PY, broker, running, wait_for_socket, workerbus
 
 
 async def _raw_worker(address: str, transport: str, hello: bytes) -> Any:
@@ -312,3 +312,18 @@ def test_publish_kong_is_confirmed_by_its_echo(sock_dir: str) -> None:
         done = _publish(f"unix:{path}", "s", "e", "1", "--transport", "stream", "--timeout", "2")
         assert done.returncode != 0
         assert "profile 'kong'" in done.stderr.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_our_client_satisfies_the_kits_strict_serve(sock_dir: str) -> None:
+    # serve speaks the extensions too, and reports any byte our client gets wrong.
+    path = os.path.join(sock_dir, "serve.sock")
+    address = f"unix:{path}"
+    cmd = [PY, "-m", "shared.conformance", "serve", address]
+    with running(cmd, stdout=subprocess.PIPE) as serve:
+        wait_for_socket(path, serve)
+        done = _publish(address, "s", "e", '{"k": 1}')
+        assert done.returncode == 0, done.stderr
+        serve.terminate()
+        out, _ = serve.communicate(timeout=10)
+    assert serve.returncode == 0, out.decode()
