@@ -760,7 +760,6 @@ class Client:
             batch = list(buffer)
             buffer.clear()
             self._in_flight = len(batch)
-            data = b"".join(batch)
             if barrier:
                 # Keep the batch until a pong confirms it (re-sent if the connection dies
                 # first, _end_barrier). One ping is kept in flight while anything is
@@ -773,11 +772,17 @@ class Client:
                         self._ping_seq += 1
                         pings.append(self._ping_seq)
                 if pings:
+                    frames_out = batch.copy()  # (the batch itself is kept as it was)
                     for n in pings:
-                        data += self._frame(encode_ping(self.profile, n))
+                        frames_out.append(self._frame(encode_ping(self.profile, n)))
                         self._pings_sent.append((n, end))
                     pings.clear()
+                    data = b"".join(frames_out)
+                else:
+                    data = b"".join(batch)
                 self._written = end
+            else:
+                data = b"".join(batch)
             try:
                 await frames.send(data)
             except BaseException as exc:
