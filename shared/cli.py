@@ -290,6 +290,11 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         print("workerbus publish: --timeout must be greater than 0", file=sys.stderr)
         return 2
     stage = ["reach"]
+    if str(args.log_level).upper() == "WARNING":
+        # The outcome is one line of our own (below), with the reason; the client's
+        # reconnect warnings would only repeat it.
+        logging.getLogger("shared.client").setLevel(logging.ERROR)
+    clients: list[Client] = []
 
     async def run() -> int:
         # Half the time for the welcome, so a peer that never answers is named as such
@@ -301,6 +306,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
             worker_id=args.worker_id,
             connect_timeout=args.timeout / 2,
         )
+        clients.append(bus)
         with anyio.fail_after(args.timeout):
             async with bus:
                 await bus.wait_ready()
@@ -322,7 +328,9 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         return _run(args, run)
     except TimeoutError:
         if stage[0] == "reach":
-            print(f"workerbus publish: no broker reachable at {args.address} within {args.timeout}s", file=sys.stderr)
+            error = clients[0].last_error if clients else None
+            why = "" if error is None else f": {error or type(error).__name__}"
+            print(f"workerbus publish: no broker reachable at {args.address} within {args.timeout}s{why}", file=sys.stderr)
         else:
             print(f"workerbus publish: the broker at {args.address} did not confirm the event within {args.timeout}s", file=sys.stderr)
         return 1

@@ -212,6 +212,9 @@ class Client:
         self._hello = self._frame(encode_hello(self.profile, worker_id, self.pid, self._caps))
         #: The last connection attempt reached a peer that did not welcome us.
         self._handshake_error: HandshakeError | None = None
+        #: Why the last connection attempt failed; None once one succeeded. For diagnostics
+        #: (e.g. a command that gives up says why).
+        self.last_error: BaseException | None = None
         # The barrier (docs/protocol.md §8), all per session except the counters:
         self._barrier = False  # granted by this session's welcome
         self._ping_seq = 0  # the n of the last ping requested (increasing, never reused)
@@ -452,6 +455,7 @@ class Client:
                 anyio.BrokenResourceError,
                 anyio.EndOfStream,
             ) as exc:
+                self.last_error = exc
                 if self._caps and isinstance(exc, (HandshakeError, TimeoutError)):
                     self._upgrade_failed(exc)
                 failures += 1
@@ -502,7 +506,7 @@ class Client:
 
     def _fail_handshake(self, exc: NoWelcome) -> None:
         # Wake wait_ready() callers: they raise it. Cleared by the next welcome.
-        self._handshake_error = exc
+        self._handshake_error = self.last_error = exc
         self._ready.set()
         self._ready = anyio.Event()
 
@@ -617,6 +621,7 @@ class Client:
                     return exc
                 self._accept_welcome(welcome)
             frames = FrameStream(stream, header_len=self.profile.header_len, initial=initial)
+            self.last_error = None
             self._connects += 1
             self._connected = True
             self._ready.set()

@@ -296,10 +296,17 @@ def test_publish_with_the_wrong_transport_or_profile_names_the_cause(sock_dir: s
     with broker(path, transport="http"):
         done = _publish(f"unix:{path}", "s", "e", "--transport", "stream")
         assert done.returncode != 0
-        assert "http-transport broker" in done.stderr.splitlines()[-1]
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert "http-transport broker" in done.stderr
         done = _publish(f"unix:{path}", "s", "e", "--profile", "kong")
         assert done.returncode != 0
-        assert "native-profile broker" in done.stderr.splitlines()[-1]
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert "native-profile broker" in done.stderr
+    with broker(path, transport="stream"):
+        done = _publish(f"unix:{path}", "s", "e", "--transport", "http", "--timeout", "2")
+        assert done.returncode != 0
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert "stream-transport broker" in done.stderr
 
 
 @pytest.mark.slow
@@ -311,7 +318,8 @@ def test_publish_kong_is_confirmed_by_its_echo(sock_dir: str) -> None:
         # and a native publish there cannot get a welcome
         done = _publish(f"unix:{path}", "s", "e", "1", "--transport", "stream", "--timeout", "2")
         assert done.returncode != 0
-        assert "profile 'kong'" in done.stderr.splitlines()[-1]
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert "profile 'kong'" in done.stderr
 
 
 @pytest.mark.slow
