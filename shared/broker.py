@@ -167,6 +167,9 @@ class Broker:
             ``welcome`` (first frame of every connection, to that worker only), ``joined``
             and ``left`` (to every worker). Off by default: a plain broker delivers only
             what was published (plus ``dropped`` notices). The embedded broker turns it on.
+            (Not to be confused with the *welcome control frame* of the negotiated native
+            extensions, docs/protocol.md §8: a native hello that asks for ``"welcome"`` gets
+            that one first, whatever this setting; plain hellos never do.)
     """
 
     def __init__(

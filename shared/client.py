@@ -159,6 +159,12 @@ class Client:
             :class:`~shared.errors.NoWelcome`.
         max_buffer_len: publishes held while disconnected (and in flight).
         max_queue_len: received events waiting for handlers.
+
+    Attributes:
+        welcome: the broker's welcome of the current or last session (its version, limits,
+            the id it registered, the capabilities granted); None before the first one, and
+            always in the kong profile.
+        last_error: why the last connection attempt failed; None once one succeeded.
     """
 
     def __init__(
