@@ -349,3 +349,27 @@ def test_our_client_satisfies_the_kits_strict_serve(sock_dir: str) -> None:
         serve.terminate()
         out, _ = serve.communicate(timeout=10)
     assert serve.returncode == 0, out.decode()
+
+
+@pytest.mark.anyio
+async def test_buffered_publishes_over_the_brokers_limit_are_refused_at_the_welcome(
+    address: str, transport: str
+) -> None:
+    # Published before the client knew the broker (limit 65 535 then): the broker would
+    # close the connection on it after every reconnect, so the welcome drops it, counted.
+    async with Client(address, transport=transport, worker_id=0) as c:
+        rec = Recorder()
+        c.subscribe("*", "*", rec)
+        c.publish_nowait("s", "big", "x" * 300)
+        c.publish_nowait("s", "small", 1)
+        b = Broker(transport=transport, max_payload_len=100)
+        async with anyio.create_task_group() as tg:
+            await tg.start(b.serve, address)
+            with anyio.fail_after(5):
+                await c.wait_ready()
+                await c.flush()
+            assert [e[1] for e in await rec.wait_for(1)] == ["small"]
+            stats = c.statistics()
+            assert (stats.dropped, stats.connects) == (1, 1)
+            assert b.statistics().protocol_errors == 0
+            tg.cancel_scope.cancel()
