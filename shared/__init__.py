@@ -10,9 +10,11 @@ from .broker import LIFECYCLE_SOURCE, Broker, BrokerStatistics
 from .client import Client, ClientStatistics, connect
 from .errors import (
     AddressInUse,
+    BarrierBroken,
     BusError,
     HandshakeError,
     LocalProtocolError,
+    NoWelcome,
     PayloadTooLarge,
     ProtocolError,
     PublishBufferFull,
@@ -30,6 +32,7 @@ __all__ = [
     "NATIVE",
     "OTHERS",
     "AddressInUse",
+    "BarrierBroken",
     "Broker",
     "BrokerStatistics",
     "BusError",
@@ -38,6 +41,7 @@ __all__ = [
     "Event",
     "HandshakeError",
     "LocalProtocolError",
+    "NoWelcome",
     "OverflowPolicy",
     "PayloadTooLarge",
     "Profile",

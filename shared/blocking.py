@@ -158,16 +158,21 @@ class BlockingClient:
         portal.call(bus.publish_nowait, source, event, data, target)
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until everything published so far was written to the broker.
+        """Wait until the broker has routed everything published so far (native: the
+        ping/pong barrier of :meth:`Client.flush`; kong: written to the socket).
 
         Raises:
             TimeoutError: not done within ``timeout`` seconds.
+            BarrierBroken: the connection ended before the broker confirmed it.
         """
         portal, bus = self._running()
         portal.call(_bounded, bus.flush, timeout)
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        """Wait until connected to a broker. Raises: TimeoutError."""
+        """Wait until connected to a broker (native: welcomed).
+
+        Raises: TimeoutError; NoWelcome (see :meth:`Client.wait_ready`).
+        """
         portal, bus = self._running()
         portal.call(_bounded, bus.wait_ready, timeout)
 

@@ -21,7 +21,20 @@ from anyio.abc import ByteStream, SocketListener, TaskStatus
 from .errors import AddressInUse, HandshakeError, RemoteProtocolError
 from .frame import frame_header
 from .logutil import LogLimiter
-from .messages import ALL, Target, decode_hello, decode_publish_batch, encode_event
+from .messages import (
+    ALL,
+    CAP_BARRIER,
+    CAP_WELCOME,
+    PROTOCOL_VERSION,
+    Target,
+    Welcome,
+    decode_hello,
+    decode_ping,
+    decode_publish_batch,
+    encode_event,
+    encode_pong,
+    encode_welcome,
+)
 from .peercred import PEERCRED_SUPPORTED, PeerCredentials, default_trusted_uids, peer_credentials
 from .profile import Profile, get_profile
 from .router import (
@@ -58,6 +71,21 @@ DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 DEFAULT_MAX_CONNECTIONS = 1024
 #: The reserved event source of messages the bus itself generates (e.g. "dropped").
 LIFECYCLE_SOURCE = "workerbus"
+#: The capabilities this broker grants when a native hello asks for them (protocol.md §8).
+SUPPORTED_CAPS = frozenset({CAP_WELCOME, CAP_BARRIER})
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("workerbus")
+    except (ImportError, PackageNotFoundError):  # run from a checkout, not installed
+        return "unknown"
+
+
+#: How this broker names itself in the welcome.
+BROKER_NAME = f"workerbus {_version()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +126,7 @@ class BrokerStatistics:
 
 
 class _Connection:
-    __slots__ = ("cut", "frames", "pid", "queue", "scope", "uid", "worker_id")
+    __slots__ = ("caps", "control", "cut", "frames", "pid", "queue", "scope", "uid", "worker_id")
 
     def __init__(
         self, worker_id: int, pid: int, frames: FrameStream, queue: WorkerQueue, uid: int | None
@@ -111,6 +139,18 @@ class _Connection:
         self.scope: anyio.CancelScope | None = None
         #: Closed by the disconnect overflow policy: the batch in flight is dropped.
         self.cut = False
+        #: The capabilities granted to this connection (empty for a plain hello).
+        self.caps: frozenset[str] = frozenset()
+        #: Framed control frames (welcome, pongs) the writer sends before its next batch.
+        #: Per connection, outside the worker's queue: never dropped by overflow, never
+        #: counted as deliveries, never kept for a later connection.
+        self.control: list[bytes] = []
+
+    def send_control(self, frame: bytes) -> None:
+        self.control.append(frame)
+        if self.queue.wakeup is not None:  # the writer is idle: wake it
+            self.queue.wakeup()
+            self.queue.wakeup = None
 
     def __str__(self) -> str:
         return f"worker {self.worker_id} (pid {self.pid})"
@@ -145,6 +185,9 @@ class Broker:
             ``welcome`` (first frame of every connection, to that worker only), ``joined``
             and ``left`` (to every worker). Off by default: a plain broker delivers only
             what was published (plus ``dropped`` notices). The embedded broker turns it on.
+            (Not to be confused with the *welcome control frame* of the negotiated native
+            extensions, docs/protocol.md §8: a native hello that asks for ``"welcome"`` gets
+            that one first, whatever this setting; plain hellos never do.)
     """
 
     def __init__(
@@ -364,6 +407,10 @@ class Broker:
             return
         self._accepted += 1
         conn = self._register(hello.worker_id, hello.pid, frames, creds)
+        if hello.caps:
+            conn.caps = hello.caps & SUPPORTED_CAPS
+            if CAP_WELCOME in conn.caps:
+                conn.control.append(self._welcome_frame(conn))
         try:
             async with anyio.create_task_group() as tg:
                 conn.scope = tg.cancel_scope
@@ -433,6 +480,7 @@ class Broker:
         profile = self.profile
         route_many = self.router.route_many
         wid = conn.worker_id
+        barrier = CAP_BARRIER in conn.caps
         try:
             while True:
                 # Consecutive publishes with the same target are routed as one run, so each
@@ -442,7 +490,20 @@ class Broker:
                 for target, run in runs:
                     route_many(wid, target, run)
                 if error is not None:
-                    raise error
+                    if not barrier:
+                        raise error
+                    # Not a publish: a ping is the only other thing a granted client may
+                    # send. Recognised only here, off the publish fast path. Everything
+                    # before it is routed (above), so the pong is the barrier.
+                    done = sum(len(run) for _, run in runs)
+                    try:
+                        n = decode_ping(profile, frames[done])
+                    except RemoteProtocolError:
+                        raise error from None
+                    conn.send_control(self._frame(encode_pong(profile, n)))
+                    frames = frames[done + 1 :]
+                    if frames:
+                        continue
                 frames = await conn.frames.receive()
         except anyio.EndOfStream:
             pass
@@ -456,15 +517,29 @@ class Broker:
         queue = conn.queue
         send = conn.frames.send
         if self.lifecycle_events:
+            # (after the welcome control frame, if one was asked for: it goes first)
+            head, conn.control[:] = b"".join(conn.control), []
             try:
-                await send(self._welcome(conn))
+                await send(head + self._welcome(conn))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 logger.info("welcome to %s failed: %r", conn, exc)
                 if conn.scope is not None:
                     conn.scope.cancel()
                 return
+        control = conn.control
         while True:
             if not queue.frames:
+                if control:
+                    # Control frames alone (a pong while the queue is empty, the welcome)
+                    frames, control[:] = b"".join(control), []
+                    try:
+                        await send(frames)
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                        logger.info("write to %s failed: %r", conn, exc)
+                        if conn.scope is not None:
+                            conn.scope.cancel()
+                        return
+                    continue
                 wakeup = anyio.Event()
                 queue.wakeup = wakeup.set
                 await wakeup.wait()
@@ -474,6 +549,11 @@ class Broker:
             reported = queue.dropped_unreported
             if reported:
                 batch.insert(0, self._dropped_notice(conn))
+            if control:
+                # Before the batch: a pong answers a ping whose earlier publishes are
+                # already routed, and it must not wait behind (or be dropped with) events.
+                batch[0:0] = control
+                control.clear()
             try:
                 await send(b"".join(batch))
             except BaseException as exc:
@@ -509,6 +589,23 @@ class Broker:
             logging.WARNING, "%s missed %d events (total %d)", conn, count, queue.dropped
         )
         return frame_header(len(inner), self.profile.header_len) + inner
+
+    def _frame(self, payload: bytes) -> bytes:
+        return frame_header(len(payload), self.profile.header_len) + payload
+
+    def _welcome_frame(self, conn: _Connection) -> bytes:
+        # The native handshake's answer (protocol.md §8), not the lifecycle event below.
+        welcome = Welcome(
+            version=PROTOCOL_VERSION,
+            broker=BROKER_NAME,
+            profile=self.profile.name,
+            worker_id=conn.worker_id,
+            caps=conn.caps,
+            max_payload_len=self.max_payload_len,
+            max_queue_len=self.router.max_queue_len,
+            unique_timeout=self.router.unique_timeout,
+        )
+        return self._frame(encode_welcome(self.profile, welcome))
 
     def _lifecycle_event(self, event: str, data: dict[str, object]) -> bytes:
         return encode_event(self.profile, LIFECYCLE_SOURCE, event, data, None)

@@ -19,7 +19,8 @@ import anyio
 
 from .broker import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Broker
 from .client import Client
-from .errors import AddressInUse, BusError
+from .errors import AddressInUse, BusError, PayloadTooLarge
+from .messages import TargetKind, parse_target
 from .peercred import default_trusted_uids
 from .router import (
     DEFAULT_MAX_QUEUE_LEN,
@@ -85,17 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_top(sub)
 
-    p = sub.add_parser("publish", help="publish one event and exit")
+    p = sub.add_parser(
+        "publish",
+        help="publish one event; exit 0 once the broker confirmed it routed the event",
+        description="Publish one event. Native profile: exits 0 only once the broker confirmed "
+        "(welcome + ping/pong barrier) that it read and routed the event. Kong profile (no "
+        "barrier): exits 0 once the event came back to the publisher (target all), or once "
+        "it was written (unique targets). Otherwise one line on stderr and a non-zero exit.",
+    )
     p.add_argument("address", metavar="unix:PATH")
     p.add_argument("source")
     p.add_argument("event")
     p.add_argument("data", nargs="?", default=None, metavar="JSON-DATA")
     p.add_argument("--target", default="all", help="all | others | worker:N | unique:KEY")
     p.add_argument("--id", type=int, default=None, dest="worker_id",
-                   help="worker id in the hello (default -2 native, so a `tail` on -1 is not "
-                        "replaced; -1 kong, since a real lua-resty-events broker closes ids "
-                        "it has no queue for)")
-    p.add_argument("--timeout", type=float, default=5.0, help="give up after SECONDS")
+                   help="worker id in the hello (default: native, one derived from the pid, "
+                        "held by nobody else; kong, -1, since a real lua-resty-events broker "
+                        "closes ids it has no queue for)")
+    p.add_argument("--timeout", type=float, default=5.0,
+                   help="give up after SECONDS, connect to confirmation (default 5)")
     _add_common(p)
     p.set_defaults(func=_cmd_publish, log_level="WARNING")
 
@@ -231,10 +240,48 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    worker_id = args.worker_id
-    if worker_id is None:
-        worker_id = -1 if args.profile == "kong" else -2
-    return Client(args.address, transport=args.transport, profile=args.profile, worker_id=worker_id)
+    # No --id: the client's default (native: derived from the pid; kong: -1).
+    return Client(
+        args.address, transport=args.transport, profile=args.profile, worker_id=args.worker_id
+    )
+
+
+class _PublishClient(Client):
+    """publish's client: also tells when a connection ended (the kong profile has no
+    barrier, so a connection the broker closed is the only sign of a refused publish)."""
+
+    def __init__(self, address: str, **options: Any) -> None:
+        super().__init__(address, **options)
+        self.lost = anyio.Event()
+
+    def _session_ended(self) -> None:
+        self.lost.set()
+
+
+async def _publish_kong(bus: _PublishClient, args: argparse.Namespace, data: object) -> None:
+    """Kong profile: confirmed when our event comes back (the broker delivers ``all`` to
+    the publisher too); ``unique`` may go to another worker, so it is only written."""
+    if parse_target(args.target).kind is not TargetKind.ALL:
+        await bus.publish(args.source, args.event, data, args.target)
+        await bus.flush()
+        return
+    async with bus.events(args.source, args.event) as events, anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            await bus.lost.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        await bus.publish(args.source, args.event, data, args.target)
+        async for ev in events:
+            if ev.wid == bus.worker_id:
+                tg.cancel_scope.cancel()
+                return
+    raise BusError(
+        f"the broker at {args.address} closed the connection before the event came back; "
+        "with --profile kong that usually means a native-profile broker (drop --profile kong), "
+        f"or one that refuses worker id {bus.worker_id}"
+    )
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
@@ -243,19 +290,53 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         print(f"workerbus publish: JSON-DATA is not valid JSON: {exc}", file=sys.stderr)
         return 2
+    if args.timeout <= 0:
+        print("workerbus publish: --timeout must be greater than 0", file=sys.stderr)
+        return 2
+    stage = ["reach"]
+    if str(args.log_level).upper() == "WARNING":
+        # The outcome is one line of our own (below), with the reason; the client's
+        # reconnect warnings would only repeat it.
+        logging.getLogger("shared.client").setLevel(logging.ERROR)
+    clients: list[Client] = []
 
     async def run() -> int:
+        # Half the time for the welcome, so a peer that never answers is named as such
+        # (NoWelcome) before the overall deadline.
+        bus = _PublishClient(
+            args.address,
+            transport=args.transport,
+            profile=args.profile,
+            worker_id=args.worker_id,
+            connect_timeout=args.timeout / 2,
+        )
+        clients.append(bus)
         with anyio.fail_after(args.timeout):
-            async with _client(args) as bus:
+            async with bus:
                 await bus.wait_ready()
-                await bus.publish(args.source, args.event, data, args.target)
+                stage[0] = "confirm"
+                if bus.welcome is None:
+                    await _publish_kong(bus, args, data)
+                    return 0
+                try:
+                    await bus.publish(args.source, args.event, data, args.target)
+                except PayloadTooLarge as exc:
+                    raise BusError(
+                        f"the event is {exc.size} bytes encoded, over the broker's limit of "
+                        f"{exc.limit} bytes (max_payload_len from its welcome); nothing was sent"
+                    ) from None
                 await bus.flush()
         return 0
 
     try:
         return _run(args, run)
     except TimeoutError:
-        print(f"workerbus publish: no broker reachable at {args.address} within {args.timeout}s", file=sys.stderr)
+        if stage[0] == "reach":
+            error = clients[0].last_error if clients else None
+            why = "" if error is None else f": {error or type(error).__name__}"
+            print(f"workerbus publish: no broker reachable at {args.address} within {args.timeout}s{why}", file=sys.stderr)
+        else:
+            print(f"workerbus publish: the broker at {args.address} did not confirm the event within {args.timeout}s", file=sys.stderr)
         return 1
     except (BusError, ValueError) as exc:
         print(f"workerbus publish: {exc}", file=sys.stderr)

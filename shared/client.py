@@ -13,10 +13,16 @@ Publishes made while disconnected wait in a bounded buffer and go out in order a
 next hello. A batch whose write failed is put back at the front of the buffer, so it is
 sent again on the next connection (it may then arrive twice if the failed write had
 partly gone through; it is never silently lost).
+
+Native clients negotiate the welcome and the barrier (docs/protocol.md §8): the session
+starts only once the broker's welcome arrived, and events written are kept until a pong
+confirms the broker routed them; those still unconfirmed when a connection dies are re-sent
+on the next one (at-least-once) and counted in ``statistics().unconfirmed``.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import operator
 import os
@@ -33,16 +39,30 @@ from anyio.abc import ByteStream
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .dispatch import Dispatcher, Fields, Handler
-from .errors import HandshakeError, PublishBufferFull, RemoteProtocolError
+from .errors import (
+    BarrierBroken,
+    BusError,
+    HandshakeError,
+    NoWelcome,
+    PublishBufferFull,
+    RemoteProtocolError,
+    UpgradeRejected,
+)
 from .frame import frame_header
 from .logutil import LogLimiter
 from .messages import (
+    CAP_BARRIER,
+    CAP_WELCOME,
+    ControlFrame,
     Event,
     Target,
     TargetKind,
+    Welcome,
     build_publish_frame,
     decode_event_batch,
+    decode_welcome,
     encode_hello,
+    encode_ping,
     parse_target,
 )
 from .profile import Profile, get_profile
@@ -56,6 +76,7 @@ __all__ = [
     "DEFAULT_RECONNECT_MIN",
     "Client",
     "ClientStatistics",
+    "default_worker_id",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,6 +99,20 @@ _DECODE_CHUNK = 256
 _SHORT_SESSION = 0.5
 #: Seconds between two "cannot reach the broker" warnings of one client.
 _RECONNECT_LOG_INTERVAL = 30.0
+#: A welcome is small; a reply announcing more than this is not one.
+_MAX_WELCOME_LEN = 4096
+#: Default clients of this process so far (see default_worker_id).
+_default_ids = itertools.count()
+
+
+def default_worker_id(pid: int | None = None) -> int:
+    """The worker id of a native client created without one: ``-(pid * 100 + k)``, ``k`` the
+    count (0..99, then round again) of default clients created in this process so far. Two
+    processes, or two default clients of one process, never share it; it stays clear of
+    ``0..N-1`` (the ids of numbered workers) and of ``-1``/``-2`` (kong's and older
+    tools' auxiliary ids)."""
+    k = next(_default_ids) % 100
+    return -((os.getpid() if pid is None else pid) * 100 + k)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +135,9 @@ class ClientStatistics:
     reconnects: int
     buffered: int
     inbox: int
+    #: events written to a connection that ended before the broker confirmed them (native
+    #: barrier): re-sent on the next connection, so up to this many may have arrived twice
+    unconfirmed: int = 0
 
 
 class Client:
@@ -109,12 +147,24 @@ class Client:
         address: ``unix:/path/to/bus.sock``.
         transport: ``"http"`` (default), ``"stream"``, or a :class:`Transport`.
         profile: ``"native"`` (default) or ``"kong"``.
-        worker_id: the id announced in the hello; ``-1`` for an auxiliary process.
+        worker_id: the id announced in the hello. Default: native, one derived from the pid
+            (:func:`default_worker_id`), so default clients never replace each other; kong,
+            ``-1`` (what lua-resty-events' auxiliary processes use).
         pid: announced in the hello; defaults to this process's pid.
         max_payload_len: largest encoded publish message; larger ones are refused before
-            anything is sent. Defaults to the profile's (65535 native, 65536 kong).
+            anything is sent. Defaults to the profile's (65535 native, 65536 kong); a native
+            client lowers it to the broker's limit from the welcome.
+        connect_timeout: seconds for one connect plus handshake (welcome included); a
+            native client that gets no welcome within it fails :meth:`wait_ready` with
+            :class:`~shared.errors.NoWelcome`.
         max_buffer_len: publishes held while disconnected (and in flight).
         max_queue_len: received events waiting for handlers.
+
+    Attributes:
+        welcome: the broker's welcome of the current or last session (its version, limits,
+            the id it registered, the capabilities granted); None before the first one, and
+            always in the kong profile.
+        last_error: why the last connection attempt failed; None once one succeeded.
     """
 
     def __init__(
@@ -123,7 +173,7 @@ class Client:
         *,
         transport: str | Transport = "http",
         profile: str | Profile = "native",
-        worker_id: int = -1,
+        worker_id: int | None = None,
         pid: int | None = None,
         max_payload_len: int | None = None,
         max_buffer_len: int = DEFAULT_MAX_QUEUE_LEN,
@@ -136,10 +186,16 @@ class Client:
         self._path = parse_address(address)
         self.transport = get_transport(transport)
         self.profile = get_profile(profile)
+        #: The native extensions asked for in the hello (none in the kong profile).
+        self._caps: tuple[str, ...] = (
+            (CAP_WELCOME, CAP_BARRIER) if self.profile.extended_targets else ()
+        )
+        self.pid = os.getpid() if pid is None else pid
+        if worker_id is None:
+            worker_id = default_worker_id(self.pid) if self._caps else -1
         if not isinstance(worker_id, int) or isinstance(worker_id, bool):
             raise TypeError("worker_id must be an int")
         self.worker_id = worker_id
-        self.pid = os.getpid() if pid is None else pid
         limit = self.profile.max_frame_len
         if max_payload_len is None:
             max_payload_len = min(self.profile.default_max_payload_len, limit)
@@ -150,12 +206,31 @@ class Client:
         if not 0 < reconnect_min <= reconnect_max:
             raise ValueError("need 0 < reconnect_min <= reconnect_max")
         self.max_payload_len = max_payload_len
+        self._own_max_payload_len = max_payload_len
+        #: The broker's welcome of the current (or last) session; None before the first one
+        #: and always in the kong profile.
+        self.welcome: Welcome | None = None
         self.max_buffer_len = max_buffer_len
         self.connect_timeout = connect_timeout
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
         self._dispatcher = Dispatcher(max_queue_len)
-        self._hello = self._frame(encode_hello(self.profile, worker_id, self.pid))
+        self._hello = self._frame(encode_hello(self.profile, worker_id, self.pid, self._caps))
+        #: The last connection attempt reached a peer that did not welcome us.
+        self._handshake_error: HandshakeError | None = None
+        #: Why the last connection attempt failed; None once one succeeded. For diagnostics
+        #: (e.g. a command that gives up says why).
+        self.last_error: BaseException | None = None
+        # The barrier (docs/protocol.md §8), all per session except the counters:
+        self._barrier = False  # granted by this session's welcome
+        self._ping_seq = 0  # the n of the last ping requested (increasing, never reused)
+        self._pong_seen = 0  # the n of the last pong received
+        self._pings_pending: list[int] = []  # requested, to go out after the next batch
+        self._pings_sent: deque[tuple[int, int]] = deque()  # (n, events written before it)
+        self._written = 0  # events written this session
+        self._unconfirmed: deque[tuple[int, list[bytes]]] = deque()  # (mark after, batch)
+        self._unconfirmed_total = 0
+        self._session_no = 0
         self._buffer: deque[bytes] = deque()
         self._writer_wakeup: anyio.Event | None = None
         self._in_flight = 0
@@ -179,6 +254,7 @@ class Client:
             raise RuntimeError("this client is already running")
         self._progress = anyio.Event()
         self._ready = anyio.Event()
+        self._pong_event = anyio.Event()
         stack = AsyncExitStack()
         tg = await stack.enter_async_context(anyio.create_task_group())
         stack.push_async_callback(self._stop, tg)
@@ -201,21 +277,37 @@ class Client:
         return None
 
     async def _stop(self, tg: anyio.abc.TaskGroup) -> None:
-        if self._connected and self._buffer:
+        if self._connected and (self._buffer or self._unconfirmed):
             with anyio.move_on_after(_CLOSE_FLUSH_TIMEOUT):
-                await self.flush()
+                try:
+                    await self.flush()
+                except BusError as exc:
+                    logger.info("worker %d: final flush failed: %s", self.worker_id, exc)
+        unconfirmed = sum(len(batch) for _, batch in self._unconfirmed)
         if self._buffer:
             logger.warning("closing with %d publishes never sent", len(self._buffer))
+        if unconfirmed:
+            logger.warning(
+                "closing with %d publishes written but not confirmed by the broker", unconfirmed
+            )
         tg.cancel_scope.cancel()
 
     @property
     def is_ready(self) -> bool:
-        """True while connected to a broker with the hello sent."""
+        """True while connected to a broker: hello sent and, native, welcome received."""
         return self._connected
 
     async def wait_ready(self) -> None:
-        """Wait until connected to a broker with the hello sent."""
+        """Wait until connected to a broker: hello sent and, native, welcome received.
+
+        Raises:
+            NoWelcome: the last attempt reached a peer that did not welcome us (the
+                message names the likely cause: wrong transport, wrong profile, not a
+                workerbus broker). The client keeps retrying in the background.
+        """
         while not self._connected:
+            if self._handshake_error is not None:
+                raise self._handshake_error
             await self._ready.wait()
 
     # --- publishing ----------------------------------------------------------------------
@@ -289,12 +381,38 @@ class Client:
             self._writer_wakeup = None
 
     async def flush(self) -> None:
-        """Wait until every publish made so far has been written to a broker connection.
+        """A barrier: return once the broker has read and routed every publish made so far.
 
-        While disconnected this waits for a reconnect; bound it with ``anyio.fail_after``.
+        Native profile: a ping goes out after those publishes and this returns when its pong
+        comes back. The kong profile has no barrier: there this returns once they are
+        written to the socket (docs/protocol.md §8). While disconnected this waits for a
+        reconnect; bound it with ``anyio.fail_after``.
+
+        Raises:
+            BarrierBroken: the connection ended before the pong; the unconfirmed events
+                are re-sent on the next connection (see ``statistics().unconfirmed``).
+            NoWelcome: as :meth:`wait_ready`, while waiting for a connection.
         """
-        while self._buffer or self._in_flight:
-            await self._progress.wait()
+        await self.wait_ready()
+        if not self._barrier:
+            while self._buffer or self._in_flight:
+                await self._progress.wait()
+            return
+        session = self._session_no
+        self._ping_seq += 1
+        n = self._ping_seq
+        self._pings_pending.append(n)
+        if self._writer_wakeup is not None:
+            self._writer_wakeup.set()
+            self._writer_wakeup = None
+        while self._pong_seen < n:
+            if self._session_no != session:
+                raise BarrierBroken(
+                    f"worker {self.worker_id}: the broker connection ended before it confirmed "
+                    f"the barrier; {self._unconfirmed_total} events so far were written but "
+                    "not confirmed (they are re-sent: at-least-once)"
+                )
+            await self._pong_event.wait()
 
     def _made_progress(self) -> None:
         self._progress.set()
@@ -343,6 +461,9 @@ class Client:
                 anyio.BrokenResourceError,
                 anyio.EndOfStream,
             ) as exc:
+                self.last_error = exc
+                if self._caps and isinstance(exc, (HandshakeError, TimeoutError)):
+                    self._upgrade_failed(exc)
                 failures += 1
                 # At most one line per interval while the broker stays away (it retries
                 # every half second); the count of the others comes with the next line.
@@ -360,7 +481,14 @@ class Client:
                 logger.info("worker %d reached the broker after %d failed attempts", self.worker_id, failures)
             failures = 0
             started = anyio.current_time()
-            await self._session(stream, initial)
+            error = await self._session(stream, initial)
+            if error is not None:
+                failures += 1
+                self._reconnect_log.log(
+                    logging.WARNING, "worker %d: %s (attempt %d)", self.worker_id, error, failures
+                )
+                await anyio.sleep(self._backoff(failures))
+                continue
             if anyio.current_time() - started < _SHORT_SESSION:
                 # Closed right after the hello, again and again: another process announces
                 # the same worker id (each new connection replaces the other), or the broker
@@ -382,16 +510,124 @@ class Client:
                 short_sessions = 0
             await anyio.sleep(self._backoff(short_sessions))
 
-    async def _session(self, stream: ByteStream, initial: bytes) -> None:
-        frames = FrameStream(
-            stream, header_len=self.profile.header_len, initial=initial
+    def _fail_handshake(self, exc: NoWelcome) -> None:
+        # Wake wait_ready() callers: they raise it. Cleared by the next welcome.
+        self._handshake_error = self.last_error = exc
+        self._ready.set()
+        self._ready = anyio.Event()
+
+    def _upgrade_failed(self, exc: BaseException) -> None:
+        # The connection start itself failed. For the http transport that may be a
+        # stream-transport broker, which never answers an HTTP request; a full broker
+        # (503) is not a handshake mismatch, so it only retries.
+        if self.transport.name != "http":
+            return
+        if isinstance(exc, UpgradeRejected) and exc.status_code == 503:
+            return
+        how = "no answer" if isinstance(exc, TimeoutError) else f"the upgrade failed ({exc})"
+        self._fail_handshake(
+            NoWelcome(
+                f"no welcome from {self.address}: {how} to our HTTP upgrade; is it a "
+                "stream-transport broker (use transport 'stream'), or not a workerbus broker?",
+                "transport",
+            )
         )
+
+    async def _receive_welcome(self, stream: ByteStream, initial: bytes) -> tuple[Welcome, bytes]:
+        """Read the broker's first frame, which must be the welcome; return it and the bytes
+        read past it. Read here, not through a FrameStream, so that what a wrong peer sent
+        (HTTP, another profile's frame) can be recognised and named.
+
+        Raises:
+            NoWelcome: with the likely cause.
+        """
+        buf = bytearray(initial)
+        hl = self.profile.header_len
+        outcome = ""
+        try:
+            with anyio.fail_after(self.connect_timeout):
+                while True:
+                    if buf.startswith(b"HTTP/"):
+                        break
+                    if len(buf) >= hl:
+                        size = int.from_bytes(buf[:hl], "big")
+                        if size > _MAX_WELCOME_LEN and len(buf) >= 5:
+                            break
+                        if len(buf) >= hl + size:
+                            payload, rest = bytes(buf[hl : hl + size]), bytes(buf[hl + size :])
+                            try:
+                                return decode_welcome(self.profile, payload), rest
+                            except RemoteProtocolError as exc:
+                                outcome = f"its first frame is not a welcome ({exc})"
+                                break
+                    buf += await stream.receive()
+        except TimeoutError:
+            outcome = f"no reply within {self.connect_timeout:g}s"
+        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            outcome = "it closed the connection after our hello"
+        raise self._no_welcome(bytes(buf), outcome)
+
+    def _no_welcome(self, got: bytes, outcome: str) -> NoWelcome:
+        where = f"no welcome from {self.address}"
+        if got.startswith(b"HTTP/"):
+            line = got.split(b"\r\n", 1)[0].decode("latin-1")[:60]
+            return NoWelcome(
+                f"{where}: it answered {line!r} to our frames: it is an http-transport "
+                "broker (use transport 'http')",
+                "transport",
+            )
+        if got:
+            return NoWelcome(
+                f"{where}: {outcome or 'its reply is not a native frame'} (got "
+                f"{got[:16].hex()}): a kong-profile broker (use profile 'kong'), or not a "
+                "workerbus broker",
+                "profile",
+            )
+        return NoWelcome(
+            f"{where}: {outcome}: not a workerbus broker, one too old to send a welcome, a "
+            "kong-profile broker (use profile 'kong'), or it refused our hello (see its log)",
+            "broker",
+        )
+
+    def _accept_welcome(self, welcome: Welcome) -> None:
+        self.welcome = welcome
+        self._handshake_error = None
+        self._barrier = CAP_BARRIER in welcome.caps
+        limit = min(self._own_max_payload_len, welcome.max_payload_len)
+        if limit < self.max_payload_len:
+            logger.info("worker %d: the broker accepts publishes up to %d bytes", self.worker_id, limit)
+        self.max_payload_len = limit
+        # Publishes encoded before we knew the broker's limit: the broker would close the
+        # connection on each of them (and again after every reconnect). Refuse them here.
+        too_big = [f for f in self._buffer if len(f) - self.profile.header_len > limit]
+        if too_big:
+            for frame in too_big:
+                self._buffer.remove(frame)
+            self._dropped += len(too_big)
+            logger.error(
+                "worker %d: dropped %d buffered publishes over the broker's max_payload_len=%d",
+                self.worker_id,
+                len(too_big),
+                limit,
+            )
+
+    async def _session(self, stream: ByteStream, initial: bytes) -> NoWelcome | None:
+        """Serve one connection; returns the error if the broker did not welcome us."""
         async with stream:
             try:
-                await frames.send(self._hello)
+                await stream.send(self._hello)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 logger.info("worker %d: hello failed: %r", self.worker_id, exc)
-                return
+                return None
+            if self._caps:
+                try:
+                    welcome, initial = await self._receive_welcome(stream, initial)
+                except NoWelcome as exc:
+                    self._fail_handshake(exc)
+                    return exc
+                self._accept_welcome(welcome)
+            frames = FrameStream(stream, header_len=self.profile.header_len, initial=initial)
+            self.last_error = None
             self._connects += 1
             self._connected = True
             self._ready.set()
@@ -405,9 +641,55 @@ class Client:
             finally:
                 self._connected = False
                 self._ready = anyio.Event()
+                self._end_barrier()
                 self._made_progress()  # wake publishers waiting for room: they must re-check
                 logger.info("worker %d lost its broker connection", self.worker_id)
                 self._session_ended()
+        return None
+
+    def _end_barrier(self) -> None:
+        # Pending flush() calls raise BarrierBroken; what was written but not confirmed
+        # goes back to the front of the buffer, to be sent again (at-least-once).
+        self._session_no += 1
+        self._barrier = False
+        self._pings_pending.clear()
+        self._pings_sent.clear()
+        self._written = 0
+        if self._unconfirmed:
+            frames = [frame for _, batch in self._unconfirmed for frame in batch]
+            self._unconfirmed.clear()
+            self._unconfirmed_total += len(frames)
+            self._buffer.extendleft(reversed(frames))
+            logger.warning(
+                "worker %d: the connection ended with %d events written but not confirmed "
+                "by the broker; re-sending them (they may arrive twice)",
+                self.worker_id,
+                len(frames),
+            )
+        self._pong_event.set()
+        self._pong_event = anyio.Event()
+
+    def _on_pong(self, n: int) -> None:
+        sent = self._pings_sent
+        mark = -1
+        while sent and sent[0][0] <= n:
+            _, mark = sent.popleft()
+        if mark < 0:
+            logger.error("worker %d: the broker answered a ping we did not send (%d)", self.worker_id, n)
+            return
+        unconfirmed = self._unconfirmed
+        while unconfirmed and unconfirmed[0][0] <= mark:
+            unconfirmed.popleft()
+        if unconfirmed and not sent and not self._pings_pending:
+            # Written while this ping was out: ask again, so they get confirmed too.
+            self._ping_seq += 1
+            self._pings_pending.append(self._ping_seq)
+            if self._writer_wakeup is not None:
+                self._writer_wakeup.set()
+                self._writer_wakeup = None
+        self._pong_seen = n
+        self._pong_event.set()
+        self._pong_event = anyio.Event()
 
     # Extension points for shared.embed (no-ops here). They run in the connection task and
     # must not block: ``_session_started`` right after the hello went out,
@@ -443,6 +725,11 @@ class Client:
                             await anyio.lowlevel.checkpoint()
                     batch, errors = decode_batch(payloads[start : start + _DECODE_CHUNK])
                     for exc in errors:
+                        if type(exc) is ControlFrame:
+                            # (a pong: found on the decoders' error path, so the delivery
+                            # path pays nothing for it)
+                            self._control(exc)
+                            continue
                         # Another publisher's bad event: skip it, keep the connection.
                         self._undecodable += 1
                         logger.error("worker %d: undecodable event skipped: %s", self.worker_id, exc)
@@ -458,6 +745,14 @@ class Client:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             logger.info("worker %d: read failed: %r", self.worker_id, exc)
 
+    def _control(self, frame: ControlFrame) -> None:
+        n = frame.message.get("pong")
+        if self._barrier and type(n) is int:
+            self._on_pong(n)
+        else:
+            self._undecodable += 1
+            logger.error("worker %d: unexpected control frame skipped: %r", self.worker_id, frame.message)
+
     def _note_broker_drops(self, data: Any) -> None:
         count = data.get("count") if isinstance(data, dict) else None
         if isinstance(count, (int, float)):
@@ -466,18 +761,44 @@ class Client:
 
     async def _write_loop(self, frames: FrameStream, scope: anyio.CancelScope) -> None:
         buffer = self._buffer
+        barrier = self._barrier
+        pings = self._pings_pending
         while True:
-            if not buffer:
+            if not buffer and not pings:
                 self._writer_wakeup = wakeup = anyio.Event()
                 await wakeup.wait()
                 continue
             batch = list(buffer)
             buffer.clear()
             self._in_flight = len(batch)
+            if barrier:
+                # Keep the batch until a pong confirms it (re-sent if the connection dies
+                # first, _end_barrier). One ping is kept in flight while anything is
+                # unconfirmed (see _on_pong), so what is kept stays about one round trip's
+                # worth, and a connection that dies after a quiet moment re-sends nothing.
+                end = self._written + len(batch)
+                if batch:
+                    self._unconfirmed.append((end, batch))
+                    if not pings and not self._pings_sent:
+                        self._ping_seq += 1
+                        pings.append(self._ping_seq)
+                if pings:
+                    frames_out = batch.copy()  # (the batch itself is kept as it was)
+                    for n in pings:
+                        frames_out.append(self._frame(encode_ping(self.profile, n)))
+                        self._pings_sent.append((n, end))
+                    pings.clear()
+                    data = b"".join(frames_out)
+                else:
+                    data = b"".join(batch)
+                self._written = end
+            else:
+                data = b"".join(batch)
             try:
-                await frames.send(b"".join(batch))
+                await frames.send(data)
             except BaseException as exc:
-                buffer.extendleft(reversed(batch))
+                if not barrier:  # (with the barrier, the batch is already kept)
+                    buffer.extendleft(reversed(batch))
                 if isinstance(exc, (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)):
                     logger.info("worker %d: write failed: %r", self.worker_id, exc)
                     scope.cancel()
@@ -506,6 +827,7 @@ class Client:
             reconnects=max(0, self._connects - 1),
             buffered=len(self._buffer),
             inbox=d.depth,
+            unconfirmed=self._unconfirmed_total,
         )
 
 

@@ -50,7 +50,7 @@ from .election import (
     workers_from_env,
 )
 from .errors import AddressInUse, PayloadTooLarge, PublishBufferFull, RemoteProtocolError
-from .messages import OTHERS, Event, Target, encode_publish, parse_target
+from .messages import OTHERS, Event, Target, as_control_frame, encode_publish, parse_target
 from .sequence import BROADCAST_KEY, WORKER_KEY, SequenceIn, SequenceOut
 from .transport import parse_address
 
@@ -402,6 +402,9 @@ class EmbeddedClient(Client):
         source = msg.get("source")
         event = msg.get("event")
         if not isinstance(source, str) or not isinstance(event, str):
+            control = as_control_frame(msg)  # (a pong: the client's read loop takes it)
+            if control is not None:
+                raise control
             raise RemoteProtocolError("event needs string 'source' and 'event'")
         raw_wid = msg.get("wid")
         wid = _wid(raw_wid)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 __all__ = [
     "AddressInUse",
+    "BarrierBroken",
     "BusError",
     "HandshakeError",
     "LocalProtocolError",
+    "NoWelcome",
     "PayloadTooLarge",
     "ProtocolError",
     "PublishBufferFull",
@@ -64,6 +66,31 @@ class PayloadTooLarge(LocalProtocolError):
 
 class HandshakeError(BusError):
     """The connection start (HTTP upgrade or hello) did not complete."""
+
+
+class NoWelcome(HandshakeError):
+    """A native client reached something that did not answer its hello with a welcome
+    (docs/protocol.md §8), so it cannot know the broker. The message names the likely cause;
+    ``cause`` says it in one word:
+
+    - ``"transport"``: the peer speaks the other transport (HTTP bytes on a stream
+      connection, or no answer to the HTTP upgrade);
+    - ``"profile"``: its reply is not a native frame (a kong-profile broker?);
+    - ``"broker"``: no reply at all: not a workerbus broker, or one too old for the welcome.
+    """
+
+    def __init__(self, msg: str, cause: str) -> None:
+        super().__init__(msg)
+        self.cause = cause
+
+
+class BarrierBroken(BusError):
+    """The connection ended before the broker confirmed a :meth:`Client.flush` barrier.
+
+    The events written but not confirmed are kept and re-sent on the next connection
+    (at-least-once: they may arrive twice); the client's ``statistics().unconfirmed`` counts
+    them.
+    """
 
 
 class UpgradeRejected(HandshakeError):

@@ -1,9 +1,12 @@
-"""The four messages of the contract and their schemas (docs/protocol.md §4).
+"""The messages of the contract and their schemas (docs/protocol.md §4 and §8).
 
-- hello, client → broker, first frame: ``{"id": int, "pid": int}``
+- hello, client → broker, first frame: ``{"id": int, "pid": int, "caps"?: [str]}``
 - publish, client → broker: ``{"spec": {...}, "data": <bytes: an encoded event>}``
 - event, encoded once by the publisher: ``{"source", "event", "data"?, "wid"}``
 - delivery, broker → client: the publish's inner ``data`` bytes, unchanged.
+- native extensions, negotiated by ``caps`` in the hello (§8): welcome (broker → client,
+  first frame), ping (client → broker), pong (broker → client). Control frames from the
+  broker are maps without a ``"source"`` key, so they can never be taken for an event.
 
 Validation of what a peer sent raises :class:`RemoteProtocolError`; refusing to build a bad
 message raises :class:`LocalProtocolError`. The codec comes from the profile, so the same
@@ -24,22 +27,36 @@ from .profile import NATIVE, Profile
 
 __all__ = [
     "ALL",
+    "CAP_BARRIER",
+    "CAP_WELCOME",
     "CURRENT",
+    "MAX_CAPS",
+    "MAX_CAP_LEN",
     "OTHERS",
+    "PROTOCOL_VERSION",
+    "ControlFrame",
     "Event",
     "Hello",
+    "Welcome",
     "Target",
     "TargetKind",
+    "as_control_frame",
     "build_publish",
     "build_publish_frame",
     "decode_event",
     "decode_event_batch",
     "decode_event_fields",
     "decode_hello",
+    "decode_ping",
+    "decode_pong",
+    "decode_welcome",
     "decode_publish",
     "decode_publish_batch",
     "encode_event",
     "encode_hello",
+    "encode_ping",
+    "encode_pong",
+    "encode_welcome",
     "encode_publish",
     "parse_target",
 ]
@@ -116,6 +133,36 @@ def parse_target(value: str | int | Target) -> Target:
 class Hello:
     worker_id: int
     pid: int
+    #: capabilities the client asked for; empty for a plain (old-style) hello
+    caps: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """The broker's answer to a hello that asked for ``"welcome"`` (docs/protocol.md §8)."""
+
+    version: int
+    broker: str
+    profile: str
+    #: the worker id the broker registered this connection under
+    worker_id: int
+    #: the asked capabilities this broker grants
+    caps: frozenset[str]
+    #: the largest publish payload the broker accepts: the client must respect it
+    max_payload_len: int
+    max_queue_len: int
+    unique_timeout: float
+
+
+class ControlFrame(RemoteProtocolError):
+    """A broker control frame (a map without ``"source"``, e.g. a pong) met by an event
+    decoder. Not an event: the client's read loop handles it. Code that does not know about
+    control frames sees an undecodable delivery, which is what it was before them."""
+
+    def __init__(self, kind: str, message: dict[Any, Any]) -> None:
+        super().__init__(f"a {kind} control frame is not an event")
+        self.kind = kind
+        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,9 +203,27 @@ def _as_bytes(profile: Profile, value: object, what: str) -> bytes:
 
 # --- hello -------------------------------------------------------------------------------
 
+#: Version of the negotiated extensions, sent in the welcome.
+PROTOCOL_VERSION = 1
+#: The broker answers the hello with a welcome frame before anything else.
+CAP_WELCOME = "welcome"
+#: The client may send ping frames; the broker answers each with a pong.
+CAP_BARRIER = "barrier"
+#: Limits on the hello's capability list: more names, or a longer name, is a protocol error
+#: (a hello is read before anything is known of the peer; it must stay small).
+MAX_CAPS = 32
+MAX_CAP_LEN = 32
 
-def encode_hello(profile: Profile, worker_id: int, pid: int) -> bytes:
-    return profile.codec.dumps({"id": worker_id, "pid": pid})
+
+def encode_hello(
+    profile: Profile, worker_id: int, pid: int, caps: tuple[str, ...] | None = None
+) -> bytes:
+    """A hello; ``caps`` only in the native profile (a plain hello when None or empty)."""
+    if not caps:
+        return profile.codec.dumps({"id": worker_id, "pid": pid})
+    if not profile.extended_targets:
+        raise ValueError(f"capabilities do not exist in the {profile.name} profile")
+    return profile.codec.dumps({"id": worker_id, "pid": pid, "caps": list(caps)})
 
 
 def decode_hello(profile: Profile, payload: bytes) -> Hello:
@@ -166,7 +231,99 @@ def decode_hello(profile: Profile, payload: bytes) -> Hello:
     msg = _as_map(profile.codec.loads(payload), "hello")
     if "id" not in msg or "pid" not in msg:
         raise RemoteProtocolError(f"hello needs 'id' and 'pid', got keys {sorted(map(str, msg))}")
-    return Hello(_as_int(msg["id"], "hello id"), _as_int(msg["pid"], "hello pid"))
+    hello = Hello(_as_int(msg["id"], "hello id"), _as_int(msg["pid"], "hello pid"))
+    if "caps" not in msg or not profile.extended_targets:
+        return hello  # (the kong profile has no capabilities: the key is ignored, as before)
+    return Hello(hello.worker_id, hello.pid, _decode_caps(msg["caps"], "hello caps"))
+
+
+def _decode_caps(value: object, what: str) -> frozenset[str]:
+    if not isinstance(value, list):
+        raise RemoteProtocolError(f"{what} must be a list of strings, got {type(value).__name__}")
+    if len(value) > MAX_CAPS:
+        raise RemoteProtocolError(f"{what} lists {len(value)} names, over the limit of {MAX_CAPS}")
+    for name in value:
+        if not isinstance(name, str):
+            raise RemoteProtocolError(f"{what} must be strings, got {type(name).__name__}")
+        if len(name.encode("utf-8")) > MAX_CAP_LEN:
+            raise RemoteProtocolError(
+                f"{what}: a name of {len(name.encode('utf-8'))} bytes, over the limit of "
+                f"{MAX_CAP_LEN}"
+            )
+    return frozenset(value)
+
+
+# --- welcome, ping, pong (native extensions, negotiated) --------------------------------
+
+
+def encode_welcome(profile: Profile, welcome: Welcome) -> bytes:
+    # "welcome" first: a control frame is told by its first key (docs/protocol.md §8).
+    return profile.codec.dumps(
+        {
+            "welcome": welcome.version,
+            "broker": welcome.broker,
+            "profile": welcome.profile,
+            "id": welcome.worker_id,
+            "caps": sorted(welcome.caps),
+            "max_payload_len": welcome.max_payload_len,
+            "max_queue_len": welcome.max_queue_len,
+            "unique_timeout": welcome.unique_timeout,
+        }
+    )
+
+
+def decode_welcome(profile: Profile, payload: bytes) -> Welcome:
+    """Raises: RemoteProtocolError if the payload is not a valid welcome."""
+    msg = _as_map(profile.codec.loads(payload), "welcome")
+    if "welcome" not in msg or "source" in msg:
+        raise RemoteProtocolError(f"not a welcome: keys {sorted(map(str, msg))[:8]}")
+    try:
+        broker, prof = msg["broker"], msg["profile"]
+        timeout = msg["unique_timeout"]
+        welcome = Welcome(
+            version=_as_int(msg["welcome"], "welcome version"),
+            broker=broker if isinstance(broker, str) else "",
+            profile=prof if isinstance(prof, str) else "",
+            worker_id=_as_int(msg["id"], "welcome id"),
+            caps=_decode_caps(msg["caps"], "welcome caps"),
+            max_payload_len=_as_int(msg["max_payload_len"], "welcome max_payload_len"),
+            max_queue_len=_as_int(msg["max_queue_len"], "welcome max_queue_len"),
+            unique_timeout=float(timeout) if isinstance(timeout, (int, float)) else -1.0,
+        )
+    except KeyError as exc:
+        raise RemoteProtocolError(f"welcome is missing {exc.args[0]!r}") from None
+    if not isinstance(broker, str) or not isinstance(prof, str):
+        raise RemoteProtocolError("welcome 'broker' and 'profile' must be strings")
+    if isinstance(timeout, bool) or welcome.unique_timeout < 0:
+        raise RemoteProtocolError(f"welcome unique_timeout must be a number >= 0, got {timeout!r}")
+    if welcome.max_payload_len < 1 or welcome.max_queue_len < 1:
+        raise RemoteProtocolError("welcome max_payload_len and max_queue_len must be >= 1")
+    return welcome
+
+
+def encode_ping(profile: Profile, n: int) -> bytes:
+    return profile.codec.dumps({"ping": n})
+
+
+def encode_pong(profile: Profile, n: int) -> bytes:
+    return profile.codec.dumps({"pong": n})
+
+
+def _decode_counter(profile: Profile, payload: bytes, key: str) -> int:
+    msg = _as_map(profile.codec.loads(payload), key)
+    if len(msg) != 1 or key not in msg:
+        raise RemoteProtocolError(f"a {key} is {{{key!r}: n}}, got keys {sorted(map(str, msg))[:8]}")
+    return _as_int(msg[key], f"{key} n")
+
+
+def decode_ping(profile: Profile, payload: bytes) -> int:
+    """The ``n`` of a ping. Raises: RemoteProtocolError if it is not one."""
+    return _decode_counter(profile, payload, "ping")
+
+
+def decode_pong(profile: Profile, payload: bytes) -> int:
+    """The ``n`` of a pong. Raises: RemoteProtocolError if it is not one."""
+    return _decode_counter(profile, payload, "pong")
 
 
 # --- publish -----------------------------------------------------------------------------
@@ -424,6 +581,14 @@ def encode_event(
     return profile.codec.dumps(msg)
 
 
+def as_control_frame(msg: dict[Any, Any]) -> ControlFrame | None:
+    """The :class:`ControlFrame` a decoded delivery is, if it is one (a pong: the only
+    control frame after the welcome); for decoders of events, on their error path."""
+    if "source" not in msg and len(msg) == 1 and "pong" in msg:
+        return ControlFrame("pong", msg)
+    return None
+
+
 def decode_event(profile: Profile, payload: bytes) -> Event:
     """Raises: RemoteProtocolError if the payload is not a valid event."""
     return Event(*decode_event_fields(profile, payload))
@@ -483,6 +648,9 @@ def decode_event_fields(profile: Profile, payload: bytes) -> tuple[str, str, Any
     msg = _as_map(msg, "event")
     source = msg.get("source")
     event = msg.get("event")
+    control = as_control_frame(msg)
+    if control is not None:
+        raise control
     if not isinstance(source, str) or not isinstance(event, str):
         raise RemoteProtocolError("event needs string 'source' and 'event'")
     wid = msg.get("wid")

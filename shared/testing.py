@@ -47,6 +47,8 @@ class LocalBus:
         self._dispatcher = Dispatcher(max_queue_len)
         self._router = Router(max_queue_len=max_queue_len, unique_timeout=unique_timeout)
         self._queue = self._router.attach(worker_id)
+        #: Same attribute as the client's; there is no broker, so no welcome.
+        self.welcome = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._published = 0
 
@@ -96,6 +98,7 @@ class LocalBus:
         await anyio.lowlevel.checkpoint()
 
     async def flush(self) -> None:
+        """Every publish is routed when publish returns: the barrier holds at once."""
         await anyio.lowlevel.checkpoint()
 
     async def drain(self) -> None:
@@ -122,4 +125,5 @@ class LocalBus:
             "dropped": d.dropped,
             "handler_errors": d.handler_errors,
             "unique_duplicates": self._router.unique_duplicates,
+            "unconfirmed": 0,
         }

@@ -11,6 +11,10 @@ Flaws (each should make at least one named kit case fail):
 - ``drop-after-head``: discards whatever arrived with the HTTP request head.
 - ``no-dedup``: ignores unique keys (delivers every unique publish).
 - ``die-on-bad-input``: the whole process exits on the first bad payload.
+- ``no-welcome``: ignores the capabilities of a hello (an old broker: no welcome).
+- ``early-pong``: answers a ping at once, and routes the publishes read with it later.
+
+Without a flaw it implements the negotiated native extensions (welcome, ping/pong).
 """
 
 from __future__ import annotations
@@ -28,7 +32,11 @@ import msgpack
 UPGRADE = b"kong-worker-events/1"
 SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
              b"Upgrade: Kong-Worker-Events/1\r\n\r\n")
-FLAWS = ("none", "reencode", "drop-after-head", "no-dedup", "die-on-bad-input")
+FLAWS = ("none", "reencode", "drop-after-head", "no-dedup", "die-on-bad-input", "no-welcome",
+         "early-pong")
+#: Said in the welcome. The fake's queues are unbounded and it writes inline, so it says
+#: "too large to overflow" (native.pong-overflow skips) rather than deadlock that case.
+MAX_QUEUE_LEN = 1_000_000
 
 
 class Bad(Exception):
@@ -58,6 +66,10 @@ class Conn:
         if not chunk:
             raise Bad("eof")
         self.buf += chunk
+
+    def ready(self) -> bool:
+        """Whether a whole frame is already buffered."""
+        return len(self.buf) >= 2 and len(self.buf) >= 2 + int.from_bytes(self.buf[:2], "big")
 
     def frame(self, deadline: float | None) -> bytes:
         while len(self.buf) < 2:
@@ -93,7 +105,7 @@ class FakeBroker:
             os._exit(3)
         return Bad(why)
 
-    def start(self, conn: Conn) -> int:
+    def start(self, conn: Conn) -> tuple[int, set[str]]:
         deadline = time.monotonic() + self.deadline
         if self.transport == "http":
             while b"\r\n\r\n" not in conn.buf:
@@ -117,11 +129,21 @@ class FakeBroker:
                 raise Bad("token")
             conn.sock.sendall(SWITCHING)
         hello = self.decode(conn.frame(deadline))
-        if not isinstance(hello, dict) or set(hello) != {"id", "pid"} \
-                or not all(type(hello[k]) is int for k in hello):
+        if not isinstance(hello, dict) or not {"id", "pid"} <= set(hello) <= {"id", "pid", "caps"} \
+                or not all(type(hello[k]) is int for k in ("id", "pid")):
             raise self.bad("hello")
         wid: int = hello["id"]
-        return wid
+        caps = hello.get("caps", [])
+        if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+            raise self.bad("hello")
+        granted = set() if self.flaw == "no-welcome" else {"welcome", "barrier"} & set(caps)
+        if "welcome" in granted:
+            welcome = {"welcome": 1, "broker": "fake", "profile": "native", "id": wid,
+                       "caps": sorted(granted), "max_payload_len": 65535,
+                       "max_queue_len": MAX_QUEUE_LEN, "unique_timeout": self.unique_timeout}
+            packed = msgpack.packb(welcome, use_bin_type=True)
+            conn.sock.sendall(len(packed).to_bytes(2, "big") + packed)
+        return wid, granted
 
     def decode(self, payload: bytes) -> object:
         try:
@@ -132,7 +154,7 @@ class FakeBroker:
     def handle(self, sock: socket.socket) -> None:
         conn, wid = Conn(sock), None
         try:
-            wid = self.start(conn)
+            wid, granted = self.start(conn)
             with self.lock:
                 old = self.peers.get(wid)
                 if old is not None:
@@ -140,12 +162,30 @@ class FakeBroker:
                 self.peers[wid] = sock
                 for data in self.queues.pop(wid, []):
                     self.send(wid, data)
+            held: list[dict[str, object]] = []  # early-pong: routed after the pong
             while True:
                 msg = self.decode(conn.frame(None))
+                if "barrier" in granted and isinstance(msg, dict) and set(msg) == {"ping"}:
+                    pong = msgpack.packb({"pong": msg["ping"]}, use_bin_type=True)
+                    with self.lock:  # (sends to this socket are made under the lock)
+                        sock.sendall(len(pong).to_bytes(2, "big") + pong)
+                    if held:
+                        time.sleep(1.0)  # the flaw: routed well after the pong
+                        with self.lock:
+                            for m in held:
+                                self.route(wid, m["spec"], m["data"])  # type: ignore[arg-type]
+                        held.clear()
+                    continue
                 if not isinstance(msg, dict) or set(msg) != {"spec", "data"} \
                         or not isinstance(msg["spec"], dict) or type(msg["data"]) is not bytes:
                     raise self.bad("publish")
+                if self.flaw == "early-pong" and conn.ready():
+                    held.append(msg)  # more frames of this read follow: maybe a ping
+                    continue
                 with self.lock:
+                    for m in held:
+                        self.route(wid, m["spec"], m["data"])  # type: ignore[arg-type]
+                    held.clear()
                     self.route(wid, msg["spec"], msg["data"])
         except (Bad, OSError):
             pass

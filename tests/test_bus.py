@@ -202,9 +202,12 @@ async def test_late_joiner_gets_what_was_published_before(broker: Broker, addres
         await c0.publish("s", "before-3-joined")
         await c0.flush()
         await wait_until(lambda: broker.statistics().router.deliveries == 4)
-        async with clients(address, transport, 3) as (c3,):
-            rec = Recorder()
-            c3.subscribe("*", "*", rec)
+        # Subscribe before connecting: the queued events come in the same read as the
+        # welcome, so they may be dispatched before wait_ready() returns.
+        c3 = Client(address, transport=transport, worker_id=3)
+        rec = Recorder()
+        c3.subscribe("*", "*", rec)
+        async with c3:
             assert (await rec.wait_for(1))[0][1] == "before-3-joined"
 
 
@@ -216,9 +219,10 @@ async def test_reconnecting_worker_gets_what_was_published_while_away(broker: Br
         await c0.publish("s", "while-9-was-away")
         await c0.flush()
         await wait_until(lambda: broker.statistics().router.deliveries >= 5)
-        async with clients(address, transport, 9) as (c9,):
-            rec = Recorder()
-            c9.subscribe("*", "*", rec)
+        c9 = Client(address, transport=transport, worker_id=9)
+        rec = Recorder()
+        c9.subscribe("*", "*", rec)  # (before connecting: see the test above)
+        async with c9:
             assert (await rec.wait_for(1))[0][1] == "while-9-was-away"
 
 

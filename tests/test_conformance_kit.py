@@ -94,11 +94,11 @@ def fake(kit_dir: str, transport: str = "http", flaw: str = "none") -> tuple[lis
 
 def kit(path: str, transport: str = "http", only: Sequence[str] | None = None,
         profile: str = "native", workers: int | None = None,
-        max_payload: int | None = None) -> tuple[Report, str]:
+        max_payload: int | None = None, extensions: bool = True) -> tuple[Report, str]:
     cfg = KitConfig(address=f"unix:{path}", path=path, transport=transport,
                     profile=PROFILES[profile], case_timeout=CASE_TIMEOUT,
                     handshake_deadline=DEADLINE, unique_timeout=UNIQUE, workers=workers,
-                    max_payload=max_payload)
+                    max_payload=max_payload, extensions=extensions)
     out = io.StringIO()
     report = run_suite(cfg, only, out)
     return report, out.getvalue()
@@ -125,7 +125,7 @@ def test_kit_passes_correct_reference_broker(kit_dir: str, transport: str) -> No
         report, text = kit(path, transport)
     assert failures(report) == {}, text
     skipped = {c.name for c in report.cases if c.status == "skip"}
-    expected = {"frame.oversize", "queue.pre-created"}
+    expected = {"frame.oversize", "queue.pre-created", "native.pong-overflow"}
     assert skipped == (expected | HANDSHAKE_ONLY if transport == "stream" else expected)
     assert text.splitlines()[-1] == report.totals_line()
 
@@ -171,6 +171,8 @@ def test_kit_passes_serve_and_serve_reports_the_kits_bad_input(
         ("die-on-bad-input", "bad.undecodable"),
         ("die-on-bad-input", "frame.empty"),
         ("die-on-bad-input", "bad.hello-schema"),
+        ("no-welcome", "native.welcome"),
+        ("early-pong", "native.barrier"),
     ],
 )
 def test_kit_catches_broken_broker(kit_dir: str, flaw: str, case: str) -> None:

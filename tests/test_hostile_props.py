@@ -25,8 +25,11 @@ from shared.messages import (
     Target,
     decode_event,
     decode_hello,
+    decode_ping,
+    decode_pong,
     decode_publish,
     decode_publish_batch,
+    decode_welcome,
     encode_publish,
     parse_target,
 )
@@ -138,7 +141,8 @@ def test_client_handshake_raises_only_handshake_errors(pieces: list[bytes]) -> N
 @SETTINGS
 @given(profile=st.sampled_from(PROFILES), payload=st.binary(max_size=400))
 def test_decoders_raise_only_remote_protocol_errors(profile: Profile, payload: bytes) -> None:
-    for decode in (decode_hello, decode_publish, decode_event):
+    for decode in (decode_hello, decode_publish, decode_event, decode_welcome, decode_ping,
+                   decode_pong):
         try:
             decode(profile, payload)
         except RemoteProtocolError:

@@ -107,3 +107,106 @@ def test_parse_target_forms() -> None:
     assert parse_target("current").kind is TargetKind.CURRENT
     assert str(parse_target("worker:3")) == "worker:3"
     assert str(parse_target("unique:a:b")) == "unique:a:b"
+
+
+# --- negotiated extensions (docs/protocol.md §8) ------------------------------------------
+
+
+def test_hello_with_caps_round_trip_and_plain_hello_unchanged() -> None:
+    from shared.messages import MAX_CAP_LEN, MAX_CAPS
+
+    raw = encode_hello(NATIVE, 3, 1234, ("welcome", "barrier"))
+    assert msgpack.unpackb(raw) == {"id": 3, "pid": 1234, "caps": ["welcome", "barrier"]}
+    assert decode_hello(NATIVE, raw).caps == {"welcome", "barrier"}
+    # no caps: the same bytes as before the extensions
+    assert encode_hello(NATIVE, 3, 1234, ()) == msgpack.packb({"id": 3, "pid": 1234})
+    assert decode_hello(NATIVE, encode_hello(NATIVE, 3, 1234)).caps == frozenset()
+    limit = ["x" * MAX_CAP_LEN] * MAX_CAPS
+    assert len(decode_hello(NATIVE, msgpack.packb({"id": 1, "pid": 2, "caps": limit})).caps) == 1
+
+
+@pytest.mark.parametrize(
+    ("caps", "reason"),
+    [
+        ("welcome", "must be a list"),
+        ([1], "must be strings"),
+        (["x"] * 33, "33 names, over the limit of 32"),
+        (["x" * 33], "33 bytes, over the limit of 32"),
+    ],
+)
+def test_bad_caps_are_refused_with_a_reason(caps: object, reason: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=reason):
+        decode_hello(NATIVE, msgpack.packb({"id": 1, "pid": 2, "caps": caps}))
+
+
+def test_kong_hello_has_no_caps() -> None:
+    from shared.profile import get_profile
+
+    kong = get_profile("kong")
+    with pytest.raises(ValueError):
+        encode_hello(kong, -1, 1, ("welcome",))
+    assert decode_hello(kong, kong.codec.dumps({"id": 1, "pid": 2, "caps": 5})).caps == frozenset()
+
+
+def test_welcome_round_trip_and_first_key() -> None:
+    from shared.messages import Welcome, decode_welcome, encode_welcome
+
+    w = Welcome(1, "workerbus 0.1.0", "native", -7, frozenset({"welcome"}), 100, 10, 2.5)
+    raw = encode_welcome(NATIVE, w)
+    assert next(iter(msgpack.unpackb(raw))) == "welcome"
+    assert decode_welcome(NATIVE, raw) == w
+
+
+@pytest.mark.parametrize(
+    ("msg", "reason"),
+    [
+        ({"source": "s", "event": "e"}, "not a welcome"),
+        ({"welcome": 1}, "missing"),
+        ({"welcome": 1, "broker": "b", "profile": "native", "id": 1, "caps": [],
+          "max_payload_len": 0, "max_queue_len": 1, "unique_timeout": 1}, ">= 1"),
+        ({"welcome": 1, "broker": "b", "profile": "native", "id": 1, "caps": [],
+          "max_payload_len": 5, "max_queue_len": 1, "unique_timeout": "x"}, "unique_timeout"),
+        ({"welcome": "1", "broker": "b", "profile": "native", "id": 1, "caps": [],
+          "max_payload_len": 5, "max_queue_len": 1, "unique_timeout": 1}, "version"),
+    ],
+)
+def test_bad_welcome(msg: dict[str, object], reason: str) -> None:
+    from shared.messages import decode_welcome
+
+    with pytest.raises(RemoteProtocolError, match=reason):
+        decode_welcome(NATIVE, msgpack.packb(msg))
+
+
+def test_ping_pong_round_trip_and_refusals() -> None:
+    from shared.messages import decode_ping, decode_pong, encode_ping, encode_pong
+
+    assert msgpack.unpackb(encode_ping(NATIVE, 5)) == {"ping": 5}
+    assert decode_ping(NATIVE, encode_ping(NATIVE, 5)) == 5
+    assert decode_pong(NATIVE, encode_pong(NATIVE, 9)) == 9
+    for bad in ({"ping": "5"}, {"ping": 1, "x": 2}, {"pong": 1}):
+        with pytest.raises(RemoteProtocolError):
+            decode_ping(NATIVE, msgpack.packb(bad))
+
+
+def test_a_pong_is_a_control_frame_for_the_event_decoders() -> None:
+    from shared.messages import ControlFrame, decode_event_batch, encode_pong
+
+    good = encode_event(NATIVE, "s", "e", 1, 0)
+    events, errors = decode_event_batch(NATIVE, [good, encode_pong(NATIVE, 3), good])
+    assert len(events) == 2
+    assert len(errors) == 1 and type(errors[0]) is ControlFrame
+    assert errors[0].message == {"pong": 3}
+    # a map without "source" that is no pong stays an ordinary bad event
+    _, errors = decode_event_batch(NATIVE, [msgpack.packb({"ping": 3})])
+    assert type(errors[0]) is RemoteProtocolError
+
+
+def test_broker_reads_a_ping_only_after_the_publishes_before_it() -> None:
+    # decode_publish_batch stops at the ping with everything before it decoded: the broker
+    # routes those, then answers (shared/broker.py _read_loop).
+    from shared.messages import decode_publish_batch, encode_ping
+
+    pub = encode_publish(NATIVE, ALL, encode_event(NATIVE, "s", "e", 1, 0))
+    runs, error = decode_publish_batch(NATIVE, [pub, pub, encode_ping(NATIVE, 1), pub])
+    assert error is not None
+    assert sum(len(run) for _, run in runs) == 2

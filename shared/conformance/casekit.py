@@ -57,6 +57,8 @@ class KitConfig:
     workers: int | None = None
     max_payload: int | None = None
     id_base: int = 1000
+    #: the broker implements the negotiated native extensions (welcome, barrier)
+    extensions: bool = True
     nonce: str = field(default_factory=lambda: os.urandom(4).hex())
 
 

@@ -66,6 +66,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     broker.add_argument("--id-base", type=int, default=1000, metavar="ID",
                         help="first worker id the kit uses; case i uses ID+10i..ID+10i+9 "
                              "(default 1000)")
+    broker.add_argument("--no-extensions", action="store_false", dest="extensions",
+                        help="the broker does not implement the negotiated native extensions "
+                             "(welcome, ping/pong barrier; docs/protocol.md): skip their cases "
+                             "(default: native brokers are expected to)")
     broker.add_argument("--list", action="store_true", help="list the selected cases and exit")
     broker.set_defaults(func=run_broker_command)
 
@@ -112,7 +116,7 @@ def run_broker_command(args: argparse.Namespace) -> int:
         address=args.address, path=path, transport=args.transport, profile=profile,
         case_timeout=args.timeout, handshake_deadline=args.handshake_deadline,
         unique_timeout=args.unique_timeout, workers=args.workers, max_payload=args.max_payload,
-        id_base=args.id_base,
+        id_base=args.id_base, extensions=args.extensions,
     )
     report = run_suite(cfg, args.only, sys.stdout)
     if args.json:

@@ -10,7 +10,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
-from shared.conformance import cases_bad, cases_frames, cases_handshake, cases_routing
+from shared.conformance import (
+    cases_bad,
+    cases_frames,
+    cases_handshake,
+    cases_native,
+    cases_routing,
+)
 from shared.conformance.casekit import REGISTRY, Case, CaseFailed, CaseSkipped, Ctx, KitConfig
 from shared.conformance.wire import SendFailed
 from shared.progress import Progress
@@ -19,7 +25,7 @@ __all__ = ["CaseResult", "Report", "run_suite", "select", "write_json"]
 
 #: Imported for their @case registrations; this is the run order: connection start first,
 #: then framing, routing, and the bad-input cases last.
-CASE_MODULES = (cases_handshake, cases_frames, cases_routing, cases_bad)
+CASE_MODULES = (cases_handshake, cases_frames, cases_routing, cases_native, cases_bad)
 
 
 def all_cases() -> list[Case]:

@@ -41,6 +41,8 @@ SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
 MAX_REQUEST_HEAD = 16 * 1024
 #: Socket file mode: only the owning user may connect (PROTOCOL.md §1).
 SOCKET_MODE = 0o600
+#: The negotiated native extensions serve implements (docs/protocol.md §8).
+KNOWN_CAPS = frozenset({"welcome", "barrier"})
 _TRANSPORT_ERRORS = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
                      OSError)
 
@@ -78,6 +80,10 @@ class Peer:
     done: anyio.Event = field(default_factory=anyio.Event)
     #: Violations seen before the hello, held back so their report can name id and pid.
     pending: list[tuple[str, str, bytes]] = field(default_factory=list)
+    #: The negotiated extensions granted by the welcome (none for a plain hello).
+    caps: frozenset[str] = frozenset()
+    #: The writer and the pong path share the socket.
+    send_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
 
 class _Buffered:
@@ -197,8 +203,12 @@ class StrictBroker:
                 self.violation(peer, "deadline", f"no complete handshake and hello within "
                                f"{deadline:g}s", bytes(conn.buf))
                 return None
-            peer.wid, peer.pid = check_hello(self.cfg.profile.decode(hello))
+            peer.wid, peer.pid, caps = check_hello(self.cfg.profile.decode(hello),
+                                                   self.cfg.profile.native)
             self.flush(peer)
+            peer.caps = caps & KNOWN_CAPS
+            if "welcome" in peer.caps:
+                await conn.stream.send(self._welcome(peer))
         except DecodeError as exc:
             self.violation(peer, "hello", f"undecodable hello: {exc}", hello or b"")
             return None
@@ -211,21 +221,38 @@ class StrictBroker:
             previous.scope.cancel()
             await previous.done.wait()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._writer, box, conn.stream)
+            tg.start_soon(self._writer, box, conn.stream, peer.send_lock)
             try:
                 await self._reader(peer, conn)
             finally:
                 tg.cancel_scope.cancel()
         return box
 
+    def _welcome(self, peer: Peer) -> bytes:
+        profile = self.cfg.profile
+        return profile.frame(profile.encode({
+            "welcome": 1, "broker": "workerbus conformance serve", "profile": profile.name,
+            "id": peer.wid, "caps": sorted(peer.caps), "max_payload_len": self.limit,
+            "max_queue_len": self.cfg.max_queue, "unique_timeout": self.cfg.unique_timeout,
+        }))
+
     async def _reader(self, peer: Peer, conn: _Buffered) -> None:
         profile = self.cfg.profile
         assert peer.wid is not None  # set by the hello before the reader starts
+        barrier = "barrier" in peer.caps
         while True:
             payload = b""
             try:
                 payload = await conn.frame(profile, self.limit)
-                spec, data = check_publish(profile.decode(payload), profile)
+                msg = profile.decode(payload)
+                if barrier and isinstance(msg, dict) and set(msg) == {"ping"} \
+                        and type(msg["ping"]) is int:
+                    # Everything before it is routed (this loop is sequential): answer now,
+                    # outside the queue, under the lock the writer sends with.
+                    async with peer.send_lock:
+                        await conn.stream.send(profile.frame(profile.encode({"pong": msg["ping"]})))
+                    continue
+                spec, data = check_publish(msg, profile)
             except DecodeError as exc:
                 self.violation(peer, "undecodable", str(exc), payload)
                 return
@@ -238,11 +265,12 @@ class StrictBroker:
                 self.violation(peer, "inner-event", problem, data)
             self.hub.route(peer.wid, spec, data)
 
-    async def _writer(self, box: Mailbox, stream: ByteStream) -> None:
+    async def _writer(self, box: Mailbox, stream: ByteStream, lock: anyio.Lock) -> None:
         while True:
             data = await box.get()
             try:
-                await stream.send(self.cfg.profile.frame(data))
+                async with lock:
+                    await stream.send(self.cfg.profile.frame(data))
             except _TRANSPORT_ERRORS:
                 box.push_front(data)
                 return

@@ -82,15 +82,28 @@ def _as_map(obj: object, what: str) -> dict[object, object]:
     return obj
 
 
-def check_hello(obj: object) -> tuple[int, int]:
-    """``{"id": int, "pid": int}`` and nothing else; returns (id, pid)."""
+#: Limits on a hello's capability list (docs/protocol.md §8).
+MAX_CAPS = 32
+MAX_CAP_LEN = 32
+
+
+def check_hello(obj: object, native: bool = True) -> tuple[int, int, frozenset[str]]:
+    """``{"id": int, "pid": int}`` and, native only, an optional ``"caps": [str]``; nothing
+    else. Returns (id, pid, caps)."""
     hello = _as_map(obj, "hello")
-    if set(hello) != {"id", "pid"}:
-        raise Fatal("hello", f"hello keys are {sorted(map(str, hello))}, must be ['id', 'pid']")
+    allowed = {"id", "pid", "caps"} if native else {"id", "pid"}
+    if not {"id", "pid"} <= set(hello) <= allowed:
+        raise Fatal("hello", f"hello keys are {sorted(map(str, hello))}, must be ['id', 'pid']"
+                    + (" and optionally 'caps'" if native else ""))
     wid, pid = hello["id"], hello["pid"]
-    if _is_int(wid) and _is_int(pid):
-        return wid, pid
-    raise Fatal("hello", f"hello id={wid!r} pid={pid!r}, both must be integers")
+    if not (_is_int(wid) and _is_int(pid)):
+        raise Fatal("hello", f"hello id={wid!r} pid={pid!r}, both must be integers")
+    caps = hello.get("caps", [])
+    if not isinstance(caps, list) or len(caps) > MAX_CAPS or not all(
+            isinstance(c, str) and len(c.encode()) <= MAX_CAP_LEN for c in caps):
+        raise Fatal("hello", f"hello caps {caps!r:.80} must be a list of at most {MAX_CAPS} "
+                    f"strings of at most {MAX_CAP_LEN} bytes")
+    return wid, pid, frozenset(caps)
 
 
 def check_publish(obj: object, profile: Profile) -> tuple[dict[object, object], bytes]:
