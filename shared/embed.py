@@ -50,7 +50,8 @@ from .election import (
     workers_from_env,
 )
 from .errors import AddressInUse, PayloadTooLarge, PublishBufferFull, RemoteProtocolError
-from .messages import OTHERS, Event, Target, encode_publish, parse_target
+from .logutil import LogLimiter
+from .messages import ALL, OTHERS, Event, Target, encode_event, encode_publish, parse_target
 from .sequence import BROADCAST_KEY, WORKER_KEY, SequenceIn, SequenceOut
 from .transport import parse_address
 
@@ -140,6 +141,9 @@ class EmbeddedClient(Client):
         #: ``time.monotonic()`` when the latest ``welcome`` was read (before any handler
         #: ran): when this worker was last connected to a broker, for measurements.
         self.welcomed_at: float | None = None
+        #: The broker said it is stopping (its host shuts down): losing it is orderly.
+        self._broker_stopping = False
+        self._embed_log = LogLimiter(logger)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -181,6 +185,18 @@ class EmbeddedClient(Client):
         broker = self._broker
         if broker is None:
             return
+        # Tell the others this broker is going away on purpose, so that losing it is no
+        # warning for them (they elect a new host as after a crash, but quietly).
+        broker.inject(
+            ALL,
+            encode_event(
+                self.profile,
+                LIFECYCLE_SOURCE,
+                "stopping",
+                {"worker_id": self.worker_id, "pid": os.getpid(), "generation": self.generation},
+                None,
+            ),
+        )
         # Polled: the queues have no "empty" event to wait on, and this runs once at exit.
         # Our own connection must be gone first, so the others are told we left.
         for _ in range(int(DRAIN_TIMEOUT / 0.005)):
@@ -235,6 +251,9 @@ class EmbeddedClient(Client):
 
     # --- the election --------------------------------------------------------------------
 
+    def _unreachable_level(self) -> int:
+        return logging.INFO if self._broker_stopping else logging.WARNING
+
     def _session_ended(self) -> None:
         # The broker may be gone: contend for the lock now, then often for a short while.
         self._rapid_until = time.monotonic() + RAPID_WINDOW
@@ -248,7 +267,13 @@ class EmbeddedClient(Client):
             try:
                 lock = FileLock.acquire(path)
             except OSError as exc:
-                logger.error("worker %d cannot open the election lock %s: %s", self.worker_id, path, exc)
+                self._embed_log.log(
+                    logging.ERROR,
+                    "worker %d cannot open the election lock %s: %s",
+                    self.worker_id,
+                    path,
+                    exc,
+                )
                 lock = None
             if lock is not None:
                 try:
@@ -308,7 +333,8 @@ class EmbeddedClient(Client):
                 if announce is not None:
                     announce()  # joining must not hang on a broker that cannot start
                     announce = None
-                logger.error(
+                self._embed_log.log(
+                    logging.ERROR,
                     "worker %d holds the election lock but cannot serve %s: %s; retrying in %ss",
                     self.worker_id,
                     self.address,
@@ -424,7 +450,8 @@ class EmbeddedClient(Client):
         return ev
 
     def _report_lost(self, count: int, wid: int) -> None:
-        logger.warning(
+        self._embed_log.log(
+            logging.WARNING,
             "worker %d: %d events from worker %d never arrived (lost with a broker)",
             self.worker_id,
             count,
@@ -441,6 +468,8 @@ class EmbeddedClient(Client):
             count = _wid(data.get("count"))
             if count:
                 self._in.dropped(count)
+        elif event == "stopping":
+            self._broker_stopping = True
         elif event == "joined":
             wid, pid = _wid(data.get("worker_id")), _wid(data.get("pid"))
             if wid is not None and pid is not None:
@@ -452,6 +481,7 @@ class EmbeddedClient(Client):
 
     def _welcomed(self, broker: dict[Any, Any]) -> None:
         self.welcomed_at = time.monotonic()
+        self._broker_stopping = False
         previous = self._broker_identity
         self._broker_identity = broker
         self.generation = _wid(broker.get("generation"))
