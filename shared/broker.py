@@ -359,7 +359,9 @@ class Broker:
     ) -> _Connection:
         old = self._connections.get(worker_id)
         if old is not None:
-            logger.warning("worker %d (pid %d) replaces the connection of %s", worker_id, pid, old)
+            self.log_limiter.log(
+                logging.WARNING, "worker %d (pid %d) replaces the connection of %s", worker_id, pid, old
+            )
             self._hang_up(old)
         uid = None if creds is None else creds.uid
         conn = _Connection(worker_id, pid, frames, self.router.attach(worker_id), uid)

@@ -379,6 +379,7 @@ class Client:
     async def _connection_loop(self) -> None:
         failures = 0
         short_sessions = 0
+        down_since = 0.0
         while True:
             try:
                 with anyio.fail_after(self.connect_timeout):
@@ -392,15 +393,20 @@ class Client:
                 anyio.EndOfStream,
             ) as exc:
                 failures += 1
+                if failures == 1:
+                    down_since = anyio.current_time()
                 # At most one line per interval while the broker stays away (it retries
                 # every half second); the count of the others comes with the next line.
+                # Quiet (INFO) lines are limited apart, so they never hold back a warning.
+                level = self._unreachable_level(anyio.current_time() - down_since)
                 self._reconnect_log.log(
-                    self._unreachable_level(),
+                    level,
                     "worker %d cannot reach the broker at %s: %s (attempt %d)",
                     self.worker_id,
                     self.address,
                     reason(exc),
                     failures,
+                    key=f"unreachable/{level}",
                 )
                 await anyio.sleep(self._backoff(failures))
                 continue
@@ -471,9 +477,10 @@ class Client:
     def _session_ended(self) -> None:
         pass
 
-    def _unreachable_level(self) -> int:
-        """Log level of "cannot reach the broker": something is wrong, unless a subclass
-        knows the broker went away on purpose (shared.embed: an orderly shutdown)."""
+    def _unreachable_level(self, seconds: float) -> int:
+        """Log level of "cannot reach the broker" after ``seconds`` of failed attempts:
+        something is wrong, unless a subclass knows better (shared.embed: a host that is
+        starting or stopping on purpose)."""
         return logging.WARNING
 
     def _decode_batch(self, payloads: list[bytes]) -> tuple[list[Fields], list[RemoteProtocolError]]:
