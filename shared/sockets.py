@@ -57,8 +57,9 @@ class GuardedStream(ByteStream):
     async def send(self, item: bytes) -> None:
         # The same race on the way out: a writer blocked on a full socket and cancelled
         # just as the peer reads (the broker does exactly that when a client half-closes
-        # and drains, see Client._close_politely).
-        await anyio.lowlevel.checkpoint()
+        # and drains, see Client._close_politely). Like trio's send: a cancellation is
+        # taken before anything is written, the schedule point comes after.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         sock = self._sock
         view = memoryview(item)
         while view:
@@ -74,6 +75,7 @@ class GuardedStream(ByteStream):
                     raise anyio.ClosedResourceError from None
                 raise anyio.BrokenResourceError from exc
             view = view[sent:]
+        await anyio.lowlevel.cancel_shielded_checkpoint()
 
     async def send_eof(self) -> None:
         await self._inner.send_eof()
