@@ -189,6 +189,9 @@ class Broker:
         #: Who this broker is, sent in every ``welcome``; an embedding adds its own keys
         #: (e.g. ``generation`` and the hosting ``worker_id``).
         self.identity: dict[str, object] = {"pid": os.getpid()}
+        #: Re-create the socket file when it is deleted under the running broker. An
+        #: embedding that removes it on purpose (an orderly stop) turns this off first.
+        self.keep_socket_file = True
 
     # --- serving -------------------------------------------------------------------------
 
@@ -243,6 +246,8 @@ class Broker:
     async def _check_socket_file(self, place: _SocketFile, tg: anyio.abc.TaskGroup) -> None:
         # A tmp cleaner or a careless `rm` can delete the socket file: open connections do
         # not notice, but every worker that reconnects would find no broker. Put it back.
+        if not self.keep_socket_file:
+            return
         try:
             st = os.lstat(place.path)
         except FileNotFoundError:

@@ -232,8 +232,10 @@ class EmbeddedClient(Client):
                 self.worker_id,
                 stranded,
             )
-        # Unlink first so nobody reconnects to this broker, then hang up rather than
-        # cancel the readers (see Broker.hang_up_all).
+        # Unlink first so nobody reconnects to this broker (and make sure the broker does
+        # not put the file back), then hang up rather than cancel the readers (see
+        # Broker.hang_up_all).
+        broker.keep_socket_file = False
         try:
             if os.lstat(self._socket_path).st_ino == self._socket_inode:
                 os.unlink(self._socket_path)
