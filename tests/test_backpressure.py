@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -22,6 +23,7 @@ import pytest
 
 from shared.broker import Broker
 from shared.client import Client
+from shared.logutil import reason
 from shared.router import QueueStatistics
 from shared.testing import LocalBus
 
@@ -363,3 +365,52 @@ def test_uvicorn_orderly_shutdown_logs_no_warning(sock_dir: str, sig: signal.Sig
     bad = [line for line in log.splitlines()
            if any(f" {level} " in line for level in ("WARNING", "ERROR", "CRITICAL")) or "Traceback" in line]
     assert bad == [], log
+
+
+# --- log lines: rate-limited, with their arguments ------------------------------------------
+
+
+def test_a_reason_is_never_empty() -> None:
+    assert reason(FileNotFoundError(2, "No such file or directory")) == "[Errno 2] No such file or directory"
+    assert reason(TimeoutError()) == "TimeoutError()"
+    assert reason(anyio.EndOfStream()) == "EndOfStream()"
+
+
+@pytest.mark.anyio
+async def test_a_broker_that_hangs_up_at_once_is_reported_with_a_reason(
+    sock_dir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 10, finding 6: ``cannot reach the broker ...:  (attempt 1)``, an empty reason."""
+    caplog.set_level(logging.INFO, "shared.client")
+    path = os.path.join(sock_dir, "full.sock")
+
+    async def hang_up(stream: Any) -> None:
+        await stream.aclose()  # what a full broker does
+
+    listener = await anyio.create_unix_listener(path)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, hang_up)
+        async with Client(f"unix:{path}", worker_id=3, reconnect_min=0.01, reconnect_max=0.02):
+            await wait_until(lambda: any("cannot reach" in r.getMessage() for r in caplog.records), 10)
+        tg.cancel_scope.cancel()
+    (line,) = [r.getMessage() for r in caplog.records if "cannot reach" in r.getMessage()]
+    assert re.search(r"full\.sock: \S.* \(attempt 1\)$", line), line
+
+
+@pytest.mark.anyio
+async def test_a_handler_failing_on_every_event_logs_five_tracebacks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, "shared.dispatch")
+    async with LocalBus() as bus:
+
+        def broken(data: Any, event: str, source: str, wid: int | None) -> None:
+            raise RuntimeError(f"handler failure {data} (expected by the test)")
+
+        bus.subscribe("s", "e", broken)
+        for i in range(50):
+            await bus.publish("s", "e", i)
+        await bus.drain()
+        assert bus.statistics()["handler_errors"] == 50
+    lines = [r for r in caplog.records if r.name == "shared.dispatch"]
+    assert len(lines) == 5 and all(r.exc_info for r in lines)
