@@ -153,23 +153,29 @@ async def test_current_publishes_from_a_handler_while_the_inbox_is_full_do_not_d
 ) -> None:
     events = 300
     echoes: list[int] = []
+    relayed: list[int] = []
+    back: list[int] = []
     async with serving(address, transport), \
-            Client(address, transport=transport, worker_id=0, max_queue_len=2) as sub, \
+            Client(address, transport=transport, worker_id=0, max_queue_len=2, max_buffer_len=2) as sub, \
             Client(address, transport=transport, worker_id=1) as pub:  # fmt: skip
 
         async def echo(data: Any, event: str, source: str, wid: int | None) -> None:
-            # The inbox is full of broker events; a publish to ourselves must not wait.
+            # The inbox is full of broker events; a publish to ourselves must not wait,
+            # and a publish to the broker waits for the broker only (tiny publish buffer).
             await sub.publish("echo", "e", data, "current")
             sub.publish_nowait("echo", "e", data, "current")
+            await sub.publish("relay", "e", data, "all")
 
         sub.subscribe("burst", "e", echo)
         sub.subscribe("echo", "e", lambda data, e, s, w: echoes.append(data))
+        sub.subscribe("relay", "e", lambda data, e, s, w: back.append(data))
+        pub.subscribe("relay", "e", lambda data, e, s, w: relayed.append(data))
         await sub.wait_ready()
         await pub.wait_ready()
         for i in range(events):
             await pub.publish("burst", "e", i, "others")
-        await wait_until(lambda: len(echoes) == 2 * events, 20)
-        assert echoes[::2] == echoes[1::2] == list(range(events))
+        await wait_until(lambda: (len(echoes), len(relayed), len(back)) == (2 * events, events, events), 20)
+        assert echoes[::2] == echoes[1::2] == relayed == back == list(range(events))
         assert sub.statistics().dropped == 0
 
 
