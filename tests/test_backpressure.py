@@ -360,7 +360,8 @@ def test_uvicorn_orderly_shutdown_logs_no_warning(sock_dir: str, sig: signal.Sig
             def moved(s: dict[str, Any], generation: int = generation) -> bool:
                 return s["generation"] is not None and bool(s["generation"] > generation)
 
-            after = server.poll_workers(2, moved, exclude_pids=frozenset({host["pid"]}))
+            # (Many requests: while uvicorn starts the new worker, the other answers all.)
+            after = server.poll_workers(2, moved, exclude_pids=frozenset({host["pid"]}), max_requests=20_000)
             (host,) = [s for s in after.values() if s["broker"]]
         server.http.close()
         os.kill(server.proc.pid, sig)
