@@ -251,6 +251,9 @@ class Broker:
         #: Who this broker is, sent in every ``welcome``; an embedding adds its own keys
         #: (e.g. ``generation`` and the hosting ``worker_id``).
         self.identity: dict[str, object] = {"pid": os.getpid()}
+        #: Re-create the socket file when it is deleted under the running broker. An
+        #: embedding that removes it on purpose (an orderly stop) turns this off first.
+        self.keep_socket_file = True
 
     # --- serving -------------------------------------------------------------------------
 
@@ -305,6 +308,8 @@ class Broker:
     async def _check_socket_file(self, place: _SocketFile, tg: anyio.abc.TaskGroup) -> None:
         # A tmp cleaner or a careless `rm` can delete the socket file: open connections do
         # not notice, but every worker that reconnects would find no broker. Put it back.
+        if not self.keep_socket_file:
+            return
         try:
             st = os.lstat(place.path)
         except FileNotFoundError:
@@ -425,7 +430,9 @@ class Broker:
     ) -> _Connection:
         old = self._connections.get(worker_id)
         if old is not None:
-            logger.warning("worker %d (pid %d) replaces the connection of %s", worker_id, pid, old)
+            self.log_limiter.log(
+                logging.WARNING, "worker %d (pid %d) replaces the connection of %s", worker_id, pid, old
+            )
             self._hang_up(old)
         uid = None if creds is None else creds.uid
         conn = _Connection(worker_id, pid, frames, self.router.attach(worker_id), uid)

@@ -108,10 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_cmd_publish, log_level="WARNING")
 
-    p = sub.add_parser("tail", help="print every event as one JSON line until interrupted")
+    p = sub.add_parser(
+        "tail",
+        help="print every event as one JSON line until interrupted",
+        description="Print every event as one JSON line until interrupted. When events come "
+        "faster than they are printed, the tail stops reading and the broker's queue holds "
+        "them; what the broker has to drop is printed as its workerbus/dropped event "
+        '(data {"count": N, "total": T}), so printed events plus reported drops is what '
+        "was published.",
+    )
     p.add_argument("address", metavar="unix:PATH")
     p.add_argument("--id", type=int, default=-1, dest="worker_id", help="worker id in the hello (default -1)")
-    p.add_argument("--count", type=int, default=0, help="exit after N events (default: never)")
+    p.add_argument("--count", type=int, default=0,
+                   help="exit after N events, not counting workerbus/dropped reports (default 0: never)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop after SECONDS (default: never); exit 0 then, or 1 if no broker "
+                        "was reached, or if --count events did not all arrive in time")
     _add_common(p)
     p.set_defaults(func=_cmd_tail, log_level="WARNING")
 
@@ -344,18 +356,48 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _cmd_tail(args: argparse.Namespace) -> int:
+    seen = 0
+    connected = False
+
+    async def print_events(bus: Client) -> None:
+        nonlocal seen, connected
+        out = sys.stdout
+        dumps = functools.partial(json.dumps, default=_jsonable)
+        # The events iterator is subscribed before the connection starts, and has the
+        # default 1024-event buffer: when printing falls behind, the client stops
+        # reading (backpressure) and the broker's queue takes the backlog.
+        async with bus.events() as events:
+            await bus.wait_ready()
+            connected = True
+            while True:
+                try:
+                    ev = events.receive_nowait()
+                except anyio.WouldBlock:
+                    out.flush()  # one flush per burst, not per line
+                    ev = await events.receive()
+                line = {"source": ev.source, "event": ev.event, "data": ev.data, "wid": ev.wid}
+                out.write(dumps(line) + "\n")
+                if ev.source == "workerbus" and ev.event == "dropped":
+                    continue  # a report about events, not one of them
+                seen += 1
+                if args.count and seen >= args.count:
+                    break
+        out.flush()
+
     async def run() -> int:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_until_signal, tg.cancel_scope)
-            async with _client(args) as bus, bus.events() as events:
-                seen = 0
-                async for ev in events:
-                    line = {"source": ev.source, "event": ev.event, "data": ev.data, "wid": ev.wid}
-                    print(json.dumps(line, default=_jsonable), flush=True)
-                    seen += 1
-                    if args.count and seen >= args.count:
-                        break
+            with anyio.move_on_after(args.timeout if args.timeout is not None else float("inf")):
+                async with _client(args) as bus:
+                    await print_events(bus)
             tg.cancel_scope.cancel()
+        sys.stdout.flush()
+        if args.timeout is not None and not connected:
+            print(f"workerbus tail: no broker reachable at {args.address} within {args.timeout}s", file=sys.stderr)
+            return 1
+        if args.timeout is not None and args.count and seen < args.count:
+            print(f"workerbus tail: {seen} of {args.count} events in {args.timeout}s", file=sys.stderr)
+            return 1
         return 0
 
     try:

@@ -49,7 +49,7 @@ from .errors import (
     UpgradeRejected,
 )
 from .frame import frame_header
-from .logutil import LogLimiter
+from .logutil import LogLimiter, reason
 from .messages import (
     CAP_BARRIER,
     CAP_WELCOME,
@@ -89,6 +89,11 @@ DEFAULT_RECONNECT_MIN = 0.01
 DEFAULT_RECONNECT_MAX = 0.5
 #: Seconds ``aclose`` waits for buffered publishes to go out.
 _CLOSE_FLUSH_TIMEOUT = 2.0
+#: Closing politely (half-close, then read until the broker's end of stream): at most
+#: this long, and at most this many events read and discarded meanwhile; then we close
+#: anyway (the broker may then see a reset, as from a crashed client).
+_CLOSE_DRAIN_TIMEOUT = 1.0
+_CLOSE_DRAIN_MAX_EVENTS = 100_000
 _LIFECYCLE_SOURCE = "workerbus"
 #: Looking up an Enum member on its class runs Python code (~65 ns); publish() runs often.
 _CURRENT = TargetKind.CURRENT
@@ -125,7 +130,8 @@ class ClientStatistics:
     sent: int
     #: events handed to handlers (remote and ``current``)
     delivered: int
-    #: events lost on this side: publish buffer full, inbox full, iterator buffer full
+    #: publishes refused on this side (publish buffer full while disconnected); received
+    #: events are never dropped here: a full inbox stops reading (backpressure)
     dropped: int
     #: events the broker reported it had to drop for this worker
     dropped_by_broker: int
@@ -158,7 +164,10 @@ class Client:
             native client that gets no welcome within it fails :meth:`wait_ready` with
             :class:`~shared.errors.NoWelcome`.
         max_buffer_len: publishes held while disconnected (and in flight).
-        max_queue_len: received events waiting for handlers.
+        max_queue_len: received events waiting for handlers. When it is full the client
+            stops reading from the broker until the handlers catch up (backpressure): the
+            backlog waits in the broker's bounded queue, whose overflow policy applies
+            and which tells this client what it dropped (``dropped_by_broker``).
 
     Attributes:
         welcome: the broker's welcome of the current or last session (its version, limits,
@@ -246,6 +255,13 @@ class Client:
         self._undecodable = 0
         self._connects = 0
         self._reconnect_log = LogLimiter(logger, burst=1, interval=_RECONNECT_LOG_INTERVAL)
+        #: Everything else that can repeat per event or per connection.
+        self._log = LogLimiter(logger)
+        #: Set by __aexit__: the session half-closes and the reader discards what comes.
+        self._closing = False
+        #: Events read while closing (or cut off by the close), never handed to handlers.
+        self._discarded = 0
+        self._session_over: anyio.Event | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -290,7 +306,34 @@ class Client:
             logger.warning(
                 "closing with %d publishes written but not confirmed by the broker", unconfirmed
             )
+        await self._close_politely()
+        unhandled = self._dispatcher.depth
         tg.cancel_scope.cancel()
+        if unhandled or self._discarded:
+            logger.info(
+                "worker %d closed with %d received events not handled (%d in the inbox, "
+                "%d read while closing)",
+                self.worker_id,
+                unhandled + self._discarded,
+                unhandled,
+                self._discarded,
+            )
+
+    async def _close_politely(self) -> None:
+        """Half-close and read until the broker closes too, so that it sees a normal end
+        of stream rather than a reset (unread data in a closed socket makes the kernel
+        send one). Bounded by _CLOSE_DRAIN_TIMEOUT and _CLOSE_DRAIN_MAX_EVENTS."""
+        self._closing = True
+        over = self._session_over
+        if not self._connected or over is None:
+            return
+        self._dispatcher.wake_waiters()  # a reader waiting for room: discard instead
+        if self._writer_wakeup is not None:
+            self._writer_wakeup.set()  # the writer half-closes
+            self._writer_wakeup = None
+        # Shielded (and bounded): a client left by cancellation closes politely too.
+        with anyio.move_on_after(_CLOSE_DRAIN_TIMEOUT, shield=True):
+            await over.wait()
 
     @property
     def is_ready(self) -> bool:
@@ -356,7 +399,10 @@ class Client:
         """
         parsed = parse_target(target)
         if parsed.kind is _CURRENT:
+            # Never waits for room (a handler publishing to itself would wait for itself,
+            # docs/hardening.md); yields, so that a loop of these lets the handlers run.
             self._dispatcher.push(Event(source, event, data, None))
+            await anyio.lowlevel.checkpoint()
             return
         frame = self._encode(source, event, data, parsed)
         while len(self._buffer) >= self.max_buffer_len:
@@ -436,7 +482,9 @@ class Client:
     ) -> AbstractAsyncContextManager[MemoryObjectReceiveStream[Event]]:
         """``async with client.events("cache") as events: async for ev in events: ...``
 
-        Events that find the iterator's buffer full are dropped and counted.
+        When the iterator's buffer is full, the handler loop waits for its consumer, and
+        then the client stops reading from the broker (backpressure, nothing dropped
+        here): consume it, or leave the ``async with``.
         """
         return self._dispatcher.events(source, event, max_buffer=max_buffer)
 
@@ -449,6 +497,7 @@ class Client:
     async def _connection_loop(self) -> None:
         failures = 0
         short_sessions = 0
+        down_since = 0.0
         while True:
             try:
                 with anyio.fail_after(self.connect_timeout):
@@ -465,15 +514,20 @@ class Client:
                 if self._caps and isinstance(exc, (HandshakeError, TimeoutError)):
                     self._upgrade_failed(exc)
                 failures += 1
+                if failures == 1:
+                    down_since = anyio.current_time()
                 # At most one line per interval while the broker stays away (it retries
                 # every half second); the count of the others comes with the next line.
+                # Quiet (INFO) lines are limited apart, so they never hold back a warning.
+                level = self._unreachable_level(anyio.current_time() - down_since)
                 self._reconnect_log.log(
-                    logging.WARNING,
+                    level,
                     "worker %d cannot reach the broker at %s: %s (attempt %d)",
                     self.worker_id,
                     self.address,
-                    exc,
+                    reason(exc),
                     failures,
+                    key=f"unreachable/{level}",
                 )
                 await anyio.sleep(self._backoff(failures))
                 continue
@@ -489,6 +543,8 @@ class Client:
                 )
                 await anyio.sleep(self._backoff(failures))
                 continue
+            if self._closing:
+                return
             if anyio.current_time() - started < _SHORT_SESSION:
                 # Closed right after the hello, again and again: another process announces
                 # the same worker id (each new connection replaces the other), or the broker
@@ -629,6 +685,7 @@ class Client:
             frames = FrameStream(stream, header_len=self.profile.header_len, initial=initial)
             self.last_error = None
             self._connects += 1
+            self._session_over = anyio.Event()
             self._connected = True
             self._ready.set()
             logger.info("worker %d connected to %s", self.worker_id, self.address)
@@ -643,6 +700,8 @@ class Client:
                 self._ready = anyio.Event()
                 self._end_barrier()
                 self._made_progress()  # wake publishers waiting for room: they must re-check
+                if self._session_over is not None:
+                    self._session_over.set()
                 logger.info("worker %d lost its broker connection", self.worker_id)
                 self._session_ended()
         return None
@@ -700,6 +759,12 @@ class Client:
     def _session_ended(self) -> None:
         pass
 
+    def _unreachable_level(self, seconds: float) -> int:
+        """Log level of "cannot reach the broker" after ``seconds`` of failed attempts:
+        something is wrong, unless a subclass knows better (shared.embed: a host that is
+        starting or stopping on purpose)."""
+        return logging.WARNING
+
     def _decode_batch(self, payloads: list[bytes]) -> tuple[list[Fields], list[RemoteProtocolError]]:
         """Decode one read's deliveries: the valid events in order, one error per bad one.
 
@@ -708,40 +773,69 @@ class Client:
         """
         return decode_event_batch(self.profile, payloads)
 
+    def _decoded(self, payloads: list[bytes]) -> list[Fields]:
+        batch, errors = self._decode_batch(payloads)
+        for exc in errors:
+            if type(exc) is ControlFrame:
+                # (a pong: found on the decoders' error path, so the delivery path pays
+                # nothing for it)
+                self._control(exc)
+                continue
+            # Another publisher's bad event: skip it (counted), keep the connection.
+            self._undecodable += 1
+            self._log.log(
+                logging.ERROR, "worker %d: undecodable event skipped: %s", self.worker_id, exc
+            )
+        if _LIFECYCLE_SOURCE in map(_first, batch):  # (rare: scanned in C first)
+            for source, event, data, _ in batch:
+                if source == _LIFECYCLE_SOURCE and event == "dropped":
+                    self._note_broker_drops(data)
+        return batch
+
     async def _read_loop(self, frames: FrameStream) -> None:
         # No Event object per delivery: each read's events go to the dispatcher as
-        # (source, event, data, wid) tuples, in one call.
-        decode_batch = self._decode_batch
+        # (source, event, data, wid) tuples, in one call. When the inbox is full the
+        # loop waits for the handlers instead of reading on (backpressure): the backlog
+        # then waits in the broker's bounded queue, which reports what it has to drop.
+        decoded = self._decoded
         push_many = self._dispatcher.push_many
         try:
             while True:
                 payloads = await frames.receive()
-                for start in range(0, len(payloads), _DECODE_CHUNK):
-                    if start:
-                        # One read can hold thousands of events: let the handlers and the
-                        # rest of the process run between chunks. Shielded, so a cancelled
-                        # connection still hands over every event it had read.
-                        with anyio.CancelScope(shield=True):
-                            await anyio.lowlevel.checkpoint()
-                    batch, errors = decode_batch(payloads[start : start + _DECODE_CHUNK])
-                    for exc in errors:
-                        if type(exc) is ControlFrame:
-                            # (a pong: found on the decoders' error path, so the delivery
-                            # path pays nothing for it)
-                            self._control(exc)
-                            continue
-                        # Another publisher's bad event: skip it, keep the connection.
-                        self._undecodable += 1
-                        logger.error("worker %d: undecodable event skipped: %s", self.worker_id, exc)
-                    if _LIFECYCLE_SOURCE in map(_first, batch):  # (rare: scanned in C first)
-                        for source, event, data, _ in batch:
-                            if source == _LIFECYCLE_SOURCE and event == "dropped":
-                                self._note_broker_drops(data)
-                    push_many(batch)
+                if self._closing:
+                    self._discarded += len(payloads)
+                    if self._discarded >= _CLOSE_DRAIN_MAX_EVENTS:
+                        return  # a broker that keeps sending: close anyway
+                    continue
+                start = 0
+                try:
+                    while start < len(payloads):
+                        if start:
+                            # One read can hold thousands of events: let the handlers and
+                            # the rest of the process run between chunks. Shielded, so a
+                            # cancelled connection still hands over every event it read.
+                            with anyio.CancelScope(shield=True):
+                                await anyio.lowlevel.checkpoint()
+                        batch = decoded(payloads[start : start + _DECODE_CHUNK])
+                        start += _DECODE_CHUNK
+                        taken = push_many(batch)
+                        if taken < len(batch):
+                            await self._hand_over(batch, taken)
+                except BaseException:
+                    # Cut off (cancelled) while waiting for room: what this read still
+                    # holds goes to the handlers anyway, unless the client is closing.
+                    self._keep(decoded(payloads[start:]))
+                    raise
         except anyio.EndOfStream:
             pass
         except RemoteProtocolError as exc:
-            logger.error("worker %d: broker broke the protocol: %s", self.worker_id, exc)
+            if self._closing:
+                # e.g. the broker cut a frame short when it saw our end of stream
+                logger.info("worker %d: connection ended while closing: %s", self.worker_id, exc)
+            else:
+                self._log.log(
+                    logging.ERROR, "worker %d: broker broke the protocol: %s", self.worker_id, exc
+                )
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             logger.info("worker %d: read failed: %r", self.worker_id, exc)
 
@@ -753,17 +847,46 @@ class Client:
             self._undecodable += 1
             logger.error("worker %d: unexpected control frame skipped: %r", self.worker_id, frame.message)
 
+    async def _hand_over(self, batch: list[Fields], taken: int) -> None:
+        """Give the rest of ``batch`` to the dispatcher, waiting for room as needed."""
+        dispatcher = self._dispatcher
+        try:
+            while taken < len(batch) and not self._closing:
+                await dispatcher.wait_room()
+                taken += dispatcher.push_many(batch[taken:])
+        finally:
+            self._keep(batch[taken:])
+
+    def _keep(self, events: list[Fields]) -> None:
+        """Events read but not handed over: handled over the bound, or when the client is
+        closing, discarded and counted (they arrived after the user was done)."""
+        if not events:
+            return
+        if self._closing:
+            self._discarded += len(events)
+        else:
+            self._dispatcher.push_all(events)
+
     def _note_broker_drops(self, data: Any) -> None:
         count = data.get("count") if isinstance(data, dict) else None
         if isinstance(count, (int, float)):
             self._dropped_by_broker += int(count)
-            logger.warning("worker %d: the broker dropped %d events for us", self.worker_id, count)
+            self._log.log(
+                logging.WARNING,
+                "worker %d: the broker dropped %d events for us (%d so far)",
+                self.worker_id,
+                count,
+                self._dropped_by_broker,
+            )
 
     async def _write_loop(self, frames: FrameStream, scope: anyio.CancelScope) -> None:
         buffer = self._buffer
         barrier = self._barrier
         pings = self._pings_pending
         while True:
+            if self._closing:
+                await self._half_close(frames)
+                return
             if not buffer and not pings:
                 self._writer_wakeup = wakeup = anyio.Event()
                 await wakeup.wait()
@@ -808,6 +931,14 @@ class Client:
                 self._in_flight = 0
             self._sent += len(batch)
             self._made_progress()
+
+    async def _half_close(self, frames: FrameStream) -> None:
+        """Closing: say we are done writing, so that the broker sees a clean end of
+        stream (no reset), answers with its own, and the reader drains until then."""
+        try:
+            await frames.stream.send_eof()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, NotImplementedError) as exc:
+            logger.info("worker %d: could not half-close: %r", self.worker_id, exc)
 
     # --- introspection -------------------------------------------------------------------
 

@@ -8,6 +8,15 @@ logged with its traceback and counted; the next handler still runs.
 
 The loop belongs to the client, not to its broker connection, so a lost connection never
 cancels a running handler.
+
+Backpressure, not drops: the inbox is bounded for events read from the broker
+(:meth:`Dispatcher.push_many` takes what fits, :meth:`Dispatcher.wait_room` waits for the
+handlers to make room, so the client stops reading its socket and the backlog waits in the
+broker's bounded queue, where the overflow policy applies and the worker is told). An
+iterator (:meth:`Dispatcher.events`) whose buffer is full makes the handler loop wait for
+its consumer. Local events (``current`` publishes, the client's own notices) are never
+refused and never wait: they come from this process, and a handler (or an iterator's
+consumer) that had to wait for room in the inbox would wait for itself.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from typing import Any, TypeAlias
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from .logutil import LogLimiter
 from .messages import Event
 
 __all__ = ["Dispatcher", "Handler"]
@@ -49,7 +59,8 @@ class Dispatcher:
     """Handler registry plus a bounded inbox drained by :meth:`run`.
 
     Args:
-        max_queue_len: events waiting for handlers; one more is dropped and counted.
+        max_queue_len: events from the broker waiting for handlers; the reader waits for
+            room rather than go over it (local events may, see the module docstring).
     """
 
     def __init__(self, max_queue_len: int) -> None:
@@ -62,13 +73,22 @@ class Dispatcher:
         # Plain tuples, not Event objects: the inbox sees every delivery.
         self._inbox: deque[Fields] = deque()
         self._wakeup: anyio.Event | None = None
+        #: Set by a reader waiting for room (see wait_room); run() sets it after a burst.
+        self._room: anyio.Event | None = None
         # Handler lists per (source, event), resolved once instead of per event; emptied
         # on every (un)subscribe, which also bumps the version (see run()).
         self._routes: dict[tuple[str, str], _Route] = {}
         self._version = 0
         self.delivered = 0
+        #: Events lost on this side. Nothing drops events any more (backpressure); kept
+        #: so that statistics keep their shape.
         self.dropped = 0
         self.handler_errors = 0
+        #: A handler that fails on every event must not write a traceback per event.
+        self._log = LogLimiter(logger)
+        #: Times a reader waited for room, and an iterator's buffer made run() wait.
+        self.waits_for_room = 0
+        self.waits_for_iterator = 0
         #: True while an event's handlers are running.
         self.busy = False
 
@@ -119,16 +139,28 @@ class Dispatcher:
     ) -> AsyncIterator[MemoryObjectReceiveStream[Event]]:
         """Subscribe with an async iterator instead of a callback.
 
-        Events that find the iterator's buffer full are dropped and counted.
+        An event that finds the iterator's buffer full makes the handler loop wait until
+        the consumer takes one (nothing is dropped; the client then stops reading from the
+        broker, whose queue holds the backlog). So consume it, or leave the ``async with``.
         """
         send, receive = anyio.create_memory_object_stream[Event](max_buffer)
 
-        def sink(data: Any, ev: str, src: str, wid: int | None) -> None:
+        async def wait_for_consumer(item: Event) -> None:
+            self.waits_for_iterator += 1
             try:
-                send.send_nowait(Event(src, ev, data, wid))
+                await send.send(item)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # the consumer left the ``async with``: nobody wants this event
+
+        def sink(data: Any, ev: str, src: str, wid: int | None) -> Awaitable[None] | None:
+            item = Event(src, ev, data, wid)
+            try:
+                send.send_nowait(item)
             except anyio.WouldBlock:
-                self.dropped += 1
-                logger.warning("subscriber buffer full (%d): dropped %s/%s", max_buffer, src, ev)
+                return wait_for_consumer(item)  # awaited by run(): backpressure
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # the consumer left; the subscription goes with the ``async with``
+            return None
 
         sub_id = self.subscribe(source, event, sink)
         try:
@@ -140,23 +172,21 @@ class Dispatcher:
 
     # --- the handler loop ----------------------------------------------------------------
 
-    def push(self, event: Event) -> bool:
-        """Queue an event for the handlers; False (and counted) when the inbox is full."""
-        if len(self._inbox) >= self.max_queue_len:
-            self.dropped += 1
-            logger.error("event inbox full (%d): dropped %s/%s", self.max_queue_len, event.source, event.event)
-            return False
+    def push(self, event: Event) -> None:
+        """Queue a local event (``current``, or the client's own notice): never refused.
+
+        Local events do not wait for room: they come from this process, often from a
+        handler, which would wait for itself. They may take the inbox over
+        ``max_queue_len``; the reader then waits until the handlers are back under it.
+        """
         self._inbox.append((event.source, event.event, event.data, event.wid))
         if self._wakeup is not None:
             self._wakeup.set()
             self._wakeup = None
-        return True
 
     def push_many(self, events: Sequence[Fields]) -> int:
-        """Queue ``(source, event, data, wid)`` tuples in order; returns how many fitted.
-
-        What does not fit in the inbox is dropped and counted, as with :meth:`push`.
-        """
+        """Queue ``(source, event, data, wid)`` tuples in order, as many as fit; returns
+        how many. The caller keeps the rest and waits for room (:meth:`wait_room`)."""
         inbox = self._inbox
         room = self.max_queue_len - len(inbox)
         if len(events) <= room:
@@ -165,17 +195,38 @@ class Dispatcher:
         else:
             taken = max(room, 0)
             inbox.extend(events[:taken])
-            lost = len(events) - taken
-            self.dropped += lost
-            first = events[taken]
-            logger.error(
-                "event inbox full (%d): dropped %d events, the first %s/%s",
-                self.max_queue_len, lost, first[0], first[1],
-            )  # fmt: skip
         if taken and self._wakeup is not None:
             self._wakeup.set()
             self._wakeup = None
         return taken
+
+    def push_all(self, events: Sequence[Fields]) -> None:
+        """Queue events already read even over the bound (a reader cut off while it
+        waited for room hands over what it holds: at most one read's worth)."""
+        self._inbox.extend(events)
+        if events and self._wakeup is not None:
+            self._wakeup.set()
+            self._wakeup = None
+
+    @property
+    def full(self) -> bool:
+        return len(self._inbox) >= self.max_queue_len
+
+    async def wait_room(self) -> None:
+        """Wait while the inbox is full, until a burst of handlers leaves it below
+        ``max_queue_len`` or :meth:`wake_waiters` is called; the caller checks again."""
+        if len(self._inbox) < self.max_queue_len:
+            return
+        self.waits_for_room += 1
+        if self._room is None:
+            self._room = anyio.Event()
+        await self._room.wait()
+
+    def wake_waiters(self) -> None:
+        """Wake a reader waiting for room, e.g. to make it notice the client is closing."""
+        if self._room is not None:
+            self._room.set()
+            self._room = None
 
     async def run(self) -> None:
         """Handle queued events forever, one at a time.
@@ -208,16 +259,24 @@ class Dispatcher:
                             result = handler(data, event, source, wid)
                             if result is not None and isawaitable(result):
                                 await result
-                        except Exception:
+                        except Exception:  # noqa: BLE001 - logged with its traceback, rate-limited
                             self.handler_errors += 1
-                            logger.exception(
-                                "event handler failed; source=%s, event=%s, wid=%s", source, event, wid
+                            self._log.log(
+                                logging.ERROR,
+                                "event handler failed; source=%s, event=%s, wid=%s",
+                                source,
+                                event,
+                                wid,
+                                exc_info=True,
                             )
                         if self._version != version:
                             await self._finish_changed(levels, done, (data, event, source, wid))
                             break
             finally:
                 self.busy = False
+            if self._room is not None and len(inbox) < self.max_queue_len:
+                self._room.set()  # the reader waits for room: it may read again
+                self._room = None
             # Let other tasks run between bursts even when every handler is synchronous.
             await anyio.lowlevel.checkpoint()
 
@@ -260,9 +319,16 @@ class Dispatcher:
                 result = handler(data, event, source, wid)
                 if result is not None and inspect.isawaitable(result):
                     await result
-            except Exception:
+            except Exception:  # noqa: BLE001 - logged with its traceback, rate-limited
                 self.handler_errors += 1
-                logger.exception("event handler failed; source=%s, event=%s, wid=%s", source, event, wid)
+                self._log.log(
+                    logging.ERROR,
+                    "event handler failed; source=%s, event=%s, wid=%s",
+                    source,
+                    event,
+                    wid,
+                    exc_info=True,
+                )
 
     async def dispatch(self, ev: Event) -> None:
         """Run every matching handler for one event."""
@@ -280,8 +346,13 @@ class Dispatcher:
                     result = handler(ev.data, ev.event, ev.source, ev.wid)
                     if inspect.isawaitable(result):
                         await result
-                except Exception:
+                except Exception:  # noqa: BLE001 - logged with its traceback, rate-limited
                     self.handler_errors += 1
-                    logger.exception(
-                        "event handler failed; source=%s, event=%s, wid=%s", ev.source, ev.event, ev.wid
+                    self._log.log(
+                        logging.ERROR,
+                        "event handler failed; source=%s, event=%s, wid=%s",
+                        ev.source,
+                        ev.event,
+                        ev.wid,
+                        exc_info=True,
                     )

@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-__all__ = ["DEFAULT_LOG_BURST", "DEFAULT_LOG_INTERVAL", "LogLimiter"]
+__all__ = ["DEFAULT_LOG_BURST", "DEFAULT_LOG_INTERVAL", "LogLimiter", "reason"]
 
 #: Lines of one kind logged per interval before the rest are only counted.
 DEFAULT_LOG_BURST = 5
@@ -26,14 +26,30 @@ DEFAULT_LOG_INTERVAL = 10.0
 _MAX_KINDS = 256
 
 
+def reason(exc: BaseException) -> str:
+    """An exception as a log line's reason: its text, or its repr when the text is empty
+    (``str(TimeoutError())`` is ``""``, which made lines like "cannot reach ...:  ")."""
+    text = str(exc)
+    return text if text.strip() else repr(exc)
+
+
+def _format(msg: str, args: tuple[object, ...]) -> str:
+    try:
+        return msg % args if args else msg
+    except (TypeError, ValueError):
+        return f"{msg} {args!r}"
+
+
 class _Window:
-    __slots__ = ("level", "logged", "start", "suppressed")
+    __slots__ = ("last", "level", "logged", "start", "suppressed")
 
     def __init__(self, start: float, level: int) -> None:
         self.start = start
         self.level = level
         self.logged = 0
         self.suppressed = 0
+        #: The latest suppressed line, unformatted (formatted only if reported).
+        self.last: tuple[str, tuple[object, ...]] = ("", ())
 
 
 class LogLimiter:
@@ -66,8 +82,13 @@ class LogLimiter:
         #: Lines not logged so far, over all kinds (for statistics and tests).
         self.suppressed = 0
 
-    def log(self, level: int, msg: str, *args: object, key: str | None = None) -> bool:
-        """Log ``msg % args`` unless this kind already used up its window; True if logged."""
+    def log(
+        self, level: int, msg: str, *args: object, key: str | None = None, exc_info: bool = False
+    ) -> bool:
+        """Log ``msg % args`` unless this kind already used up its window; True if logged.
+
+        ``exc_info``: add the traceback of the exception being handled (a logged line only).
+        """
         kind = msg if key is None else key
         now = self._clock()
         window = self._windows.get(kind)
@@ -82,9 +103,10 @@ class LogLimiter:
                 self._report(old_kind, old)
         if window.logged < self.burst:
             window.logged += 1
-            self.logger.log(level, msg, *args, stacklevel=2)
+            self.logger.log(level, msg, *args, stacklevel=2, exc_info=exc_info)
             return True
         window.suppressed += 1
+        window.last = (msg, args)
         self.suppressed += 1
         return False
 
@@ -100,10 +122,12 @@ class LogLimiter:
 
     def _report(self, kind: str, window: _Window) -> None:
         if window.suppressed:
+            # The count, and the latest of them with its arguments filled in: the format
+            # string alone ("dropping %s: %s") says what kind, not what happened.
             self.logger.log(
                 window.level,
-                "%d more lines like %r suppressed in %.0f s",
+                "%d more lines like this suppressed in %.0f s, the latest: %s",
                 window.suppressed,
-                kind,
                 self.interval,
+                _format(*window.last),
             )

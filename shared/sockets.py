@@ -6,7 +6,8 @@ which the socket turns readable (a peer's EOF while the broker shuts down, a rep
 connection), the queued ``set_result`` runs on a cancelled future and asyncio logs an
 ``InvalidStateError`` "Exception in callback" (and anyio's pytest plugin fails the test).
 ``anyio.wait_readable`` does not have that flaw, so :class:`GuardedStream` receives with
-it and the raw socket, and leaves everything else to the wrapped anyio stream.
+it and the raw socket; it sends the same way (``anyio.wait_writable``: a writer waiting for
+room has the same race), and leaves everything else to the wrapped anyio stream.
 
 Remove this module once anyio's ``_RawSocketMixin`` tolerates the race (it already does so
 in ``aclose``, anyio PR #1269).
@@ -54,7 +55,27 @@ class GuardedStream(ByteStream):
             return data
 
     async def send(self, item: bytes) -> None:
-        await self._inner.send(item)
+        # The same race on the way out: a writer blocked on a full socket and cancelled
+        # just as the peer reads (the broker does exactly that when a client half-closes
+        # and drains, see Client._close_politely). Like trio's send: a cancellation is
+        # taken before anything is written, the schedule point comes after.
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        sock = self._sock
+        view = memoryview(item)
+        while view:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            try:
+                sent = sock.send(view)
+            except BlockingIOError:
+                await anyio.wait_writable(sock)
+                continue
+            except OSError as exc:
+                if self._closed or exc.errno == errno.EBADF:
+                    raise anyio.ClosedResourceError from None
+                raise anyio.BrokenResourceError from exc
+            view = view[sent:]
+        await anyio.lowlevel.cancel_shielded_checkpoint()
 
     async def send_eof(self) -> None:
         await self._inner.send_eof()

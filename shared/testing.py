@@ -10,6 +10,11 @@ over ``max_payload_len``) because it encodes every publish the same way, and han
 the data after a codec round trip, as they would from a broker. Routing is the broker's own
 :class:`~shared.router.Router` with this process as the only worker: ``all`` and its own
 ``worker:N`` come back, ``others`` reaches nobody, ``unique`` is deduplicated.
+
+Backpressure works as with a broker: routed events wait in the router's bounded queue
+(``max_queue_len``, drop-newest) until the handlers' inbox has room; what that queue has to
+drop is reported to the handlers as a ``("workerbus", "dropped", {"count", "total"})`` event,
+as a broker would. ``current`` publishes go straight to the inbox, as in the client.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .dispatch import Dispatcher, Handler
-from .messages import Event, Target, TargetKind, build_publish, decode_event, parse_target
+from .messages import Event, Target, TargetKind, build_publish, decode_event_batch, parse_target
 from .profile import Profile, get_profile
 from .router import DEFAULT_MAX_QUEUE_LEN, DEFAULT_UNIQUE_TIMEOUT, Router
 
@@ -51,12 +56,41 @@ class LocalBus:
         self.welcome = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._published = 0
+        #: The pump holds a batch taken from the queue (so drain() must wait for it).
+        self._pumping = 0
 
     async def __aenter__(self) -> LocalBus:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self._dispatcher.run)
+        self._tg.start_soon(self._pump)
         return self
+
+    async def _pump(self) -> None:
+        """The broker's writer and the client's reader in one: queue → inbox, waiting for
+        room in the inbox (backpressure) and reporting the queue's drops first."""
+        queue = self._queue
+        dispatcher = self._dispatcher
+        while True:
+            if not queue.frames and not queue.dropped_unreported:
+                wakeup = anyio.Event()
+                queue.wakeup = wakeup.set
+                await wakeup.wait()
+                continue
+            batch = queue.take_all()
+            self._pumping = len(batch)
+            events, _ = decode_event_batch(self.profile, batch)
+            if queue.dropped_unreported:
+                count, queue.dropped_unreported = queue.dropped_unreported, 0
+                notice = {"count": count, "total": queue.dropped}
+                events.insert(0, ("workerbus", "dropped", notice, None))
+            taken = dispatcher.push_many(events)
+            while taken < len(events):
+                await dispatcher.wait_room()
+                taken += dispatcher.push_many(events[taken:])
+            queue.sent += len(batch)
+            self._pumping = 0
+            await anyio.lowlevel.checkpoint()
 
     async def __aexit__(
         self,
@@ -87,9 +121,7 @@ class LocalBus:
             self.profile, self.worker_id, source, event, data, parsed, self.max_payload_len
         )
         self._published += 1
-        self._router.route(self.worker_id, parsed, inner)
-        for payload in self._queue.take_all():
-            self._dispatcher.push(decode_event(self.profile, payload))
+        self._router.route(self.worker_id, parsed, inner)  # the pump delivers it
 
     async def publish(
         self, source: str, event: str, data: object = None, target: str | int | Target = "all"
@@ -103,7 +135,8 @@ class LocalBus:
 
     async def drain(self) -> None:
         """Wait until every event published so far has been handled."""
-        while self._dispatcher.depth or self._dispatcher.busy:
+        d = self._dispatcher
+        while self._queue.frames or self._pumping or d.depth or d.busy:
             await anyio.lowlevel.checkpoint()
 
     def subscribe(self, source: str, event: str, handler: Handler) -> str:
@@ -123,6 +156,9 @@ class LocalBus:
             "published": self._published,
             "delivered": d.delivered,
             "dropped": d.dropped,
+            "dropped_by_queue": self._queue.dropped,
+            "queued": len(self._queue.frames),
+            "inbox": d.depth,
             "handler_errors": d.handler_errors,
             "unique_duplicates": self._router.unique_duplicates,
             "unconfirmed": 0,

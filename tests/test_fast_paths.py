@@ -9,7 +9,8 @@ tests hold the shortcut to the general path's results, on many generated inputs:
 - decode_event_batch: a read's deliveries decoded in one loop;
 - MsgpackCodec.dumps: pooled packers;
 - WorkerQueue.push_many, Router.route_many, WorkerQueue.take_batch: whole runs per queue;
-- Dispatcher.run: handler lists remembered per (source, event), no coroutine per event.
+- Dispatcher.run: handler lists remembered per (source, event), no coroutine per event;
+- Dispatcher.push_many + wait_room: the bounded hand-over delivers what an unbounded inbox does.
 """
 
 from __future__ import annotations
@@ -359,19 +360,84 @@ def test_run_calls_handlers_exactly_like_dispatch(caplog: pytest.LogCaptureFixtu
 
 
 @pytest.mark.anyio
-async def test_push_many_counts_what_does_not_fit(caplog: pytest.LogCaptureFixture) -> None:
+async def test_push_many_takes_what_fits_and_drops_nothing() -> None:
     d = Dispatcher(3)
     seen: list[str] = []
     d.subscribe("*", "*", lambda data, event, source, wid: seen.append(event))
-    caplog.set_level(logging.ERROR, logger="shared.dispatch")
-    assert d.push_many([("s", str(i), None, 1) for i in range(5)]) == 3
-    assert d.dropped == 2
-    assert "dropped 2 events" in caplog.text
+    events = [("s", str(i), None, 1) for i in range(5)]
+    assert d.push_many(events) == 3
+    assert (d.dropped, d.depth, d.full) == (0, 3, True)
     async with anyio.create_task_group() as tg:
         tg.start_soon(d.run)
         with anyio.fail_after(5):
+            await d.wait_room()  # woken after the handlers' burst
+            assert d.push_many(events[3:]) == 2
             while d.depth or d.busy:
                 await anyio.lowlevel.checkpoint()
         tg.cancel_scope.cancel()
-    assert seen == ["0", "1", "2"]
-    assert d.delivered == 3
+    assert seen == ["0", "1", "2", "3", "4"]
+    assert (d.delivered, d.dropped) == (5, 0)
+
+
+async def _hand_over_scenario(seed: int, bounded: bool) -> tuple[list[Any], int]:
+    """A reader pushing reads of random size into a dispatcher whose handlers are a mix
+    of synchronous, asynchronous and an iterator with a small buffer. ``bounded``: the
+    client's hand-over (push_many, then wait_room for the rest); else an unbounded inbox.
+    Returns what the handlers and the iterator saw, in order, and the deepest inbox."""
+    rng = random.Random(seed)
+    limit = rng.choice([1, 2, 7, 50])
+    d = Dispatcher(limit if bounded else 10**9)
+    seen: list[Any] = []
+    deepest = 0
+
+    async def slow(data: Any, event: str, source: str, wid: int | None) -> None:
+        for _ in range(data % 3):
+            await anyio.lowlevel.checkpoint()
+        seen.append(("slow", data))
+
+    d.subscribe("s", "*", lambda data, event, source, wid: seen.append(("sync", data)))
+    d.subscribe("s", "e", slow)
+    n = 0
+    reads = []
+    for _ in range(rng.randint(1, 12)):
+        size = rng.randint(1, 30)
+        reads.append([("s", "e", n + i, 1) for i in range(size)])
+        n += size
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(d.run)
+        async with d.events("s", "e", max_buffer=rng.choice([1, 3])) as it:
+
+            async def consume() -> None:
+                for _ in range(n):
+                    ev = await it.receive()
+                    if ev.data % 5 == 0:
+                        await anyio.lowlevel.checkpoint()
+                    seen.append(("iter", ev.data))
+
+            tg.start_soon(consume)
+            with anyio.fail_after(20):
+                for batch in reads:
+                    taken = d.push_many(batch)
+                    deepest = max(deepest, d.depth)
+                    while taken < len(batch):
+                        await d.wait_room()
+                        taken += d.push_many(batch[taken:])
+                        deepest = max(deepest, d.depth)
+                while d.depth or d.busy or len([x for x in seen if x[0] == "iter"]) < n:
+                    await anyio.lowlevel.checkpoint()
+        tg.cancel_scope.cancel()
+    assert d.dropped == 0
+    if bounded:
+        assert deepest <= limit
+    return seen, n
+
+
+@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.anyio
+async def test_hand_over_with_backpressure_delivers_what_an_unbounded_inbox_does(seed: int) -> None:
+    bounded, n = await _hand_over_scenario(seed, bounded=True)
+    reference, _ = await _hand_over_scenario(seed, bounded=False)
+    # Each consumer sees every event once, in order; only the interleaving may differ.
+    for kind in ("sync", "slow", "iter"):
+        mine = [x[1] for x in bounded if x[0] == kind]
+        assert mine == [x[1] for x in reference if x[0] == kind] == list(range(n))

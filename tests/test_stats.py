@@ -184,7 +184,7 @@ def test_log_limiter_lets_a_burst_through_then_counts(caplog: pytest.LogCaptureF
     clock.now = 10.0
     limiter.log(logging.WARNING, "peer %d misbehaved", 9)  # new window: report, then log
     assert [r.getMessage() for r in caplog.records] == [
-        "3 more lines like 'peer %d misbehaved' suppressed in 10 s",
+        "3 more lines like this suppressed in 10 s, the latest: peer 4 misbehaved",
         "peer 9 misbehaved",
     ]
 
@@ -199,7 +199,7 @@ def test_log_limiter_flush_reports_a_storm_that_stopped(caplog: pytest.LogCaptur
     assert len(caplog.records) == 1  # window still open: nothing to report yet
     clock.now = 6.0
     limiter.flush()
-    assert caplog.records[-1].getMessage() == "3 more lines like 'boom' suppressed in 5 s"
+    assert caplog.records[-1].getMessage() == "3 more lines like this suppressed in 5 s, the latest: boom"
     assert caplog.records[-1].levelno == logging.ERROR
     limiter.flush()
     assert len(caplog.records) == 2  # reported once
