@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import socket
 import sys
 
 from shared.conformance.casekit import KitConfig
@@ -86,6 +87,19 @@ def _address(text: str | None) -> str | None:
     return text[len("unix:"):]
 
 
+def _unreachable(path: str) -> str | None:
+    """Why nothing accepts connections at ``path``, or None if something does."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(5.0)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        probe.close()
+    return None
+
+
 def _profile(name: str) -> Profile | None:
     profile = PROFILES[name]
     if not profile.native:
@@ -107,6 +121,11 @@ def run_broker_command(args: argparse.Namespace) -> int:
         return 2
     if not select(args.only):
         print(f"conformance: no case matches {args.only}", file=sys.stderr)
+        return 2
+    problem = _unreachable(path)
+    if problem is not None:
+        # One line, instead of every case failing with the same reason.
+        print(f"conformance: cannot connect to {args.address}: {problem}", file=sys.stderr)
         return 2
     cfg = KitConfig(
         address=args.address, path=path, transport=args.transport, profile=profile,
