@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 
-from shared.conformance.cases_frames import ORDER_EVENTS, check_order
 from shared.conformance.casekit import CaseFailed, CaseSkipped, Ctx, case
+from shared.conformance.cases_frames import ORDER_EVENTS, check_order
 from shared.conformance.wire import Conn
 
 TARGET_EXTENSION = "worker/others targets are native-profile extensions"
