@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Set up everything workerbus needs on a fresh Debian machine, idempotently:
 # Debian packages (luajit for the Kong-codec oracle tests, redis-server and wrk for the
-# benchmarks, chromium and its webdriver for the browser tests), a virtualenv in .venv, and
-# the project with all its extras.
+# benchmarks, chromium and its webdriver for the browser tests), a virtualenv, and the
+# project with all its extras.
+#
+#   PYTHON=python3.13 VENV=.venv-3.13 bash scripts/setup.sh
+#
+# PYTHON picks the interpreter (default python3; any Python >= 3.10), VENV the virtualenv
+# directory (default .venv), so that several Python versions can live side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +25,12 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".[dev,servers,bench,top,plot,channels]"
-echo "setup: ready (.venv)"
+VENV=${VENV:-.venv}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+    echo "setup: workerbus needs Python >= 3.10; $PYTHON is $("$PYTHON" -V 2>&1)" >&2
+    exit 1
+fi
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+"$VENV/bin/python" -m pip install -q -e ".[dev,servers,bench,top,plot,channels]"
+echo "setup: ready ($VENV, $("$VENV/bin/python" -V))"

@@ -18,6 +18,17 @@ from typing import Any
 import anyio
 
 from .broker import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Broker
+from .cliargs import (
+    LOG_LEVELS,
+    Parser,
+    log_level,
+    non_negative_float,
+    non_negative_int,
+    octal_mode,
+    positive_float,
+    positive_int,
+    unix_address,
+)
 from .client import Client
 from .errors import AddressInUse, BusError, PayloadTooLarge
 from .messages import TargetKind, parse_target
@@ -35,51 +46,84 @@ logger = logging.getLogger("workerbus")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--transport", choices=("http", "stream"), default="http")
-    p.add_argument("--profile", choices=("native", "kong"), default="native")
+    p.add_argument("--transport", choices=("http", "stream"), default="http",
+                   help="how a connection starts: an HTTP/1.1 upgrade (http) or nothing (stream) "
+                        "(default %(default)s)")
+    p.add_argument("--profile", choices=("native", "kong"), default="native",
+                   help="wire format: native (2-byte frames, MessagePack) or kong "
+                        "(lua-resty-events 0.3) (default %(default)s)")
     p.add_argument(
         "--backend",
         choices=("asyncio", "uvloop", "trio"),
         default="asyncio",
-        help="event loop: asyncio (default), uvloop (asyncio on uvloop, if installed) or trio",
+        help="event loop: asyncio, uvloop (asyncio on uvloop, if installed) or trio "
+             "(default %(default)s)",
     )
-    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    _add_log_level(p, "INFO")
+
+
+def _add_log_level(p: argparse.ArgumentParser, default: str) -> None:
+    # %(default)s, not the literal: a subcommand's set_defaults(log_level=...) changes it.
+    p.add_argument("--log-level", type=log_level, default=default, metavar="LEVEL",
+                   help=f"log to stderr from this level on: {', '.join(LOG_LEVELS)} "
+                        "(default %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="workerbus", description="An event bus between worker processes.")
+    parser = Parser(prog="workerbus", description="An event bus between worker processes.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("broker", help="run a broker in the foreground")
-    p.add_argument("--listen", required=True, metavar="unix:PATH")
-    p.add_argument("--workers", type=int, default=0, metavar="N", help="pre-create queues for ids 0..N-1")
-    p.add_argument("--unique-timeout", type=float, default=DEFAULT_UNIQUE_TIMEOUT, metavar="SECONDS")
-    p.add_argument("--max-queue-len", type=int, default=DEFAULT_MAX_QUEUE_LEN, metavar="N")
-    p.add_argument("--max-payload-len", type=int, default=None, metavar="N",
-                   help="largest frame payload accepted (default: the profile's maximum)")
-    p.add_argument("--queue-grace", type=float, default=DEFAULT_QUEUE_GRACE, metavar="SECONDS")
-    p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS")
-    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N")
-    p.add_argument("--overflow", choices=[o.value for o in OverflowPolicy], default=OverflowPolicy.DROP_NEWEST.value)
-    p.add_argument("--mode", type=lambda s: int(s, 8), default=0o600, metavar="OCTAL", help="socket file mode (default 600)")
+    p.add_argument("--listen", required=True, type=unix_address, metavar="unix:PATH",
+                   help="the Unix socket to serve (an absolute path; required)")
+    p.add_argument("--workers", type=non_negative_int, default=0, metavar="N",
+                   help="pre-create queues for ids 0..N-1, so they miss nothing before they "
+                        "connect (default %(default)s)")
+    p.add_argument("--unique-timeout", type=positive_float, default=DEFAULT_UNIQUE_TIMEOUT, metavar="SECONDS",
+                   help="a unique:KEY event is delivered once per KEY within this window "
+                        "(default %(default)s)")
+    p.add_argument("--max-queue-len", type=positive_int, default=DEFAULT_MAX_QUEUE_LEN, metavar="N",
+                   help="events a worker's queue holds before --overflow applies (default %(default)s)")
+    p.add_argument("--max-payload-len", type=positive_int, default=None, metavar="N",
+                   help="largest frame payload accepted, in bytes (default: the profile's "
+                        "maximum, 65535 native, 16777215 kong)")
+    p.add_argument("--queue-grace", type=non_negative_float, default=DEFAULT_QUEUE_GRACE, metavar="SECONDS",
+                   help="how long a disconnected worker's queue is kept for its return "
+                        "(default %(default)s)")
+    p.add_argument("--handshake-timeout", type=positive_float, default=DEFAULT_HANDSHAKE_TIMEOUT,
+                   metavar="SECONDS",
+                   help="a new connection must finish its upgrade and hello within this "
+                        "(default %(default)s)")
+    p.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                   help="connections served at once; more are refused (default %(default)s)")
+    p.add_argument("--overflow", choices=[o.value for o in OverflowPolicy], default=OverflowPolicy.DROP_NEWEST.value,
+                   help="what a full worker queue does: drop the new event, drop the oldest, "
+                        "or disconnect the worker (default %(default)s)")
+    p.add_argument("--mode", type=octal_mode, default=0o600, metavar="OCTAL",
+                   help="permission bits of the socket file(s) (default 600)")
     p.add_argument("--lifecycle-events", action="store_true",
-                   help="also deliver workerbus/welcome, joined and left events (docs/embedding.md)")
+                   help="also deliver workerbus/welcome, joined and left events "
+                        "(docs/embedding.md) (default: off)")
     p.add_argument("--group", default=None, metavar="NAME",
-                   help="group of the socket file (with --mode 660 lets that group connect)")
-    p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
+                   help="group of the socket file, so that with --mode 660 that group can "
+                        "connect (default: the broker's own group)")
+    p.add_argument("--allow-uid", type=non_negative_int, action="append", default=[], metavar="UID",
                    help="also serve peers with this uid (repeatable; default: own uid and root)")
-    p.add_argument("--max-header-bytes", type=int, default=None, metavar="N",
+    p.add_argument("--max-header-bytes", type=positive_int, default=None, metavar="N",
                    help="largest HTTP upgrade request head (http transport; default 16384)")
-    p.add_argument("--stats-listen", default=None, metavar="unix:PATH",
-                   help="serve GET /metrics (Prometheus) and GET /stats (JSON) on this socket")
+    p.add_argument("--stats-listen", default=None, type=unix_address, metavar="unix:PATH",
+                   help="serve GET /metrics (Prometheus) and GET /stats (JSON) on this socket "
+                        "(default: none)")
     _add_common(p)
     p.set_defaults(func=_cmd_broker)
 
     p = sub.add_parser("stats", help="print a broker's statistics (from its --stats-listen socket)")
-    p.add_argument("address", metavar="unix:PATH")
-    p.add_argument("--json", action="store_true", help="JSON instead of the Prometheus text format")
-    p.add_argument("--timeout", type=float, default=5.0, help="give up after SECONDS")
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("address", type=unix_address, metavar="unix:PATH", help="the broker's --stats-listen socket")
+    p.add_argument("--json", action="store_true",
+                   help="JSON instead of the Prometheus text format (default: Prometheus)")
+    p.add_argument("--timeout", type=positive_float, default=5.0, metavar="SECONDS",
+                   help="give up after this long (default %(default)s)")
+    _add_log_level(p, "WARNING")
     p.set_defaults(func=_cmd_stats)
 
     from .top import add_parser as add_top
@@ -94,17 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
         "barrier): exits 0 once the event came back to the publisher (target all), or once "
         "it was written (unique targets). Otherwise one line on stderr and a non-zero exit.",
     )
-    p.add_argument("address", metavar="unix:PATH")
-    p.add_argument("source")
-    p.add_argument("event")
-    p.add_argument("data", nargs="?", default=None, metavar="JSON-DATA")
-    p.add_argument("--target", default="all", help="all | others | worker:N | unique:KEY")
+    p.add_argument("address", type=unix_address, metavar="unix:PATH", help="the broker's socket")
+    p.add_argument("source", help="the event's source, e.g. cache")
+    p.add_argument("event", help="the event's name, e.g. invalidate")
+    p.add_argument("data", nargs="?", default=None, metavar="JSON-DATA",
+                   help="the event's data as JSON (default: none)")
+    p.add_argument("--target", default="all",
+                   help="who gets it: all | others | worker:N | unique:KEY (default %(default)s)")
     p.add_argument("--id", type=int, default=None, dest="worker_id",
                    help="worker id in the hello (default: native, one derived from the pid, "
                         "held by nobody else; kong, -1, since a real lua-resty-events broker "
                         "closes ids it has no queue for)")
-    p.add_argument("--timeout", type=float, default=5.0,
-                   help="give up after SECONDS, connect to confirmation (default 5)")
+    p.add_argument("--timeout", type=positive_float, default=5.0, metavar="SECONDS",
+                   help="give up after this long, connect to confirmation (default %(default)s)")
     _add_common(p)
     p.set_defaults(func=_cmd_publish, log_level="WARNING")
 
@@ -117,22 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
         '(data {"count": N, "total": T}), so printed events plus reported drops is what '
         "was published.",
     )
-    p.add_argument("address", metavar="unix:PATH")
-    p.add_argument("--id", type=int, default=-1, dest="worker_id", help="worker id in the hello (default -1)")
-    p.add_argument("--count", type=int, default=0,
+    p.add_argument("address", type=unix_address, metavar="unix:PATH", help="the broker's socket")
+    p.add_argument("--id", type=int, default=-1, dest="worker_id",
+                   help="worker id in the hello (default %(default)s)")
+    p.add_argument("--count", type=non_negative_int, default=0, metavar="N",
                    help="exit after N events, not counting workerbus/dropped reports (default 0: never)")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
                    help="stop after SECONDS (default: never); exit 0 then, or 1 if no broker "
                         "was reached, or if --count events did not all arrive in time")
     _add_common(p)
     p.set_defaults(func=_cmd_tail, log_level="WARNING")
 
     p = sub.add_parser("demo", help="a broker and N worker processes publishing to each other")
-    p.add_argument("--workers", type=int, default=4, metavar="N")
-    p.add_argument("--transport", choices=("http", "stream"), default="http")
+    p.add_argument("--workers", type=positive_int, default=4, metavar="N",
+                   help="worker processes (default %(default)s)")
+    p.add_argument("--transport", choices=("http", "stream"), default="http",
+                   help="how connections start (default %(default)s)")
     p.add_argument("--asgi", action="store_true",
-                   help="instead: run examples/asgi_app.py under uvicorn with N workers (embedded bus)")
-    p.add_argument("--log-level", default="WARNING")
+                   help="instead: run examples/asgi_app.py under uvicorn with N workers "
+                        "(embedded bus) (default: off)")
+    _add_log_level(p, "WARNING")
     p.set_defaults(func=_cmd_demo)
 
     try:
@@ -240,13 +290,35 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
     from .statsserver import fetch_stats
 
+    where = args.address
+    hint = "give the address the broker was started with as --stats-listen"
     try:
-        sys.stdout.write(fetch_stats(args.address, as_json=args.json, timeout=args.timeout))
+        sys.stdout.write(fetch_stats(where, as_json=args.json, timeout=args.timeout))
     except ValueError as exc:
         print(f"workerbus stats: {exc}", file=sys.stderr)
         return 2
+    except httpx.HTTPStatusError as exc:
+        answer = exc.response
+        upgrade = answer.headers.get("upgrade", "").lower()
+        if answer.status_code == 426 and "kong-worker-events" in upgrade:
+            print(f"workerbus stats: {where} is a bus socket (http transport), not a statistics "
+                  f"socket; {hint}", file=sys.stderr)
+        else:
+            print(f"workerbus stats: {where} answered {answer.status_code} {answer.reason_phrase}: "
+                  f"not a workerbus statistics socket; {hint}", file=sys.stderr)
+        return 1
+    except httpx.RemoteProtocolError:
+        # A stream-transport bus socket takes the request for a bad frame and hangs up.
+        print(f"workerbus stats: {where} closed the connection without an HTTP answer: not a "
+              f"statistics socket (a bus socket of the stream transport does that); {hint}",
+              file=sys.stderr)
+        return 1
+    except httpx.TimeoutException:
+        print(f"workerbus stats: no answer from {where} within {args.timeout:g}s: is it a "
+              f"statistics socket? {hint}", file=sys.stderr)
+        return 1
     except httpx.HTTPError as exc:
-        print(f"workerbus stats: cannot fetch statistics from {args.address}: {exc}", file=sys.stderr)
+        print(f"workerbus stats: cannot fetch statistics from {where}: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -19,6 +19,7 @@ from typing import Protocol
 from anyio.abc import ByteStream, SocketListener
 
 from .errors import AddressInUse
+from .unixpath import socket_path
 
 __all__ = ["Transport", "get_transport", "open_unix_listener", "parse_address"]
 
@@ -77,11 +78,10 @@ def parse_address(address: str) -> str:
     """``unix:/abs/path.sock`` → ``/abs/path.sock``.
 
     Raises:
-        ValueError: not a ``unix:`` address (lua-resty-events has the same rule).
+        ValueError: not a ``unix:`` address (lua-resty-events has the same rule), a relative
+            path, or one longer than AF_UNIX allows.
     """
-    if not address.startswith("unix:") or len(address) == len("unix:"):
-        raise ValueError(f'address must start with "unix:" and name a path, got {address!r}')
-    return address[len("unix:") :]
+    return socket_path(address)
 
 
 def _is_live(path: str) -> bool:

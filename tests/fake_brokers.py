@@ -13,6 +13,8 @@ Flaws (each should make at least one named kit case fail):
 - ``die-on-bad-input``: the whole process exits on the first bad payload.
 - ``no-welcome``: ignores the capabilities of a hello (an old broker: no welcome).
 - ``early-pong``: answers a ping at once, and routes the publishes read with it later.
+- ``late-to-worker-1``: every 50th delivery to worker id 1 arrives one place late (after
+  the next one); every other id is served in order.
 
 Without a flaw it implements the negotiated native extensions (welcome, ping/pong).
 """
@@ -33,10 +35,12 @@ UPGRADE = b"kong-worker-events/1"
 SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
              b"Upgrade: Kong-Worker-Events/1\r\n\r\n")
 FLAWS = ("none", "reencode", "drop-after-head", "no-dedup", "die-on-bad-input", "no-welcome",
-         "early-pong")
+         "early-pong", "late-to-worker-1")
 #: Said in the welcome. The fake's queues are unbounded and it writes inline, so it says
 #: "too large to overflow" (native.pong-overflow skips) rather than deadlock that case.
 MAX_QUEUE_LEN = 1_000_000
+#: late-to-worker-1: which delivery to worker 1 is held back and sent after the next one.
+LATE_EVERY = 50
 
 
 class Bad(Exception):
@@ -90,6 +94,8 @@ class FakeBroker:
         self.peers: dict[int, socket.socket] = {}
         self.queues: dict[int, list[bytes]] = {}  # ids seen but not connected now
         self.uniques: dict[str, float] = {}
+        self.to_worker_1 = 0  # deliveries to worker 1 (late-to-worker-1)
+        self.held: bytes | None = None
 
     def serve_forever(self) -> None:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -161,7 +167,7 @@ class FakeBroker:
                     old.shutdown(socket.SHUT_RDWR)
                 self.peers[wid] = sock
                 for data in self.queues.pop(wid, []):
-                    self.send(wid, data)
+                    self.deliver(wid, data)
             held: list[dict[str, object]] = []  # early-pong: routed after the pong
             while True:
                 msg = self.decode(conn.frame(None))
@@ -199,6 +205,19 @@ class FakeBroker:
     def send(self, wid: int, data: bytes) -> None:
         if self.flaw == "reencode":
             data = msgpack.packb(msgpack.unpackb(data, raw=False), use_bin_type=True)
+        if self.flaw == "late-to-worker-1" and wid == 1:
+            self.to_worker_1 += 1
+            if self.to_worker_1 % LATE_EVERY == 0:
+                self.held = data
+                return
+            self.deliver(wid, data)
+            if self.held is not None:
+                data, self.held = self.held, None
+                self.deliver(wid, data)
+            return
+        self.deliver(wid, data)
+
+    def deliver(self, wid: int, data: bytes) -> None:
         sock = self.peers.get(wid)
         if sock is None:
             self.queues.setdefault(wid, []).append(data)

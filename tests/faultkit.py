@@ -288,11 +288,12 @@ async def _worker(args: argparse.Namespace) -> None:
         _emit({"ready": args.id})
         async for words in _commands():
             cmd = words[0]
-            if cmd == "publish":  # publish COUNT EVENT [TARGET]: data = 0..COUNT-1
+            if cmd == "publish":  # publish COUNT EVENT [TARGET [START]]: data = START..START+COUNT-1
                 count, event = int(words[1]), words[2]
                 target = words[3] if len(words) > 3 else "all"
+                start = int(words[4]) if len(words) > 4 else 0
                 refused = 0
-                for i in range(count):
+                for i in range(start, start + count):
                     try:
                         await bus.publish("fault", event, i, target)
                     except PublishBufferFull:

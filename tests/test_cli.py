@@ -85,7 +85,7 @@ def test_publish_errors_are_clear(sock_dir: str) -> None:
     )
     assert r.returncode == 1 and b"no broker reachable" in r.stderr
     r = subprocess.run(workerbus("publish", "/no/prefix", "s", "e"), capture_output=True, timeout=20)
-    assert r.returncode == 1 and b"unix:" in r.stderr
+    assert r.returncode == 2 and b"unix:" in r.stderr  # refused while parsing the arguments
     with broker(path):
         big = json.dumps("x" * 70000)
         r = subprocess.run(workerbus("publish", f"unix:{path}", "s", "e", big), capture_output=True, timeout=20)

@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import zipfile
 
 import pytest
 
@@ -21,7 +22,12 @@ def test_wheel_imports_every_package_outside_the_checkout() -> None:
             capture_output=True, timeout=300,
         )
         assert build.returncode == 0, build.stderr.decode()
+        # The license is declared the current (SPDX) way: no deprecation warning from the build.
+        assert b"Deprecat" not in build.stderr, build.stderr.decode()
         (wheel,) = pathlib.Path(tmp).glob("workerbus-*.whl")
+        with zipfile.ZipFile(wheel) as zf:
+            (meta,) = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
+            assert "License-Expression: MIT" in zf.read(meta).decode().splitlines()
         target = pathlib.Path(tmp) / "site"
         install = subprocess.run(
             [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],

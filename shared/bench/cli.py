@@ -11,6 +11,7 @@ import sys
 from dataclasses import replace
 from typing import Any
 
+from shared.cliargs import non_negative_float, non_negative_int, positive_float, positive_int
 from shared.progress import Progress
 
 from .peers import BASELINES, PEERS, WORKERBUS, make_peer
@@ -69,47 +70,48 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="scenarios or groups (all, workerbus, baselines), comma-separated; default all")
     p.add_argument("--list", action="store_true", help="list the scenarios and whether they can run here")
     p.add_argument("--tests", type=_tests, default=d.tests, help="lat (fixed rate) and/or thr (flood); default lat,thr")
-    p.add_argument("--subs", type=_ints, default=d.subs, metavar="N,..", help="subscriber counts of the floods (1,4,16)")
-    p.add_argument("--pubs", type=_ints, default=d.pubs, metavar="P,..", help="publisher counts of the floods (1,4)")
-    p.add_argument("--lat-subs", type=_ints, default=d.lat_subs, metavar="N,..", help="subscribers in the latency test (4)")
-    p.add_argument("--lat-pubs", type=_ints, default=d.lat_pubs, metavar="P,..", help="publishers in the latency test (1)")
-    p.add_argument("--events", type=int, default=d.events, help=f"events per flood (default {d.events:,})")
-    p.add_argument("--max-deliveries", type=int, default=d.max_deliveries,
+    p.add_argument("--subs", type=_ints, default=d.subs, metavar="N,..", help="subscriber counts of the floods (default 1,4,16)")
+    p.add_argument("--pubs", type=_ints, default=d.pubs, metavar="P,..", help="publisher counts of the floods (default 1,4)")
+    p.add_argument("--lat-subs", type=_ints, default=d.lat_subs, metavar="N,..", help="subscribers in the latency test (default 4)")
+    p.add_argument("--lat-pubs", type=_ints, default=d.lat_pubs, metavar="P,..", help="publishers in the latency test (default 1)")
+    p.add_argument("--events", type=positive_int, default=d.events, help=f"events per flood (default {d.events:,})")
+    p.add_argument("--max-deliveries", type=positive_int, default=d.max_deliveries,
                    help=f"cap a flood's events so that events × N ≤ this (default {d.max_deliveries:,})")
-    p.add_argument("--rate", type=float, default=d.rate, help="events/s of the latency test (default 10000)")
-    p.add_argument("--duration", type=float, default=d.duration, help="seconds of the latency test (default 2)")
-    p.add_argument("--reps", type=int, default=d.reps, help="runs per configuration, median reported (default 3)")
-    p.add_argument("--timeout", type=float, default=d.timeout, help="limit per run, seconds (default 90)")
-    p.add_argument("--budget", type=float, default=d.budget, help="start no run after this many seconds (1800)")
-    p.add_argument("--wait-idle", type=float, default=d.wait_idle,
+    p.add_argument("--rate", type=positive_float, default=d.rate, help="events/s of the latency test (default 10000)")
+    p.add_argument("--duration", type=positive_float, default=d.duration, help="seconds of the latency test (default 2)")
+    p.add_argument("--reps", type=positive_int, default=d.reps, help="runs per configuration, median reported (default 3)")
+    p.add_argument("--timeout", type=positive_float, default=d.timeout, help="limit per run, seconds (default 90)")
+    p.add_argument("--budget", type=positive_float, default=d.budget, help="start no run after this many seconds (default 1800)")
+    p.add_argument("--wait-idle", type=non_negative_float, default=d.wait_idle,
                    help="first wait up to this many seconds for an idle machine (default 60)")
-    p.add_argument("--max-bg", type=float, default=d.max_bg,
-                   help="re-measure a run when other processes used more than this %% of the CPU (10)")
-    p.add_argument("--retries", type=int, default=d.retries, help="re-measurements of a disturbed run (2)")
+    p.add_argument("--max-bg", type=positive_float, default=d.max_bg,
+                   help="re-measure a run when other processes used more than this %% of the CPU (default 10)")
+    p.add_argument("--retries", type=non_negative_int, default=d.retries, help="re-measurements of a disturbed run (default 2)")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke run (< 60 s): N=4 P=1 only, one short run each, no seed experiment")
     g = p.add_argument_group("seed experiment (uvicorn + wrk under an event storm)")
     s = SeedSettings()
     g.add_argument("--no-seed", action="store_true", help="skip the seed experiment")
     g.add_argument("--seed-only", action="store_true", help="run only the seed experiment")
-    g.add_argument("--seed-workers", type=int, default=s.workers, help="uvicorn server processes (default 2)")
-    g.add_argument("--seed-duration", type=float, default=s.duration, help="seconds of wrk load per run (5)")
-    g.add_argument("--seed-connections", type=int, default=s.connections, help="wrk connections (32)")
-    g.add_argument("--seed-reps", type=int, default=s.reps, help="runs per storm and route, interleaved (5)")
+    g.add_argument("--seed-workers", type=positive_int, default=s.workers, help="uvicorn server processes (default 2)")
+    g.add_argument("--seed-duration", type=positive_float, default=s.duration, help="seconds of wrk load per run (default 5)")
+    g.add_argument("--seed-connections", type=positive_int, default=s.connections, help="wrk connections (default 32)")
+    g.add_argument("--seed-reps", type=positive_int, default=s.reps, help="runs per storm and route, interleaved (default 5)")
     g.add_argument("--seed-storms", type=parse_storms, default=s.storms, metavar="NAME=BURST/SECONDS,..",
                    help="storms: events per burst per worker / seconds between bursts "
                         "(default light=100/0.5,heavy=1000/0.1)")
-    g.add_argument("--seed-transport", choices=("stream", "http"), default=s.transport)
+    g.add_argument("--seed-transport", choices=("stream", "http"), default=s.transport,
+                   help="transport of the seed experiment's bus (default %(default)s)")
     g.add_argument("--seed-backend", choices=("asyncio", "uvloop", "trio"), default=s.backend,
                    help="event loop of the seed experiment's broker (default uvloop)")
-    g.add_argument("--seed-poll", type=float, default=s.poll, help="poll interval of the shm route (0.01 s)")
+    g.add_argument("--seed-poll", type=positive_float, default=s.poll, help="poll interval of the shm route, seconds (default 0.01)")
     o = p.add_argument_group("output")
-    o.add_argument("--json", metavar="PATH", help="write the whole result (every run) as JSON")
-    o.add_argument("--from-json", metavar="PATH", help="measure nothing: print (and --markdown) a saved result")
-    o.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown")
+    o.add_argument("--json", metavar="PATH", help="write the whole result (every run) as JSON (default: not written)")
+    o.add_argument("--from-json", metavar="PATH", help="measure nothing: print (and --markdown) a saved result (default: measure)")
+    o.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown (default: not written)")
     o.add_argument("--plot", metavar="DIR",
                    help="write PNG charts (deliveries/s, latency, seed experiment) into DIR; "
-                        "needs the 'plot' extra (matplotlib)")
+                        "needs the 'plot' extra (matplotlib) (default: no charts)")
     p.set_defaults(func=_cmd_bench, log_level="WARNING")
     return p
 

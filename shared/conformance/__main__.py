@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from shared.cliargs import Parser
 from shared.conformance.cli import add_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.conformance")
+    parser = Parser(prog="python -m shared.conformance")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
     # Let "python -m shared.conformance broker ..." work without the "conformance" word.

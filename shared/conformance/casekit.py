@@ -250,22 +250,29 @@ class Ctx:
                 f"still open after {self.cfg.case_timeout:g}s"
             )
 
-    def roundtrip(self, conn: Conn, wid: int, who: str, others: Iterable[Conn] = ()) -> None:
+    def roundtrip(self, conn: Conn, wid: int, who: str, others: Iterable[Conn] = (),
+                  *, queued: bool = False) -> None:
         """``conn`` publishes to all and gets its own event back, and so does every one of
-        ``others`` (workers already known to be registered)."""
+        ``others`` (workers already known to be registered). ``queued``: ``wid`` is an id
+        the broker pre-created, whose queue may hold this case's earlier broadcasts; they
+        are read past."""
         probe = self.event(wid, f"roundtrip-{wid}")
         self.publish(conn, {}, probe)
-        self.expect(conn, [probe], who)
+        if queued:
+            self.collect(conn, probe, who)
+        else:
+            self.expect(conn, [probe], who)
         for other in others:
             self.expect(other, [probe], f"{who}'s round trip seen by an earlier worker")
 
-    def join(self, wids: Iterable[int]) -> list[Conn]:
+    def join(self, wids: Iterable[int], *, pre_created: int = 0) -> list[Conn]:
         """Connect workers one at a time, each confirmed registered by a round trip that
-        every worker connected so far also drains, so later expectations start clean."""
+        every worker connected so far also drains, so later expectations start clean.
+        Ids below ``pre_created`` have broker queues from the start (``--workers``)."""
         conns: list[Conn] = []
         for wid in wids:
             conn = self.worker(wid)
-            self.roundtrip(conn, wid, f"worker {wid}", conns)
+            self.roundtrip(conn, wid, f"worker {wid}", conns, queued=0 <= wid < pre_created)
             conns.append(conn)
         return conns
 

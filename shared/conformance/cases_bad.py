@@ -14,6 +14,10 @@ from shared.conformance.wire import Conn
 def _bystander(ctx: Ctx) -> Conn:
     wid = ctx.id0 + 1
     conn = ctx.worker(wid)
+    # Named as its role: a failure to write to it and a failure to read from it (which of
+    # the two comes first depends on the kernel, e.g. for a broker that died) then name the
+    # same connection.
+    conn.label = f"bystander {wid}"
     ctx.roundtrip(conn, wid, f"bystander {wid}")
     return conn
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from shared.conformance.casekit import CaseFailed, CaseSkipped, Ctx, case
+from shared.conformance.cases_frames import ORDER_EVENTS, check_order
 from shared.conformance.wire import Conn
 
 TARGET_EXTENSION = "worker/others targets are native-profile extensions"
@@ -108,6 +109,19 @@ def pre_created(ctx: Ctx) -> None:
     ctx.expect(conns[0], [event], f"publisher {ids[0]}")
     # The queue of N-1 also holds every earlier target-all event: read up to ours.
     ctx.collect(ctx.worker(late), event, f"late worker {late}")
+
+
+@case("order.pre-created-ids", f"with --workers N: the order case on the broker's own ids "
+      f"0..N-1 (ids 0 and 1 publish {ORDER_EVENTS} events each, every id receives them): the "
+      "same total order everywhere, each publisher's events in publish order")
+def order_pre_created(ctx: Ctx) -> None:
+    # The other cases keep to ids far above 0..N-1; a broker that keeps its pre-created
+    # queues differently (where real workers live) would go unnoticed without this one.
+    if not ctx.cfg.workers:
+        raise CaseSkipped("needs --workers N (the broker's own --workers) to know its worker ids")
+    own = list(range(ctx.cfg.workers))
+    pubs = own[:2] if len(own) >= 2 else [own[0], ctx.id0]
+    check_order(ctx, pubs, own[2:] + [ctx.id0 + 2], pre_created=len(own))
 
 
 @case("queue.same-id-replaces", "a second connection with a connected id replaces the first: "

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import socket
 import sys
+from typing import Any
 
 from shared.conformance.casekit import KitConfig
 from shared.conformance.profiles import PROFILES, Profile
 from shared.conformance.runner import run_suite, select, write_json
+from shared.unixpath import socket_path
 
 __all__ = ["add_parser"]
 
@@ -34,18 +37,20 @@ def _common(p: argparse.ArgumentParser, *, optional_address: bool = False) -> No
                    help="connection start: HTTP upgrade or none (default http)")
     p.add_argument("--profile", choices=sorted(PROFILES), default="native",
                    help="frame header width and codec (default native)")
-    p.add_argument("--json", metavar="REPORT", help="also write a JSON report to this file")
+    p.add_argument("--json", metavar="REPORT", help="also write a JSON report to this file (default: none)")
     p.add_argument("--handshake-deadline", type=_positive, default=5.0, metavar="SECONDS",
                    help="the broker's handshake+hello deadline (default 5)")
     p.add_argument("--unique-timeout", type=_positive, default=5.0, metavar="SECONDS",
                    help="the broker's unique dedup window (default 5)")
     p.add_argument("--workers", type=_count, metavar="N",
-                   help="the broker's pre-created worker ids 0..N-1, if any")
+                   help="the broker's pre-created worker ids 0..N-1, if any; enables the cases "
+                        "on those ids (default: none)")
     p.add_argument("--max-payload", type=_count, metavar="BYTES",
-                   help="the broker's frame payload limit, if lower than the profile's")
+                   help="the broker's frame payload limit, if lower than the profile's "
+                        "(default: the profile's)")
 
 
-def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Register ``conformance`` with its ``broker`` and ``serve`` subcommands."""
     conf = subparsers.add_parser(
         "conformance", help="protocol conformance kit: test a broker, or judge clients",
@@ -60,7 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     _common(broker, optional_address=True)  # not needed for --list
     broker.add_argument("--only", action="append", metavar="PATTERN",
                         help="run cases whose name contains PATTERN or matches it as a glob "
-                             "(repeatable)")
+                             "(repeatable; default: every case)")
     broker.add_argument("--timeout", type=_positive, default=5.0, metavar="SECONDS",
                         help="deadline for each case's waits (default 5)")
     broker.add_argument("--id-base", type=int, default=1000, metavar="ID",
@@ -84,10 +89,24 @@ def _address(text: str | None) -> str | None:
     if text is None:
         print("conformance: the broker's address (unix:PATH) is required", file=sys.stderr)
         return None
-    if not text.startswith("unix:") or len(text) == len("unix:"):
-        print(f"conformance: address must be unix:PATH, got {text!r}", file=sys.stderr)
+    try:
+        return socket_path(text)
+    except ValueError as exc:
+        print(f"conformance: {exc}", file=sys.stderr)
         return None
-    return text[len("unix:"):]
+
+
+def _unreachable(path: str) -> str | None:
+    """Why nothing accepts connections at ``path``, or None if something does."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(5.0)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        probe.close()
+    return None
 
 
 def _profile(name: str) -> Profile | None:
@@ -111,6 +130,11 @@ def run_broker_command(args: argparse.Namespace) -> int:
         return 2
     if not select(args.only):
         print(f"conformance: no case matches {args.only}", file=sys.stderr)
+        return 2
+    problem = _unreachable(path)
+    if problem is not None:
+        # One line, instead of every case failing with the same reason.
+        print(f"conformance: cannot connect to {args.address}: {problem}", file=sys.stderr)
         return 2
     cfg = KitConfig(
         address=args.address, path=path, transport=args.transport, profile=profile,

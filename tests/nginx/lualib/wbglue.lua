@@ -6,8 +6,10 @@
 --     the case named by the event name (CASES below, mirrored by the Python test) and
 --     appends a JSON record to a shared dict, so any worker can report what all of them saw;
 --   * serves a small control API on a unix socket: POST /publish?case=..&target=..&source=..
---     &count=..&worker=.., GET /received, GET /ready;
---   * offers run() as the content handler of the events socket (the broker side).
+--     &count=..&worker=.., GET /received, GET /ready, GET /closed (http); in a stream {}
+--     block the same as one command line per connection (control_stream below);
+--   * offers run() as the content handler of the events socket (the broker side), and
+--     closed() for its log phase, which counts the events connections that have ended.
 --
 -- Values are compared in Lua, independently of the Python codec under test: a "mismatch"
 -- verdict means Lua received something other than what the case says Python sent.
@@ -162,52 +164,98 @@ function _M.run()
     return ev:run()
 end
 
-function _M.publish()
-    local args = ngx.req.get_uri_args()
-    local case = args.case
+-- Publish `count` times from this worker; returns an HTTP-like status and a message.
+-- worker=N: publish only from nginx worker N (nginx picks a worker per connection, so the
+-- caller retries on 409); one publisher keeps a batch in publish order.
+local function publish(case, source, target, count, wanted)
     local make = case and CASES[case]
     if not make then
-        ngx.status = 400
-        ngx.say("unknown case ", tostring(case))
-        return
+        return 400, "unknown case " .. tostring(case)
     end
-    -- worker=N: publish only from nginx worker N (nginx picks a worker per connection,
-    -- so the caller retries on 409); one publisher keeps a batch in publish order.
-    local wanted = tonumber(args.worker)
     if wanted and wanted ~= ngx.worker.id() then
-        ngx.status = 409
-        ngx.say("this is worker ", ngx.worker.id())
-        return
+        return 409, "this is worker " .. ngx.worker.id()
     end
-    local count = tonumber(args.count) or 1
-    for _ = 1, count do
-        local ok, err = ev:publish(args.target or "all", args.source or "lua", case, make())
+    for _ = 1, count or 1 do
+        local ok, err = ev:publish(target or "all", source or "lua", case, make())
         if not ok then
-            ngx.status = 500
-            ngx.say(err)
-            return
+            return 500, tostring(err)
         end
     end
-    ngx.say("published by worker ", ngx.worker.id())
+    return 200, "published by worker " .. ngx.worker.id()
 end
 
-function _M.received()
+local function received_json()
     local dict = shared.wb_records
     local items = {}
     for i = 1, dict:get("n") or 0 do
         items[#items + 1] = dict:get("r" .. i)
     end
-    ngx.header["Content-Type"] = "application/json"
-    ngx.say("[", table.concat(items, ","), "]")
+    return "[" .. table.concat(items, ",") .. "]"
 end
 
-function _M.ready()
+local function ready_states()
     local dict = shared.wb_records
     local states = {}
     for i = 0, ngx.worker.count() - 1 do
         states[#states + 1] = dict:get("ready" .. i) and "1" or "0"
     end
-    ngx.say(table.concat(states, ""))
+    return table.concat(states, "")
+end
+
+function _M.publish()
+    local args = ngx.req.get_uri_args()
+    local status, msg = publish(args.case, args.source, args.target, tonumber(args.count),
+                                tonumber(args.worker))
+    ngx.status = status
+    ngx.say(msg)
+end
+
+function _M.received()
+    ngx.header["Content-Type"] = "application/json"
+    ngx.say(received_json())
+end
+
+function _M.ready()
+    ngx.say(ready_states())
+end
+
+-- The log phase of an events connection: it has ended, whatever run() logged before.
+function _M.closed()
+    shared.wb_records:incr("closed", 1, 0)
+end
+
+function _M.closed_count()
+    ngx.say(shared.wb_records:get("closed") or 0)
+end
+
+-- The control API of a stream {} block: one command line per connection, one answer line
+-- "STATUS TEXT" back, then close. Commands:
+--   publish CASE SOURCE TARGET COUNT WORKER   (WORKER "-" for any worker)
+--   received | ready | closed
+function _M.control_stream()
+    local sock = assert(ngx.req.socket(true))
+    sock:settimeout(5000)
+    local line, err = sock:receive("*l")
+    if not line then
+        ngx.log(ngx.ERR, "wbglue: control: ", err)
+        return
+    end
+    local words = {}
+    for word in line:gmatch("%S+") do
+        words[#words + 1] = word
+    end
+    local status, msg = 400, "unknown command " .. tostring(words[1])
+    if words[1] == "publish" then
+        status, msg = publish(words[2], words[3], words[4], tonumber(words[5]),
+                              tonumber(words[6]))
+    elseif words[1] == "received" then
+        status, msg = 200, received_json()
+    elseif words[1] == "ready" then
+        status, msg = 200, ready_states()
+    elseif words[1] == "closed" then
+        status, msg = 200, tostring(shared.wb_records:get("closed") or 0)
+    end
+    sock:send(status .. " " .. msg .. "\n")
 end
 
 return _M
