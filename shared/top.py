@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from .cliargs import log_level
 from .transport import parse_address
 
 __all__ = ["TopError", "View", "add_parser", "build_view", "fetch_sample", "render_plain", "run_top"]
@@ -382,9 +383,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--interval", type=_interval, default=1.0, metavar="SECONDS",
                    help="seconds between samples; rates are over this span (default 1)")
     p.add_argument("--once", action="store_true",
-                   help="print one snapshot as a plain table (two samples --interval apart) and exit")
-    p.add_argument("--plain", action="store_true", help="plain text even when rich is installed")
-    p.add_argument("--log-level", default="WARNING")
+                   help="print one snapshot as a plain table (two samples --interval apart) and exit "
+                        "(default: refresh until q)")
+    p.add_argument("--plain", action="store_true",
+                   help="plain text even when rich is installed (default: rich on a terminal)")
+    p.add_argument("--log-level", type=log_level, default="WARNING", metavar="LEVEL",
+                   help="log to stderr from this level on (default %(default)s)")
     p.set_defaults(func=_cmd_top)
     return p
 
