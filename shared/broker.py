@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import anyio
 from anyio.abc import ByteStream, SocketListener, TaskStatus
 
+from .bridge import Bridge, BridgeStatistics
 from .errors import AddressInUse, HandshakeError, RemoteProtocolError
 from .frame import frame_header
 from .logutil import LogLimiter
@@ -77,6 +78,8 @@ class BrokerStatistics:
     handshake_timeouts: int = 0
     #: connections open now, including those still in their handshake
     open_connections: int = 0
+    #: the cluster bridge's, when the broker has one (docs/cluster.md)
+    bridge: BridgeStatistics | None = None
 
 
 class _Connection:
@@ -127,6 +130,8 @@ class Broker:
             ``welcome`` (first frame of every connection, to that worker only), ``joined``
             and ``left`` (to every worker). Off by default: a plain broker delivers only
             what was published (plus ``dropped`` notices). The embedded broker turns it on.
+        bridge: a cluster :class:`Bridge` (``shared.bridges.make_bridge``): publishes with
+            cluster scope also reach the other nodes, and theirs reach this one's workers.
     """
 
     def __init__(
@@ -147,6 +152,7 @@ class Broker:
         max_header_bytes: int | None = None,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         lifecycle_events: bool = False,
+        bridge: Bridge | None = None,
     ) -> None:
         self.transport = get_transport(transport, max_header_bytes=max_header_bytes)
         self.profile = get_profile(profile)
@@ -189,6 +195,9 @@ class Broker:
         #: Who this broker is, sent in every ``welcome``; an embedding adds its own keys
         #: (e.g. ``generation`` and the hosting ``worker_id``).
         self.identity: dict[str, object] = {"pid": os.getpid()}
+        self.bridge = bridge
+        if bridge is not None:
+            bridge.attach(self)
 
     # --- serving -------------------------------------------------------------------------
 
@@ -218,6 +227,9 @@ class Broker:
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._housekeeping, place, tg)
+                    if self.bridge is not None:
+                        # The engine connects in the background: the local bus never waits.
+                        await tg.start(self.bridge.run)
                     logger.info(
                         "workerbus broker ready on %s (transport=%s, profile=%s, pid=%d)",
                         address,
@@ -532,6 +544,7 @@ class Broker:
             refused_over_limit=self._over_limit,
             handshake_timeouts=self._handshake_timeouts,
             open_connections=self._open,
+            bridge=None if self.bridge is None else self.bridge.statistics(),
         )
 
 

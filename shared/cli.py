@@ -71,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest HTTP upgrade request head (http transport; default 16384)")
     p.add_argument("--stats-listen", default=None, metavar="unix:PATH",
                    help="serve GET /metrics (Prometheus) and GET /stats (JSON) on this socket")
+    p.add_argument("--bridge", default=None, metavar="URL",
+                   help="join a cluster through nats://HOST:PORT, redis://HOST:PORT or "
+                        "redis+unix:///PATH (docs/cluster.md)")
+    p.add_argument("--node", default=None, metavar="NAME",
+                   help="this node's name in the cluster (default: the host name)")
+    p.add_argument("--cluster", default="workerbus", metavar="NAME",
+                   help="the cluster's subject/channel namespace (default workerbus)")
+    p.add_argument("--bridge-buffer", type=int, default=10000, metavar="N",
+                   help="cluster publishes held while the engine is unreachable (default 10000)")
     _add_common(p)
     p.set_defaults(func=_cmd_broker)
 
@@ -87,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("event")
     p.add_argument("data", nargs="?", default=None, metavar="JSON-DATA")
     p.add_argument("--target", default="all", help="all | others | worker:N | unique:KEY")
+    p.add_argument("--scope", choices=("local", "cluster"), default="local",
+                   help="cluster: also the other nodes' workers (broker --bridge; docs/cluster.md)")
     p.add_argument("--id", type=int, default=None, dest="worker_id",
                    help="worker id in the hello (default -2 native, so a `tail` on -1 is not "
                         "replaced; -1 kong, since a real lua-resty-events broker closes ids "
@@ -141,6 +152,15 @@ async def _until_signal(scope: anyio.CancelScope) -> None:
 
 def _cmd_broker(args: argparse.Namespace) -> int:
     try:
+        bridge = None
+        if args.bridge:
+            from .bridges import make_bridge
+
+            bridge = make_bridge(
+                args.bridge, node=args.node, cluster=args.cluster, max_buffer=args.bridge_buffer
+            )
+        elif args.node:
+            raise ValueError("--node needs --bridge")
         broker = Broker(
             transport=args.transport,
             profile=args.profile,
@@ -155,8 +175,9 @@ def _cmd_broker(args: argparse.Namespace) -> int:
             lifecycle_events=args.lifecycle_events,
             allowed_uids=default_trusted_uids(args.allow_uid),
             max_header_bytes=args.max_header_bytes,
+            bridge=bridge,
         )
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:
         print(f"workerbus broker: {exc}", file=sys.stderr)
         return 2
 
@@ -244,7 +265,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         with anyio.fail_after(args.timeout):
             async with _client(args) as bus:
                 await bus.wait_ready()
-                await bus.publish(args.source, args.event, data, args.target)
+                await bus.publish(args.source, args.event, data, args.target, scope=args.scope)
                 await bus.flush()
         return 0
 

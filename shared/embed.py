@@ -342,18 +342,30 @@ class EmbeddedClient(Client):
         return self._frame(outer)
 
     def publish_nowait(
-        self, source: str, event: str, data: object = None, target: str | int | Target = "all"
+        self,
+        source: str,
+        event: str,
+        data: object = None,
+        target: str | int | Target = "all",
+        *,
+        scope: str = "local",
     ) -> None:
         self._out.commit()
         try:
-            super().publish_nowait(source, event, data, target)
+            super().publish_nowait(source, event, data, target, scope=scope)
         except (anyio.WouldBlock, PublishBufferFull):
             self._out.rollback()  # refused after numbering: take the number back
             raise
         self._out.commit()
 
     async def publish(
-        self, source: str, event: str, data: object = None, target: str | int | Target = "all"
+        self,
+        source: str,
+        event: str,
+        data: object = None,
+        target: str | int | Target = "all",
+        *,
+        scope: str = "local",
     ) -> None:
         # Wait for room *before* numbering, so numbers enter the buffer in order.
         parse_target(target)
@@ -361,7 +373,7 @@ class EmbeddedClient(Client):
             await self._progress.wait()
         self._out.commit()
         try:
-            await super().publish(source, event, data, target)
+            await super().publish(source, event, data, target, scope=scope)
         except PublishBufferFull:
             self._out.rollback()
             raise

@@ -60,6 +60,9 @@ class Target:
     kind: TargetKind
     worker_id: int | None = None
     key: str | None = None
+    #: scope "cluster": also for the workers of the other nodes (docs/cluster.md); only
+    #: all, others and unique have a cluster scope. The default is host-local.
+    cluster: bool = False
 
     def __str__(self) -> str:
         if self.kind is TargetKind.WORKER:
@@ -67,6 +70,21 @@ class Target:
         if self.kind is TargetKind.UNIQUE:
             return f"unique:{self.key}"
         return str(self.kind.value)
+
+    def with_scope(self, scope: str) -> Target:
+        """This target with scope ``"local"`` (the default) or ``"cluster"``.
+
+        Raises:
+            ValueError: an unknown scope, or a cluster scope for ``current`` or
+                ``worker:N`` (worker ids are per node).
+        """
+        if scope == "local":
+            return self if not self.cluster else Target(self.kind, self.worker_id, self.key)
+        if scope != "cluster":
+            raise ValueError(f"invalid scope {scope!r}: expected local or cluster")
+        if self.kind not in (TargetKind.ALL, TargetKind.OTHERS, TargetKind.UNIQUE):
+            raise ValueError(f"target {self} has no cluster scope (only all, others, unique:KEY)")
+        return Target(self.kind, self.worker_id, self.key, cluster=True)
 
     @property
     def on_wire(self) -> bool:
@@ -195,7 +213,7 @@ def _msgpack_bin_header(length: int) -> bytes:
 def encode_publish(profile: Profile, target: Target, event_bytes: bytes) -> bytes:
     """The outer publish message around an already encoded event."""
     kind = target.kind
-    if type(profile.codec) is MsgpackCodec and len(event_bytes) < 1 << 32:
+    if type(profile.codec) is MsgpackCodec and len(event_bytes) < 1 << 32 and not target.cluster:
         # (identity tests, not a dict lookup: hashing an Enum member runs Python code)
         size = len(event_bytes)
         if kind is TargetKind.ALL:
@@ -217,6 +235,10 @@ def encode_publish(profile: Profile, target: Target, event_bytes: bytes) -> byte
         spec = {"others": True}
     else:
         raise ValueError(f"target {target} does not exist in the {profile.name} profile")
+    if target.cluster:
+        if not profile.extended_targets:
+            raise ValueError(f"the {profile.name} profile has no cluster scope")
+        spec["scope"] = "cluster"
     return profile.codec.dumps({"spec": spec, "data": event_bytes})
 
 
@@ -317,6 +339,14 @@ def decode_publish_batch(
 
 
 def _decode_spec(profile: Profile, spec: dict[Any, Any]) -> Target:
+    if "scope" in spec and profile.extended_targets:
+        # The cluster scope (docs/cluster.md): the same spec plus "scope": "cluster".
+        rest = {k: v for k, v in spec.items() if k != "scope"}
+        if spec["scope"] == "cluster":
+            target = _decode_spec(profile, rest)
+            if target.kind in (TargetKind.ALL, TargetKind.OTHERS, TargetKind.UNIQUE):
+                return Target(target.kind, target.worker_id, target.key, cluster=True)
+        raise RemoteProtocolError(f"invalid publish spec {spec!r}")
     if not spec:
         return ALL
     if len(spec) == 1:
