@@ -224,9 +224,8 @@ class Bridge:
         # engine thread -> broker: raw engine messages and won unique events
         self._inbox: deque[tuple[str, Any]] = deque()
         self._wake_pending = False
-        self._rsock, self._wsock = socket.socketpair()
-        self._rsock.setblocking(False)
-        self._wsock.setblocking(False)
+        # (made by run: a bridge that never runs holds no sockets)
+        self._wsock: socket.socket | None = None
         self._gaps = GapCheck()
         self.connected = False
         self.sent = 0
@@ -283,15 +282,18 @@ class Bridge:
         """Run the engine thread and hand what it receives to the broker, until cancelled."""
         from .bridges.host import EngineHost  # the asyncio side lives apart
 
+        rsock, self._wsock = socket.socketpair()
+        rsock.setblocking(False)
+        self._wsock.setblocking(False)
         host = EngineHost(self)
         thread = threading.Thread(target=host.run, name=f"workerbus-bridge-{self.node}", daemon=True)
         thread.start()
         try:
             task_status.started()
             while True:
-                await anyio.wait_readable(self._rsock)
+                await anyio.wait_readable(rsock)
                 try:
-                    self._rsock.recv(4096)
+                    rsock.recv(4096)
                 except BlockingIOError:
                     pass
                 self._wake_pending = False  # before draining: see _from_engine
@@ -300,8 +302,9 @@ class Bridge:
             host.stop()
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(thread.join, 5.0)
-            self._rsock.close()
+            rsock.close()
             self._wsock.close()
+            self._wsock = None
 
     def _drain(self) -> None:
         inbox = self._inbox
@@ -373,8 +376,8 @@ class Bridge:
         if not self._wake_pending:
             self._wake_pending = True
             try:
-                self._wsock.send(b"\0")
-            except (BlockingIOError, OSError):
+                self._wsock.send(b"\0")  # type: ignore[union-attr]
+            except (AttributeError, BlockingIOError, OSError):
                 pass  # a wake-up byte is already waiting (or we are shutting down)
 
     def take_outbox(self, limit: int) -> list[tuple[Any, ...]]:

@@ -287,6 +287,8 @@ def _cmd_tail(args: argparse.Namespace) -> int:
                 seen = 0
                 async for ev in events:
                     line = {"source": ev.source, "event": ev.event, "data": ev.data, "wid": ev.wid}
+                    if ev.node is not None:
+                        line["node"] = ev.node
                     print(json.dumps(line, default=_jsonable), flush=True)
                     seen += 1
                     if args.count and seen >= args.count:

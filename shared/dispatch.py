@@ -125,7 +125,7 @@ class Dispatcher:
 
         def sink(data: Any, ev: str, src: str, wid: int | None) -> None:
             try:
-                send.send_nowait(Event(src, ev, data, wid))
+                send.send_nowait(Event(src, ev, data, wid, getattr(wid, "node", None)))
             except anyio.WouldBlock:
                 self.dropped += 1
                 logger.warning("subscriber buffer full (%d): dropped %s/%s", max_buffer, src, ev)

@@ -50,7 +50,7 @@ from .election import (
     workers_from_env,
 )
 from .errors import AddressInUse, PayloadTooLarge, PublishBufferFull, RemoteProtocolError
-from .messages import OTHERS, Event, Target, encode_publish, parse_target
+from .messages import OTHERS, Event, NodeWid, Target, encode_publish, parse_target
 from .sequence import BROADCAST_KEY, WORKER_KEY, SequenceIn, SequenceOut
 from .transport import parse_address
 
@@ -420,6 +420,10 @@ class EmbeddedClient(Client):
         if raw_wid is not None and wid is None:
             raise RemoteProtocolError("wid must be an integer")
         data = msg.get("data")
+        node = msg.get("node")
+        if isinstance(node, str) and wid is not None:
+            # From another node (docs/cluster.md): its numbers are not ours to check.
+            return Event(source, event, data, NodeWid(wid, node), node)
         ev = Event(source, event, data, wid)
         lost = 0
         if wid is not None:

@@ -28,6 +28,7 @@ __all__ = [
     "OTHERS",
     "Event",
     "Hello",
+    "NodeWid",
     "Target",
     "TargetKind",
     "build_publish",
@@ -136,14 +137,47 @@ class Hello:
     pid: int
 
 
+class NodeWid(int):
+    """The ``wid`` of an event that came from another node of a cluster (docs/cluster.md).
+
+    It is the publisher's worker id *on its own node* (ids are per node), and says which
+    node that was: ``wid.node``. Handlers keep lua-resty-events' shape
+    ``(data, event, source, wid)``; ``getattr(wid, "node", None)`` is None for events of
+    this host.
+    """
+
+    node: str
+
+    def __new__(cls, wid: int, node: str) -> NodeWid:
+        self = super().__new__(cls, wid)
+        self.node = node
+        return self
+
+    def __repr__(self) -> str:
+        return f"{int(self)}@{self.node}"
+
+
+def _node_wid(msg: dict[Any, Any], wid: int | None) -> int | None:
+    # Events from another node carry "node" (added by the bridge that delivered them).
+    node = msg.get("node")
+    if type(node) is str and wid is not None:
+        return NodeWid(wid, node)
+    return wid
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One event as handlers see it. ``wid`` is None for ``current`` events."""
+    """One event as handlers see it. ``wid`` is None for ``current`` events.
+
+    ``node`` is the node it came from when another node of a cluster published it, else
+    None (docs/cluster.md).
+    """
 
     source: str
     event: str
     data: Any
     wid: int | None
+    node: str | None = None
 
 
 def _as_int(value: object, what: str) -> int:
@@ -456,7 +490,8 @@ def encode_event(
 
 def decode_event(profile: Profile, payload: bytes) -> Event:
     """Raises: RemoteProtocolError if the payload is not a valid event."""
-    return Event(*decode_event_fields(profile, payload))
+    source, event, data, wid = decode_event_fields(profile, payload)
+    return Event(source, event, data, wid, getattr(wid, "node", None))
 
 
 def decode_event_batch(
@@ -480,6 +515,8 @@ def decode_event_batch(
                 event = msg["event"]
                 wid = msg.get("wid")
                 if type(source) is str and type(event) is str and (wid is None or type(wid) is int):
+                    if "node" in msg:
+                        wid = _node_wid(msg, wid)
                     append((source, event, msg.get("data"), wid))
                     continue
             append(decode_event_fields(profile, payload))  # the careful way, with reasons
@@ -509,11 +546,11 @@ def decode_event_fields(profile: Profile, payload: bytes) -> tuple[str, str, Any
         wid = msg.get("wid")
         # Exact types: a bool or float wid (or anything odd) takes the checked path below.
         if type(source) is str and type(event) is str and (wid is None or type(wid) is int):
-            return source, event, msg.get("data"), wid
+            return source, event, msg.get("data"), _node_wid(msg, wid)
     msg = _as_map(msg, "event")
     source = msg.get("source")
     event = msg.get("event")
     if not isinstance(source, str) or not isinstance(event, str):
         raise RemoteProtocolError("event needs string 'source' and 'event'")
     wid = msg.get("wid")
-    return source, event, msg.get("data"), None if wid is None else _as_int(wid, "wid")
+    return source, event, msg.get("data"), _node_wid(msg, None if wid is None else _as_int(wid, "wid"))

@@ -5,8 +5,7 @@ and ``{"ready": true}`` once connected. Commands on stdin:
 ``{"op": "publish", "n": N, "scope": ..., "target": ..., "event": NAME}`` publishes N events
 numbered 0..N-1 (then prints ``{"published": N, "event": NAME}``), ``{"op": "exit"}`` ends.
 
-``node`` comes from the raw event map (the bridge adds it to events from other nodes),
-read by decoding each delivery's bytes here.
+``node`` is what a handler sees as ``wid.node`` (events from other nodes).
 """
 
 from __future__ import annotations
@@ -16,25 +15,19 @@ import sys
 from typing import Any
 
 import anyio
-import msgpack
 
 from shared.client import Client
-from shared.dispatch import Fields
-from shared.errors import RemoteProtocolError
 
 
-class RecordingClient(Client):
-    def _decode_batch(self, payloads: list[bytes]) -> tuple[list[Fields], list[RemoteProtocolError]]:
-        for payload in payloads:
-            msg = msgpack.unpackb(payload, raw=False)
-            line = {k: msg.get(k) for k in ("source", "event", "data", "wid", "node")}
-            sys.stdout.write(json.dumps(line) + "\n")
-        sys.stdout.flush()
-        return super()._decode_batch(payloads)
+def record(data: Any, event: str, source: str, wid: int | None) -> None:
+    # What a handler can tell: which node an event came from is wid.node (None: this host).
+    line = {"source": source, "event": event, "data": data, "wid": wid, "node": getattr(wid, "node", None)}
+    print(json.dumps(line), flush=True)
 
 
 async def main(address: str, worker_id: int) -> None:
-    async with RecordingClient(address, transport="stream", worker_id=worker_id) as bus:
+    async with Client(address, transport="stream", worker_id=worker_id) as bus:
+        bus.subscribe("*", "*", record)
         await bus.wait_ready()
         print(json.dumps({"ready": True}), flush=True)
         while True:

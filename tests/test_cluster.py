@@ -178,3 +178,32 @@ def test_nats_cluster_of_two_servers(workdir: str) -> None:
             b.kill()
     finally:
         a.kill()
+
+
+def test_outbox_overflow_is_counted_and_reported(kind: str, workdir: str) -> None:
+    with engine(kind, workdir) as eng, nodes(workdir, [eng.url] * 2, "asyncio", extra=("--bridge-buffer", "10")) as ns:
+        sender = ns[0].start_workers(1)[0]
+        receiver = ns[1].start_workers(1)[0]
+        sender.publish("a", 3, scope="cluster")
+        _wait_count(receiver, "a", 3)
+        eng.kill()
+        for n in ns:
+            n.wait_bridge(lambda b: not b["engine_connected"])
+        sender.publish("b", 30, scope="cluster")
+        b = ns[0].wait_bridge(lambda b: b["buffered"] == 10 and b["dropped"] == 20)
+        assert b["sent"] == 3
+        eng.start()
+        for n in ns:
+            n.wait_bridge(lambda b: b["engine_connected"] and b["buffered"] == 0)
+        sender.publish("z", 1, scope="cluster")
+        _wait_count(receiver, "z", 1)
+        got_b = [e["data"]["i"] for e in receiver.received("b")]
+        # the 10 kept are the first 10 (drop newest), in order; every other one is reported
+        assert got_b == sorted(got_b) and set(got_b) <= set(range(10))
+        assert len(got_b) + _lost_from(receiver, "node0") == 30
+        with open(ns[0].log.name, encoding="utf-8") as f:
+            log = f.read()
+        # one line when the outage starts, one when it ends; the overflow is rate-limited
+        assert log.count("bridge of node node0 lost") == 1, log
+        assert log.count("reached") == 1, log
+        assert 1 <= log.count("bridge outbox full") <= 10
