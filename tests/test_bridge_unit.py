@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from shared.bridge import Envelope, GapCheck, decode_envelope, encode_envelope
@@ -28,7 +30,8 @@ from shared.router import Router
 def test_cluster_scope_round_trips_in_the_publish_spec(target: str) -> None:
     t = parse_target(target).with_scope("cluster")
     payload = encode_publish(NATIVE, t, b"\x80")
-    assert MsgpackCodec().loads(payload)["spec"]["scope"] == "cluster"
+    decoded: Any = MsgpackCodec().loads(payload)
+    assert decoded["spec"]["scope"] == "cluster"
     back, data = decode_publish(NATIVE, payload)
     assert back == t and back.cluster and data == b"\x80"
     runs, error = decode_publish_batch(NATIVE, [payload])
