@@ -37,6 +37,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
+from .bridge import DEFAULT_CLUSTER, Bridge
 from .broker import LIFECYCLE_SOURCE, Broker, BrokerStatistics
 from .client import Client
 from .dispatch import Fields
@@ -115,6 +116,9 @@ class EmbeddedClient(Client):
         max_worker_id: int = DEFAULT_MAX_WORKER_ID,
         mode: int = 0o600,
         broker_options: Mapping[str, Any] | None = None,
+        bridge: str | None = None,
+        node: str | None = None,
+        cluster: str | None = None,
         **client_options: Any,
     ) -> None:
         client_options.setdefault("reconnect_min", EMBED_RECONNECT_MIN)
@@ -124,6 +128,11 @@ class EmbeddedClient(Client):
         self.max_worker_id = max_worker_id
         self.mode = mode
         self._broker_options = dict(broker_options or {})
+        #: The cluster bridge (docs/cluster.md): whichever worker hosts the broker runs it,
+        #: so it moves with the broker on failover.
+        self.bridge_url = bridge
+        self.node = node
+        self.cluster = cluster
         self._socket_path = parse_address(address)
         self._out = SequenceOut()
         self._in = SequenceIn(worker_id)
@@ -277,6 +286,7 @@ class EmbeddedClient(Client):
                 profile=self.profile,
                 expected_workers=self.workers or 0,
                 lifecycle_events=True,
+                bridge=self._make_bridge(),
                 **self._broker_options,
             )
             broker.identity.update(identity)
@@ -318,6 +328,13 @@ class EmbeddedClient(Client):
             finally:
                 self._broker = None
             await anyio.sleep(HOST_RETRY)
+
+    def _make_bridge(self) -> Bridge | None:
+        if not self.bridge_url:
+            return None
+        from .bridges import make_bridge  # engines are optional extras
+
+        return make_bridge(self.bridge_url, node=self.node, cluster=self.cluster or DEFAULT_CLUSTER)
 
     # --- numbered publishes --------------------------------------------------------------
 
@@ -524,6 +541,9 @@ async def join(
     id_timeout: float = DEFAULT_ID_TIMEOUT,
     mode: int = 0o600,
     broker_options: Mapping[str, Any] | None = None,
+    bridge: str | None = None,
+    node: str | None = None,
+    cluster: str | None = None,
     **client_options: Any,
 ) -> AsyncIterator[EmbeddedClient]:
     """Join the bus at ``address`` as one of the server's workers.
@@ -540,6 +560,11 @@ async def join(
         profile: ``"native"`` (the only one with ``worker``/``others`` targets).
         mode: the socket file's mode.
         broker_options: extra :class:`Broker` arguments for whichever worker hosts it.
+        bridge: join a cluster of hosts through this engine URL (``nats://HOST:PORT``,
+            ``redis://...``, ``redis+unix:///path``; docs/cluster.md); default: the
+            ``WORKERBUS_BRIDGE`` environment variable, else host-local only.
+        node: this host's name in the cluster; default ``WORKERBUS_NODE``, else the host
+            name. cluster: the namespace; default ``WORKERBUS_CLUSTER``, else ``workerbus``.
         client_options: extra :class:`Client` arguments.
 
     Raises:
@@ -548,6 +573,13 @@ async def join(
         OSError: the lock files cannot be created.
     """
     path = parse_address(address)
+    bridge = bridge or os.environ.get("WORKERBUS_BRIDGE") or None
+    node = node or os.environ.get("WORKERBUS_NODE") or None
+    cluster = cluster or os.environ.get("WORKERBUS_CLUSTER") or None
+    if bridge:
+        from .bridges import make_bridge
+
+        make_bridge(bridge, node=node, cluster=cluster or DEFAULT_CLUSTER)  # fail fast on a bad URL
     if workers is not None and not 1 <= workers <= max_worker_id:
         raise ValueError(f"workers must be within 1..{max_worker_id}, got {workers}")
     directory = os.path.dirname(path)
@@ -564,6 +596,9 @@ async def join(
             max_worker_id=max_worker_id,
             mode=mode,
             broker_options=broker_options,
+            bridge=bridge,
+            node=node,
+            cluster=cluster,
             transport=transport,
             profile=profile,
             **client_options,
