@@ -144,14 +144,15 @@ class GapCheck:
         self.lost = 0
 
     def step(self, node: str, generation: str, seq: int, *, marker: bool) -> int:
-        """Event number ``seq`` (or a marker "my latest is ``seq``"); returns newly lost."""
+        """Event number ``seq`` (or a marker "my latest is ``seq``"); returns newly lost,
+        or -1 for an event already seen (a duplicate: not to be delivered again)."""
         previous = self._last.get(node)
         if previous is None or previous[0] != generation:
             self._last[node] = (generation, seq)
             return 0  # first sight of this stream: the baseline
         last = previous[1]
         if seq <= last:
-            return 0  # a marker we are already past, or a duplicate
+            return 0 if marker else -1  # a marker we are past, or a duplicate
         self._last[node] = (generation, seq)
         gap = seq - last - (0 if marker else 1)
         if gap > 0:
@@ -174,6 +175,9 @@ class Engine(Protocol):
 
     async def publish(self, payload: bytes) -> None:
         """Send one message to every node; raise if the connection is gone."""
+
+    async def publish_many(self, payloads: list[bytes]) -> None:
+        """:meth:`publish` for several messages, in order (one round trip where it can)."""
 
     async def claim(self, key: str, ttl: float) -> bool:
         """Atomically claim ``key`` for ``ttl`` seconds; False if already claimed."""
@@ -235,6 +239,7 @@ class Bridge:
         self.unique_won = 0
         self.unique_duplicates = 0
         self.invalid = 0
+        self.duplicates = 0
 
     # --- the broker side (its event loop) ------------------------------------------------
 
@@ -334,6 +339,9 @@ class Bridge:
                 )
             return
         lost = self._gaps.step(env.node, env.generation, env.seq, marker=env.kind == "s")
+        if lost < 0:
+            self.duplicates += 1
+            return
         if lost:
             broker.log_limiter.log(
                 logging.WARNING,

@@ -90,7 +90,7 @@ def test_gaps_are_counted_once_per_stream_and_generation() -> None:
     assert g.step("a", "g1", 1, marker=False) == 0  # baseline
     assert g.step("a", "g1", 2, marker=False) == 0
     assert g.step("a", "g1", 5, marker=False) == 2  # 3 and 4 missing
-    assert g.step("a", "g1", 5, marker=False) == 0  # a duplicate
+    assert g.step("a", "g1", 5, marker=False) == -1  # a duplicate: not delivered twice
     assert g.step("a", "g1", 8, marker=True) == 3  # "my latest is 8": 6, 7, 8 missing
     assert g.step("a", "g2", 1, marker=False) == 0  # a restarted broker: new baseline
     assert g.step("b", "h", 4, marker=False) == 0  # another node: its own stream

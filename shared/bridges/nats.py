@@ -65,6 +65,10 @@ class NatsEngine:
             raise ConnectionError("the NATS connection is closed")
         await self._nc.publish(self.subject, payload)
 
+    async def publish_many(self, payloads: list[bytes]) -> None:
+        for payload in payloads:  # nats-py buffers and flushes by itself
+            await self.publish(payload)
+
     async def claim(self, key: str, ttl: float) -> bool:
         if self._kv is None:
             js = self._nc.jetstream()

@@ -67,6 +67,12 @@ class RedisEngine:
     async def publish(self, payload: bytes) -> None:
         await self._redis.publish(self.channel, payload)
 
+    async def publish_many(self, payloads: list[bytes]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for payload in payloads:
+                pipe.publish(self.channel, payload)
+            await pipe.execute()
+
     async def claim(self, key: str, ttl: float) -> bool:
         won = await self._redis.set(self.prefix + key, b"1", nx=True, px=max(1, int(ttl * 1000)))
         return bool(won)
