@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a broker and N worker processes publishing to each other")
     p.add_argument("--workers", type=int, default=4, metavar="N")
     p.add_argument("--transport", choices=("http", "stream"), default="http")
+    p.add_argument("--nodes", type=int, default=0, metavar="N",
+                   help="instead: N nodes of --workers workers each, joined through a NATS "
+                        "server the demo starts (docs/cluster.md)")
     p.add_argument("--asgi", action="store_true",
                    help="instead: run examples/asgi_app.py under uvicorn with N workers (embedded bus)")
     p.add_argument("--log-level", default="WARNING")
@@ -312,6 +315,10 @@ def _jsonable(value: object) -> object:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if args.nodes:
+        from .demo_cluster import run_cluster_demo
+
+        return run_cluster_demo(nodes=args.nodes, workers=args.workers)
     if args.asgi:
         from .demo_asgi import run_asgi_demo
 

@@ -207,3 +207,12 @@ def test_outbox_overflow_is_counted_and_reported(kind: str, workdir: str) -> Non
         assert log.count("bridge of node node0 lost") == 1, log
         assert log.count("reached") == 1, log
         assert 1 <= log.count("bridge outbox full") <= 10
+
+
+@pytest.mark.skipif(not shutil.which("nats-server"), reason="needs nats-server (scripts/setup.sh)")
+def test_demo_with_two_nodes_checks_its_totals() -> None:
+    out = subprocess.run(
+        workerbus("demo", "--nodes", "2", "--workers", "2"), capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "-> OK" in out.stdout and "0 lost" in out.stdout
