@@ -164,15 +164,19 @@ class Worker:
 class Node:
     """A broker process with a bridge, and its workers."""
 
-    def __init__(self, name: str, workdir: str, url: str, backend: str, *, extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, name: str, workdir: str, url: str, backend: str, *, extra: tuple[str, ...] = (),
+        wrap: tuple[str, ...] = (),
+    ) -> None:
         self.name = name
         self.address = f"unix:{os.path.join(workdir, name + '.sock')}"
         self.stats_address = f"unix:{os.path.join(workdir, name + '.stats')}"
         self.log = open(os.path.join(workdir, name + ".log"), "ab")
         self.proc = subprocess.Popen(
-            workerbus("broker", "--listen", self.address, "--transport", "stream", "--bridge", url,
+            # (wrap: e.g. ``ip netns exec NS`` to run the broker in a network namespace)
+            [*wrap, *workerbus("broker", "--listen", self.address, "--transport", "stream", "--bridge", url,
                       "--node", name, "--stats-listen", self.stats_address, "--backend", backend,
-                      "--unique-timeout", "30", *extra),
+                      "--unique-timeout", "30", *extra)],
             stdout=self.log, stderr=self.log, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
         )
         wait_for_socket(self.address[5:], self.proc)
