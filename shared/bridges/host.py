@@ -1,9 +1,10 @@
-"""Runs a bridge's engine in an asyncio loop on a thread of its own.
+"""Drives a bridge's engine: in the broker's loop on asyncio, on a thread under trio.
 
-nats-py and redis-py are asyncio libraries; the broker may run on trio. Rather than two
-code paths, the engine always gets its own thread and loop (measured in docs/cluster.md:
-the hand-over costs far less than the engine's own round trip). Hand-over both ways is
-non-blocking: the broker's tap appends to the bridge's outbox and wakes this loop with
+nats-py and redis-py are asyncio libraries; the broker may run on trio. Under trio the
+engine gets an asyncio loop on a thread of its own (:meth:`EngineHost.run`); on asyncio it
+runs in the broker's loop (:meth:`EngineHost.run_here`), since two threads taking turns
+on the GIL cost more than the engine itself (measured in docs/cluster.md). The driver is
+the same code either way. Hand-over both ways is non-blocking: the broker's tap appends to the bridge's outbox and wakes this loop with
 ``call_soon_threadsafe``; what arrives goes to the bridge's inbox and wakes the broker
 through a socket pair.
 
@@ -58,6 +59,11 @@ class EngineHost:
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+
+    async def run_here(self) -> None:
+        """Drive the engine in the running asyncio loop (the broker's own, on asyncio)."""
+        self._loop = asyncio.get_running_loop()
+        await self._drive()
 
     def stop(self) -> None:
         """From any thread: end the driver (the thread then exits)."""
