@@ -20,6 +20,7 @@ import anyio
 from .broker import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Broker
 from .client import Client
 from .errors import AddressInUse, BusError
+from .messages import parse_target
 from .peercred import default_trusted_uids
 from .router import (
     DEFAULT_MAX_QUEUE_LEN,
@@ -262,6 +263,11 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         data = None if args.data is None else json.loads(args.data)
     except json.JSONDecodeError as exc:
         print(f"workerbus publish: JSON-DATA is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    try:
+        parse_target(args.target).with_scope(args.scope)  # refuse a bad target before connecting
+    except ValueError as exc:
+        print(f"workerbus publish: {exc}", file=sys.stderr)
         return 2
 
     async def run() -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -112,3 +114,28 @@ def test_make_bridge_refuses_bad_urls_and_names() -> None:
     with pytest.raises(ValueError, match="cluster name"):
         make_bridge("nats://127.0.0.1:1", cluster="a.b")
     assert make_bridge("redis://:secret@127.0.0.1:6379/0", node="n").description == "redis://127.0.0.1:6379/0"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--bridge", "http://127.0.0.1:1"), "expected nats://"),
+        (("--node", "a"), "--node needs --bridge"),
+        (("--bridge", "nats://127.0.0.1:1", "--cluster", "a.b"), "cluster name"),
+        (("--bridge", "nats://127.0.0.1:1", "--profile", "kong"), "needs the native profile"),
+    ],
+)
+def test_broker_bridge_errors_are_one_line(args: tuple[str, ...], message: str, sock_dir: str) -> None:
+    out = _cli("broker", "--listen", f"unix:{sock_dir}/b.sock", *args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_publish_refuses_a_cluster_scope_for_one_worker(sock_dir: str) -> None:
+    out = _cli("publish", f"unix:{sock_dir}/none.sock", "s", "e", "--scope", "cluster", "--target", "worker:1", "--timeout", "1")
+    assert out.returncode == 2 and "no cluster scope" in out.stderr and "reach" not in out.stderr
