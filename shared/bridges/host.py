@@ -92,6 +92,18 @@ class EngineHost:
     # --- the driver ----------------------------------------------------------------------
 
     async def _drive(self) -> None:
+        # A bug here must not take the broker (or, on trio, silently the thread) with it:
+        # the local bus carries on, and the failure is logged loudly once.
+        try:
+            await self._drive_engine()
+        except Exception:
+            self.bridge.connected = False
+            logger.exception(
+                "bridge of node %s failed; no more cluster events in or out until the broker restarts",
+                self.bridge.node,
+            )
+
+    async def _drive_engine(self) -> None:
         bridge = self.bridge
         self._wakeup = asyncio.Event()
         bridge.wake_engine = self._wake
