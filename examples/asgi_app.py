@@ -9,18 +9,22 @@ Run it under any multi-worker ASGI server, from the repository root:
 
 Endpoints:
 
-- ``POST /publish`` with JSON ``{"source", "event", "data", "target"}`` (``target``: ``all``
-  by default, or ``others``, ``worker:N``, ``unique:KEY``, ``current``);
+- ``POST /publish`` with JSON ``{"source", "event", "data", "target", "scope"}``
+  (``target``: ``all`` by default, or ``others``, ``worker:N``, ``unique:KEY``, ``current``;
+  ``scope``: ``local`` by default, or ``cluster`` to reach every host, docs/cluster.md);
 - ``GET /seen`` → ``{"worker_id", "pid", "broker", "generation", "lost", "events"}``;
-  ``events`` lists what this worker received, ``{"source", "event", "data", "wid"}``, newest
-  last; ``?source=NAME`` keeps one source only.
+  ``events`` lists what this worker received, ``{"source", "event", "data", "wid", "node"}``
+  (``node``: the host it came from, null for this one), newest last; ``?source=NAME`` keeps
+  one source only.
 
 Configuration, all optional, from the environment:
 
 - ``WORKERBUS_ADDRESS``: the bus socket, default ``unix:<tmp>/workerbus-<uid>/asgi.sock``;
 - ``WORKERBUS_WORKERS``: the number of workers (ids ``0..N-1``); otherwise the
   ``WEB_CONCURRENCY`` hint is used, and ids are the lowest free ones;
-- ``WORKERBUS_TRANSPORT``: ``http`` (default) or ``stream``.
+- ``WORKERBUS_TRANSPORT``: ``http`` (default) or ``stream``;
+- ``WORKERBUS_BRIDGE``, ``WORKERBUS_NODE``, ``WORKERBUS_CLUSTER``: join a cluster of hosts
+  (read by ``join``; docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -72,7 +76,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     seen: deque[dict[str, Any]] = deque(maxlen=MAX_SEEN)
 
     def record(data: Any, event: str, source: str, wid: int | None) -> None:
-        seen.append({"source": source, "event": event, "data": _jsonable(data), "wid": wid})
+        seen.append(
+            {"source": source, "event": event, "data": _jsonable(data), "wid": wid,
+             "node": getattr(wid, "node", None)}
+        )
 
     transport = os.environ.get("WORKERBUS_TRANSPORT", "http")
     async with join(bus_address(), workers=_workers(), transport=transport) as bus:
@@ -100,8 +107,11 @@ async def publish(request: Request) -> JSONResponse:
     target = body.get("target", "all")
     if not isinstance(target, (str, int)) or isinstance(target, bool):
         return _bad("'target' must be a string or a worker id")
+    scope = body.get("scope", "local")
+    if not isinstance(scope, str):
+        return _bad("'scope' must be local or cluster")
     try:
-        await bus.publish(source, event, body.get("data"), target)
+        await bus.publish(source, event, body.get("data"), target, scope=scope)
     except (BusError, ValueError) as exc:
         return _bad(str(exc))
     return JSONResponse({"published": True, "worker_id": bus.worker_id, "pid": os.getpid()})

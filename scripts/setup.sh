@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything workerbus needs on a fresh Debian machine, idempotently:
 # Debian packages (luajit for the Kong-codec oracle tests, redis-server and wrk for the
-# benchmarks, chromium and its webdriver for the browser tests), a virtualenv, and the
-# project with all its extras.
+# benchmarks and the cluster bridge tests, nats-server for the bridge, chromium and its
+# webdriver for the browser tests), a virtualenv, and the project with all its extras.
 #
 #   PYTHON=python3.13 VENV=.venv-3.13 bash scripts/setup.sh
 #
@@ -17,6 +17,7 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v wrk >/dev/null || missing+=(wrk)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
+command -v nats-server >/dev/null || missing+=(nats-server)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     echo "setup: installing Debian packages: ${missing[*]}"
@@ -32,5 +33,5 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-"$VENV/bin/python" -m pip install -q -e ".[dev,servers,bench,top,plot,channels]"
+"$VENV/bin/python" -m pip install -q -e ".[dev,servers,bench,top,plot,channels,nats,redis]"
 echo "setup: ready ($VENV, $("$VENV/bin/python" -V))"

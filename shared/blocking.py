@@ -15,6 +15,7 @@ with ``embed=False`` it is a plain :class:`shared.client.Client` of an external 
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -138,13 +139,15 @@ class BlockingClient:
         event: str,
         data: object = None,
         target: str | int | Target = "all",
+        *,
+        scope: str = "local",
     ) -> None:
         """Publish; blocks only while connected and the publish buffer is full.
 
         Raises: as :meth:`Client.publish`.
         """
         portal, bus = self._running()
-        portal.call(bus.publish, source, event, data, target)
+        portal.call(functools.partial(bus.publish, source, event, data, target, scope=scope))
 
     def publish_nowait(
         self,
@@ -152,10 +155,12 @@ class BlockingClient:
         event: str,
         data: object = None,
         target: str | int | Target = "all",
+        *,
+        scope: str = "local",
     ) -> None:
         """Raises: as :meth:`Client.publish_nowait` (``anyio.WouldBlock`` when full)."""
         portal, bus = self._running()
-        portal.call(bus.publish_nowait, source, event, data, target)
+        portal.call(functools.partial(bus.publish_nowait, source, event, data, target, scope=scope))
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the broker has routed everything published so far (native: the

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import anyio
 from anyio.abc import ByteStream, SocketListener, TaskStatus
 
+from .bridge import Bridge, BridgeStatistics
 from .errors import AddressInUse, HandshakeError, RemoteProtocolError
 from .frame import frame_header
 from .logutil import LogLimiter
@@ -123,6 +124,8 @@ class BrokerStatistics:
     pid: int = 0
     #: the workers connected now, by id
     workers: tuple[WorkerStatistics, ...] = ()
+    #: the cluster bridge's, when the broker has one (docs/cluster.md)
+    bridge: BridgeStatistics | None = None
 
 
 class _Connection:
@@ -188,6 +191,8 @@ class Broker:
             (Not to be confused with the *welcome control frame* of the negotiated native
             extensions, docs/protocol.md §8: a native hello that asks for ``"welcome"`` gets
             that one first, whatever this setting; plain hellos never do.)
+        bridge: a cluster :class:`Bridge` (``shared.bridges.make_bridge``): publishes with
+            cluster scope also reach the other nodes, and theirs reach this one's workers.
     """
 
     def __init__(
@@ -208,6 +213,7 @@ class Broker:
         max_header_bytes: int | None = None,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         lifecycle_events: bool = False,
+        bridge: Bridge | None = None,
     ) -> None:
         self.transport = get_transport(transport, max_header_bytes=max_header_bytes)
         self.profile = get_profile(profile)
@@ -254,6 +260,9 @@ class Broker:
         #: Re-create the socket file when it is deleted under the running broker. An
         #: embedding that removes it on purpose (an orderly stop) turns this off first.
         self.keep_socket_file = True
+        self.bridge = bridge
+        if bridge is not None:
+            bridge.attach(self)
 
     # --- serving -------------------------------------------------------------------------
 
@@ -283,6 +292,9 @@ class Broker:
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._housekeeping, place, tg)
+                    if self.bridge is not None:
+                        # The engine connects in the background: the local bus never waits.
+                        await tg.start(self.bridge.run)
                     logger.info(
                         "workerbus broker ready on %s (transport=%s, profile=%s, pid=%d)",
                         address,
@@ -661,6 +673,7 @@ class Broker:
                 WorkerStatistics(c.worker_id, c.pid, c.uid)
                 for c in sorted(self._connections.values(), key=_by_worker_id)
             ),
+            bridge=None if self.bridge is None else self.bridge.statistics(),
         )
 
 

@@ -114,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-listen", default=None, type=unix_address, metavar="unix:PATH",
                    help="serve GET /metrics (Prometheus) and GET /stats (JSON) on this socket "
                         "(default: none)")
+    p.add_argument("--bridge", default=None, metavar="URL",
+                   help="join a cluster through nats://HOST:PORT, redis://HOST:PORT or "
+                        "redis+unix:///PATH (docs/cluster.md) (default: none, host-local only)")
+    p.add_argument("--node", default=None, metavar="NAME",
+                   help="this node's name in the cluster (default: the host name)")
+    p.add_argument("--cluster", default="workerbus", metavar="NAME",
+                   help="the cluster's subject/channel namespace (default %(default)s)")
+    p.add_argument("--bridge-buffer", type=positive_int, default=10000, metavar="N",
+                   help="cluster publishes held while the engine is unreachable (default %(default)s)")
     _add_common(p)
     p.set_defaults(func=_cmd_broker)
 
@@ -145,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the event's data as JSON (default: none)")
     p.add_argument("--target", default="all",
                    help="who gets it: all | others | worker:N | unique:KEY (default %(default)s)")
+    p.add_argument("--scope", choices=("local", "cluster"), default="local",
+                   help="cluster: also the other nodes' workers (broker --bridge; docs/cluster.md) "
+                        "(default %(default)s)")
     p.add_argument("--id", type=int, default=None, dest="worker_id",
                    help="worker id in the hello (default: native, one derived from the pid, "
                         "held by nobody else; kong, -1, since a real lua-resty-events broker "
@@ -179,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes (default %(default)s)")
     p.add_argument("--transport", choices=("http", "stream"), default="http",
                    help="how connections start (default %(default)s)")
+    p.add_argument("--nodes", type=non_negative_int, default=0, metavar="N",
+                   help="instead: N nodes of --workers workers each, joined through a NATS "
+                        "server the demo starts (docs/cluster.md) (default: 0, one host)")
     p.add_argument("--asgi", action="store_true",
                    help="instead: run examples/asgi_app.py under uvicorn with N workers "
                         "(embedded bus) (default: off)")
@@ -216,6 +231,15 @@ async def _until_signal(scope: anyio.CancelScope) -> None:
 
 def _cmd_broker(args: argparse.Namespace) -> int:
     try:
+        bridge = None
+        if args.bridge:
+            from .bridges import make_bridge
+
+            bridge = make_bridge(
+                args.bridge, node=args.node, cluster=args.cluster, max_buffer=args.bridge_buffer
+            )
+        elif args.node:
+            raise ValueError("--node needs --bridge")
         broker = Broker(
             transport=args.transport,
             profile=args.profile,
@@ -230,8 +254,9 @@ def _cmd_broker(args: argparse.Namespace) -> int:
             lifecycle_events=args.lifecycle_events,
             allowed_uids=default_trusted_uids(args.allow_uid),
             max_header_bytes=args.max_header_bytes,
+            bridge=bridge,
         )
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:
         print(f"workerbus broker: {exc}", file=sys.stderr)
         return 2
 
@@ -374,6 +399,11 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         print(f"workerbus publish: JSON-DATA is not valid JSON: {exc}", file=sys.stderr)
         return 2
+    try:
+        parse_target(args.target).with_scope(args.scope)  # refuse a bad target before connecting
+    except ValueError as exc:
+        print(f"workerbus publish: {exc}", file=sys.stderr)
+        return 2
     if args.timeout <= 0:
         print("workerbus publish: --timeout must be greater than 0", file=sys.stderr)
         return 2
@@ -403,7 +433,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
                     await _publish_kong(bus, args, data)
                     return 0
                 try:
-                    await bus.publish(args.source, args.event, data, args.target)
+                    await bus.publish(args.source, args.event, data, args.target, scope=args.scope)
                 except PayloadTooLarge as exc:
                     raise BusError(
                         f"the event is {exc.size} bytes encoded, over the broker's limit of "
@@ -448,6 +478,8 @@ def _cmd_tail(args: argparse.Namespace) -> int:
                     out.flush()  # one flush per burst, not per line
                     ev = await events.receive()
                 line = {"source": ev.source, "event": ev.event, "data": ev.data, "wid": ev.wid}
+                if ev.node is not None:
+                    line["node"] = ev.node
                 out.write(dumps(line) + "\n")
                 if ev.source == "workerbus" and ev.event == "dropped":
                     continue  # a report about events, not one of them
@@ -488,6 +520,10 @@ def _jsonable(value: object) -> object:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if args.nodes:
+        from .demo_cluster import run_cluster_demo
+
+        return run_cluster_demo(nodes=args.nodes, workers=args.workers)
     if args.asgi:
         from .demo_asgi import run_asgi_demo
 

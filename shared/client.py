@@ -364,7 +364,13 @@ class Client:
         )
 
     def publish_nowait(
-        self, source: str, event: str, data: object = None, target: str | int | Target = "all"
+        self,
+        source: str,
+        event: str,
+        data: object = None,
+        target: str | int | Target = "all",
+        *,
+        scope: str = "local",
     ) -> None:
         """Publish without waiting.
 
@@ -376,8 +382,13 @@ class Client:
             LocalProtocolError: ``data`` cannot be encoded.
             anyio.WouldBlock: connected, but the buffer is full (use :meth:`publish`).
             PublishBufferFull: disconnected and the buffer is full; the event is dropped.
+
+        ``scope="cluster"`` (targets all, others, unique:KEY) also reaches the workers of
+        the other nodes when the broker has a cluster bridge (docs/cluster.md).
         """
         parsed = parse_target(target)
+        if scope != "local":
+            parsed = parsed.with_scope(scope)
         if parsed.kind is _CURRENT:
             self._dispatcher.push(Event(source, event, data, None))
             return
@@ -390,7 +401,13 @@ class Client:
         self._append(frame)
 
     async def publish(
-        self, source: str, event: str, data: object = None, target: str | int | Target = "all"
+        self,
+        source: str,
+        event: str,
+        data: object = None,
+        target: str | int | Target = "all",
+        *,
+        scope: str = "local",
     ) -> None:
         """Publish an event; waits only while connected and the buffer is full.
 
@@ -398,6 +415,8 @@ class Client:
         connected waits for room instead of raising ``WouldBlock``.
         """
         parsed = parse_target(target)
+        if scope != "local":
+            parsed = parsed.with_scope(scope)
         if parsed.kind is _CURRENT:
             # Never waits for room (a handler publishing to itself would wait for itself,
             # docs/hardening.md); yields, so that a loop of these lets the handlers run.

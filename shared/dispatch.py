@@ -153,7 +153,7 @@ class Dispatcher:
                 pass  # the consumer left the ``async with``: nobody wants this event
 
         def sink(data: Any, ev: str, src: str, wid: int | None) -> Awaitable[None] | None:
-            item = Event(src, ev, data, wid)
+            item = Event(src, ev, data, wid, getattr(wid, "node", None))
             try:
                 send.send_nowait(item)
             except anyio.WouldBlock:

@@ -37,6 +37,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
+from .bridge import DEFAULT_CLUSTER, Bridge
 from .broker import LIFECYCLE_SOURCE, Broker, BrokerStatistics
 from .client import Client
 from .dispatch import Fields
@@ -54,6 +55,7 @@ from .logutil import LogLimiter
 from .messages import (
     OTHERS,
     Event,
+    NodeWid,
     Target,
     as_control_frame,
     decode_event_fields,
@@ -128,6 +130,9 @@ class EmbeddedClient(Client):
         max_worker_id: int = DEFAULT_MAX_WORKER_ID,
         mode: int = 0o600,
         broker_options: Mapping[str, Any] | None = None,
+        bridge: str | None = None,
+        node: str | None = None,
+        cluster: str | None = None,
         **client_options: Any,
     ) -> None:
         client_options.setdefault("reconnect_min", EMBED_RECONNECT_MIN)
@@ -137,6 +142,11 @@ class EmbeddedClient(Client):
         self.max_worker_id = max_worker_id
         self.mode = mode
         self._broker_options = dict(broker_options or {})
+        #: The cluster bridge (docs/cluster.md): whichever worker hosts the broker runs it,
+        #: so it moves with the broker on failover.
+        self.bridge_url = bridge
+        self.node = node
+        self.cluster = cluster
         self._socket_path = parse_address(address)
         self._out = SequenceOut()
         self._in = SequenceIn(worker_id)
@@ -335,6 +345,7 @@ class EmbeddedClient(Client):
                 profile=self.profile,
                 expected_workers=self.workers or 0,
                 lifecycle_events=True,
+                bridge=self._make_bridge(),
                 **self._broker_options,
             )
             broker.identity.update(identity)
@@ -378,6 +389,13 @@ class EmbeddedClient(Client):
                 self._broker = None
             await anyio.sleep(HOST_RETRY)
 
+    def _make_bridge(self) -> Bridge | None:
+        if not self.bridge_url:
+            return None
+        from .bridges import make_bridge  # engines are optional extras
+
+        return make_bridge(self.bridge_url, node=self.node, cluster=self.cluster or DEFAULT_CLUSTER)
+
     # --- numbered publishes --------------------------------------------------------------
 
     def _encode(self, source: str, event: str, data: object, target: Target) -> bytes:
@@ -401,18 +419,30 @@ class EmbeddedClient(Client):
         return self._frame(outer)
 
     def publish_nowait(
-        self, source: str, event: str, data: object = None, target: str | int | Target = "all"
+        self,
+        source: str,
+        event: str,
+        data: object = None,
+        target: str | int | Target = "all",
+        *,
+        scope: str = "local",
     ) -> None:
         self._out.commit()
         try:
-            super().publish_nowait(source, event, data, target)
+            super().publish_nowait(source, event, data, target, scope=scope)
         except (anyio.WouldBlock, PublishBufferFull):
             self._out.rollback()  # refused after numbering: take the number back
             raise
         self._out.commit()
 
     async def publish(
-        self, source: str, event: str, data: object = None, target: str | int | Target = "all"
+        self,
+        source: str,
+        event: str,
+        data: object = None,
+        target: str | int | Target = "all",
+        *,
+        scope: str = "local",
     ) -> None:
         # Wait for room *before* numbering, so numbers enter the buffer in order.
         parse_target(target)
@@ -420,7 +450,7 @@ class EmbeddedClient(Client):
             await self._progress.wait()
         self._out.commit()
         try:
-            await super().publish(source, event, data, target)
+            await super().publish(source, event, data, target, scope=scope)
         except PublishBufferFull:
             self._out.rollback()
             raise
@@ -470,6 +500,10 @@ class EmbeddedClient(Client):
         if raw_wid is not None and wid is None:
             raise RemoteProtocolError("wid must be an integer")
         data = msg.get("data")
+        node = msg.get("node")
+        if isinstance(node, str) and wid is not None:
+            # From another node (docs/cluster.md): its numbers are not ours to check.
+            return Event(source, event, data, NodeWid(wid, node), node)
         ev = Event(source, event, data, wid)
         lost = 0
         if wid is not None:
@@ -574,6 +608,9 @@ async def join(
     id_timeout: float = DEFAULT_ID_TIMEOUT,
     mode: int = 0o600,
     broker_options: Mapping[str, Any] | None = None,
+    bridge: str | None = None,
+    node: str | None = None,
+    cluster: str | None = None,
     **client_options: Any,
 ) -> AsyncIterator[EmbeddedClient]:
     """Join the bus at ``address`` as one of the server's workers.
@@ -590,6 +627,11 @@ async def join(
         profile: ``"native"`` (the only one with ``worker``/``others`` targets).
         mode: the socket file's mode.
         broker_options: extra :class:`Broker` arguments for whichever worker hosts it.
+        bridge: join a cluster of hosts through this engine URL (``nats://HOST:PORT``,
+            ``redis://...``, ``redis+unix:///path``; docs/cluster.md); default: the
+            ``WORKERBUS_BRIDGE`` environment variable, else host-local only.
+        node: this host's name in the cluster; default ``WORKERBUS_NODE``, else the host
+            name. cluster: the namespace; default ``WORKERBUS_CLUSTER``, else ``workerbus``.
         client_options: extra :class:`Client` arguments.
 
     Raises:
@@ -598,6 +640,13 @@ async def join(
         OSError: the lock files cannot be created.
     """
     path = parse_address(address)
+    bridge = bridge or os.environ.get("WORKERBUS_BRIDGE") or None
+    node = node or os.environ.get("WORKERBUS_NODE") or None
+    cluster = cluster or os.environ.get("WORKERBUS_CLUSTER") or None
+    if bridge:
+        from .bridges import make_bridge
+
+        make_bridge(bridge, node=node, cluster=cluster or DEFAULT_CLUSTER)  # fail fast on a bad URL
     if workers is not None and not 1 <= workers <= max_worker_id:
         raise ValueError(f"workers must be within 1..{max_worker_id}, got {workers}")
     directory = os.path.dirname(path)
@@ -614,6 +663,9 @@ async def join(
             max_worker_id=max_worker_id,
             mode=mode,
             broker_options=broker_options,
+            bridge=bridge,
+            node=node,
+            cluster=cluster,
             transport=transport,
             profile=profile,
             **client_options,

@@ -37,6 +37,7 @@ __all__ = [
     "ControlFrame",
     "Event",
     "Hello",
+    "NodeWid",
     "Welcome",
     "Target",
     "TargetKind",
@@ -77,6 +78,9 @@ class Target:
     kind: TargetKind
     worker_id: int | None = None
     key: str | None = None
+    #: scope "cluster": also for the workers of the other nodes (docs/cluster.md); only
+    #: all, others and unique have a cluster scope. The default is host-local.
+    cluster: bool = False
 
     def __str__(self) -> str:
         if self.kind is TargetKind.WORKER:
@@ -84,6 +88,21 @@ class Target:
         if self.kind is TargetKind.UNIQUE:
             return f"unique:{self.key}"
         return str(self.kind.value)
+
+    def with_scope(self, scope: str) -> Target:
+        """This target with scope ``"local"`` (the default) or ``"cluster"``.
+
+        Raises:
+            ValueError: an unknown scope, or a cluster scope for ``current`` or
+                ``worker:N`` (worker ids are per node).
+        """
+        if scope == "local":
+            return self if not self.cluster else Target(self.kind, self.worker_id, self.key)
+        if scope != "cluster":
+            raise ValueError(f"invalid scope {scope!r}: expected local or cluster")
+        if self.kind not in (TargetKind.ALL, TargetKind.OTHERS, TargetKind.UNIQUE):
+            raise ValueError(f"target {self} has no cluster scope (only all, others, unique:KEY)")
+        return Target(self.kind, self.worker_id, self.key, cluster=True)
 
     @property
     def on_wire(self) -> bool:
@@ -165,14 +184,47 @@ class ControlFrame(RemoteProtocolError):
         self.message = message
 
 
+class NodeWid(int):
+    """The ``wid`` of an event that came from another node of a cluster (docs/cluster.md).
+
+    It is the publisher's worker id *on its own node* (ids are per node), and says which
+    node that was: ``wid.node``. Handlers keep lua-resty-events' shape
+    ``(data, event, source, wid)``; ``getattr(wid, "node", None)`` is None for events of
+    this host.
+    """
+
+    node: str
+
+    def __new__(cls, wid: int, node: str) -> NodeWid:
+        self = super().__new__(cls, wid)
+        self.node = node
+        return self
+
+    def __repr__(self) -> str:
+        return f"{int(self)}@{self.node}"
+
+
+def _node_wid(msg: dict[Any, Any], wid: int | None) -> int | None:
+    # Events from another node carry "node" (added by the bridge that delivered them).
+    node = msg.get("node")
+    if type(node) is str and wid is not None:
+        return NodeWid(wid, node)
+    return wid
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One event as handlers see it. ``wid`` is None for ``current`` events."""
+    """One event as handlers see it. ``wid`` is None for ``current`` events.
+
+    ``node`` is the node it came from when another node of a cluster published it, else
+    None (docs/cluster.md).
+    """
 
     source: str
     event: str
     data: Any
     wid: int | None
+    node: str | None = None
 
 
 def _as_int(value: object, what: str) -> int:
@@ -352,7 +404,7 @@ def _msgpack_bin_header(length: int) -> bytes:
 def encode_publish(profile: Profile, target: Target, event_bytes: bytes) -> bytes:
     """The outer publish message around an already encoded event."""
     kind = target.kind
-    if type(profile.codec) is MsgpackCodec and len(event_bytes) < 1 << 32:
+    if type(profile.codec) is MsgpackCodec and len(event_bytes) < 1 << 32 and not target.cluster:
         # (identity tests, not a dict lookup: hashing an Enum member runs Python code)
         size = len(event_bytes)
         if kind is TargetKind.ALL:
@@ -374,6 +426,10 @@ def encode_publish(profile: Profile, target: Target, event_bytes: bytes) -> byte
         spec = {"others": True}
     else:
         raise ValueError(f"target {target} does not exist in the {profile.name} profile")
+    if target.cluster:
+        if not profile.extended_targets:
+            raise ValueError(f"the {profile.name} profile has no cluster scope")
+        spec["scope"] = "cluster"
     return profile.codec.dumps({"spec": spec, "data": event_bytes})
 
 
@@ -474,6 +530,14 @@ def decode_publish_batch(
 
 
 def _decode_spec(profile: Profile, spec: dict[Any, Any]) -> Target:
+    if "scope" in spec and profile.extended_targets:
+        # The cluster scope (docs/cluster.md): the same spec plus "scope": "cluster".
+        rest = {k: v for k, v in spec.items() if k != "scope"}
+        if spec["scope"] == "cluster":
+            target = _decode_spec(profile, rest)
+            if target.kind in (TargetKind.ALL, TargetKind.OTHERS, TargetKind.UNIQUE):
+                return Target(target.kind, target.worker_id, target.key, cluster=True)
+        raise RemoteProtocolError(f"invalid publish spec {spec!r}")
     if not spec:
         return ALL
     if len(spec) == 1:
@@ -591,7 +655,8 @@ def as_control_frame(msg: dict[Any, Any]) -> ControlFrame | None:
 
 def decode_event(profile: Profile, payload: bytes) -> Event:
     """Raises: RemoteProtocolError if the payload is not a valid event."""
-    return Event(*decode_event_fields(profile, payload))
+    source, event, data, wid = decode_event_fields(profile, payload)
+    return Event(source, event, data, wid, getattr(wid, "node", None))
 
 
 def decode_event_batch(
@@ -615,6 +680,8 @@ def decode_event_batch(
                 event = msg["event"]
                 wid = msg.get("wid")
                 if type(source) is str and type(event) is str and (wid is None or type(wid) is int):
+                    if "node" in msg:
+                        wid = _node_wid(msg, wid)
                     append((source, event, msg.get("data"), wid))
                     continue
             append(decode_event_fields(profile, payload))  # the careful way, with reasons
@@ -644,7 +711,7 @@ def decode_event_fields(profile: Profile, payload: bytes) -> tuple[str, str, Any
         wid = msg.get("wid")
         # Exact types: a bool or float wid (or anything odd) takes the checked path below.
         if type(source) is str and type(event) is str and (wid is None or type(wid) is int):
-            return source, event, msg.get("data"), wid
+            return source, event, msg.get("data"), _node_wid(msg, wid)
     msg = _as_map(msg, "event")
     source = msg.get("source")
     event = msg.get("event")
@@ -654,4 +721,4 @@ def decode_event_fields(profile: Profile, payload: bytes) -> tuple[str, str, Any
     if not isinstance(source, str) or not isinstance(event, str):
         raise RemoteProtocolError("event needs string 'source' and 'event'")
     wid = msg.get("wid")
-    return source, event, msg.get("data"), None if wid is None else _as_int(wid, "wid")
+    return source, event, msg.get("data"), _node_wid(msg, None if wid is None else _as_int(wid, "wid"))

@@ -322,6 +322,10 @@ class Router:
         self.queues: dict[int, WorkerQueue] = {}
         self._uniques: OrderedDict[str, float] = OrderedDict()
         self.taps: list[Tap] = []
+        #: Set by a cluster bridge: a unique publish with cluster scope is not routed here
+        #: but left to the taps (the bridge claims the key cluster-wide first). Without a
+        #: bridge this broker is a cluster of one node and routes it like any unique.
+        self.defer_cluster_unique = False
         self.publishes = 0
         self.deliveries = 0
         self.unique_duplicates = 0
@@ -400,7 +404,10 @@ class Router:
             else:
                 landed = one.push(frame, policy)
         elif kind is TargetKind.UNIQUE:
-            landed = self._route_unique(target.key or "", frame)
+            if target.cluster and self.defer_cluster_unique and publisher is not None:
+                landed = 0
+            else:
+                landed = self._route_unique(target.key or "", frame)
         else:
             raise ValueError(f"target {target} is never routed by a broker")
         self.deliveries += landed

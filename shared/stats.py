@@ -26,9 +26,32 @@ __all__ = [
 
 #: Fields that go up and down; every other numeric field is a counter.
 _GAUGES = frozenset(
-    {"connections", "open_connections", "queued", "in_flight", "depth", "connected", "buffered", "inbox",
-     "expected_workers", "pid"}
+    {
+        "connections",
+        "open_connections",
+        "queued",
+        "in_flight",
+        "depth",
+        "connected",
+        "buffered",
+        "inbox",
+        "expected_workers",
+        "pid",
+        "engine_connected",
+    }
 )
+#: The cluster bridge's fields (workerbus_bridge_*), whose names other sections reuse.
+_BRIDGE_HELP = {
+    "engine_connected": "1 while the bridge's engine connection is up.",
+    "sent": "Cluster events handed to the engine.",
+    "received": "Cluster events received from other nodes and delivered here.",
+    "lost": "Cluster events of other nodes found missing (numbered gaps), reported as lost.",
+    "buffered": "Cluster publishes waiting for the engine.",
+    "dropped": "Cluster publishes dropped because the bridge's outbox was full.",
+    "reconnects": "Engine connections after the first.",
+    "unique_won": "Cluster-unique keys this node claimed and handled.",
+    "unique_duplicates": "Cluster-unique publishes whose key another publish had claimed.",
+}
 _HELP = {
     "connections": "Worker connections past their hello.",
     "open_connections": "Connections open, including those still in their handshake.",
@@ -94,7 +117,9 @@ class _Exposition:
     def __init__(self) -> None:
         self._families: dict[str, tuple[str, str, list[str]]] = {}
 
-    def add(self, prefix: str, field: str, value: object, labels: str = "") -> None:
+    def add(
+        self, prefix: str, field: str, value: object, labels: str = "", helps: dict[str, str] = _HELP
+    ) -> None:
         if isinstance(value, bool):
             value = int(value)
         if not isinstance(value, (int, float)):
@@ -103,7 +128,7 @@ class _Exposition:
         name = f"{prefix}_{field}" + ("_total" if kind == "counter" else "")
         family = self._families.get(name)
         if family is None:
-            family = (kind, _HELP.get(field, f"The {field} statistic."), [])
+            family = (kind, helps.get(field, f"The {field} statistic."), [])
             self._families[name] = family
         family[2].append(f"{name}{labels} {value}")
 
@@ -138,13 +163,22 @@ def _memory(expo: _Exposition, memory: ProcessMemory | None) -> None:
 def broker_metrics(stats: Any, *, memory: ProcessMemory | None = None) -> str:
     """Render a :class:`shared.broker.BrokerStatistics` (and this process's memory)."""
     expo = _Exposition()
-    expo.add_fields("workerbus_broker", stats, skip=("router", "workers"))
+    expo.add_fields("workerbus_broker", stats, skip=("router", "workers", "bridge"))
     router = stats.router
     expo.add_fields("workerbus_router", router, skip=("queues",))
     for queue in router.queues:
         expo.add_fields("workerbus_queue", queue, f'{{worker_id="{queue.worker_id}"}}', skip=("worker_id",))
+    bridge = getattr(stats, "bridge", None)
+    if bridge is not None:
+        labels = f'{{node="{_label(bridge.node)}",engine="{_label(bridge.engine)}"}}'
+        for f in dataclasses.fields(bridge):
+            expo.add("workerbus_bridge", f.name, getattr(bridge, f.name), labels, _BRIDGE_HELP)
     _memory(expo, memory)
     return expo.render()
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def client_metrics(stats: Any, *, memory: ProcessMemory | None = None) -> str:

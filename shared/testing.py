@@ -111,9 +111,18 @@ class LocalBus:
         await anyio.lowlevel.checkpoint()
 
     def publish_nowait(
-        self, source: str, event: str, data: object = None, target: str | int | Target = "all"
+        self,
+        source: str,
+        event: str,
+        data: object = None,
+        target: str | int | Target = "all",
+        *,
+        scope: str = "local",
     ) -> None:
+        # A cluster scope is checked as the real client does; one bus is a one-node cluster.
         parsed = parse_target(target)
+        if scope != "local":
+            parsed = parsed.with_scope(scope)
         if parsed.kind is TargetKind.CURRENT:
             self._dispatcher.push(Event(source, event, data, None))
             return
@@ -124,9 +133,15 @@ class LocalBus:
         self._router.route(self.worker_id, parsed, inner)  # the pump delivers it
 
     async def publish(
-        self, source: str, event: str, data: object = None, target: str | int | Target = "all"
+        self,
+        source: str,
+        event: str,
+        data: object = None,
+        target: str | int | Target = "all",
+        *,
+        scope: str = "local",
     ) -> None:
-        self.publish_nowait(source, event, data, target)
+        self.publish_nowait(source, event, data, target, scope=scope)
         await anyio.lowlevel.checkpoint()
 
     async def flush(self) -> None:

@@ -88,9 +88,12 @@ class Server:
             return None
         return r.json() if r.status_code == 200 else None
 
-    def publish(self, source: str, event: str, data: Any = None, target: str = "all") -> Seen:
+    def publish(
+        self, source: str, event: str, data: Any = None, target: str = "all", scope: str = "local"
+    ) -> Seen:
         r = self.http.post(
-            "/publish", json={"source": source, "event": event, "data": data, "target": target}
+            "/publish",
+            json={"source": source, "event": event, "data": data, "target": target, "scope": scope},
         )
         r.raise_for_status()
         result: Seen = r.json()

@@ -67,7 +67,7 @@ def test_hypercorn_workers_share_events(worker_class: str) -> None:
         for s in got.values():
             (ev,) = [e for e in s["events"] if e["event"] == "hello"]
             assert ev == {"source": "test", "event": "hello", "data": {"via": worker_class},
-                          "wid": done["worker_id"]}
+                          "wid": done["worker_id"], "node": None}
         # targets reach exactly who they name
         server.publish("test", "only-one", None, "worker:1")
         server.poll_workers(1, has_event("only-one"), source="test")

@@ -1,0 +1,97 @@
+"""The NATS engine (nats-py, core NATS plus JetStream key-value for cluster unique).
+
+Every node publishes and subscribes to the subject ``<cluster>.events``; core NATS is
+at-most-once, so the bridge's numbering finds what it loses. A cluster-unique key is
+claimed with a JetStream key-value ``create`` (atomic: exactly one creator) in the bucket
+``<cluster>_unique_<ms>`` whose entries expire after the unique timeout; the node that
+wins handles the event. That needs a server with JetStream on (``nats-server -js``);
+without it a cluster-unique publish is dropped, counted and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio  # nats-py is an asyncio library; this runs in the host's loop
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import nats
+from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+
+__all__ = ["NatsEngine"]
+
+
+class NatsEngine:
+    def __init__(self, url: str, cluster: str) -> None:
+        self.url = url
+        self.description = url
+        self.subject = f"{cluster}.events"
+        self.cluster = cluster
+        self._nc: Any = None
+        self._closed = asyncio.Event()
+        self._reason: BaseException | None = None
+        self._kv: Any = None
+
+    async def connect(self) -> None:
+        async def on_error(exc: Exception) -> None:
+            self._reason = exc  # reported by the host, once per outage
+
+        async def on_gone() -> None:
+            self._closed.set()
+
+        self._nc = await nats.connect(
+            self.url,
+            allow_reconnect=False,  # the host owns outages
+            connect_timeout=2,
+            max_reconnect_attempts=0,
+            error_cb=on_error,
+            disconnected_cb=on_gone,
+            closed_cb=on_gone,
+            ping_interval=2,
+            max_outstanding_pings=2,
+        )
+
+    async def subscribe(self, on_message: Callable[[bytes], None]) -> None:
+        async def deliver(msg: Any) -> None:
+            on_message(msg.data)
+
+        await self._nc.subscribe(self.subject, cb=deliver, pending_msgs_limit=1_000_000)
+        # A round trip: the server has the subscription before we count as connected, so
+        # whatever another node publishes from then on reaches us.
+        await self._nc.flush(timeout=2)
+
+    async def publish(self, payload: bytes) -> None:
+        if self._closed.is_set():
+            raise ConnectionError("the NATS connection is closed")
+        await self._nc.publish(self.subject, payload)
+
+    async def publish_many(self, payloads: list[bytes]) -> None:
+        for payload in payloads:  # nats-py buffers and flushes by itself
+            await self.publish(payload)
+
+    async def claim(self, key: str, ttl: float) -> bool:
+        if self._kv is None:
+            js = self._nc.jetstream()
+            bucket = f"{self.cluster}_unique_{int(ttl * 1000)}"
+            try:
+                self._kv = await js.key_value(bucket)
+            except BucketNotFoundError:
+                self._kv = await js.create_key_value(bucket=bucket, ttl=ttl, history=1)
+        name = hashlib.sha256(key.encode("utf-8")).hexdigest()  # any key, in KV's alphabet
+        try:
+            await self._kv.create(name, b"1")
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def wait_closed(self) -> BaseException | None:
+        await self._closed.wait()
+        return self._reason or ConnectionError("connection closed")
+
+    async def close(self) -> None:
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            try:
+                await nc.close()
+            except Exception:  # noqa: BLE001,S110 - closing a broken connection may fail
+                pass

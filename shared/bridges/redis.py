@@ -1,0 +1,93 @@
+"""The Redis engine (redis-py asyncio, pub/sub plus ``SET NX PX`` for cluster unique).
+
+Every node publishes and subscribes to the channel ``<cluster>:events``; pub/sub is
+at-most-once (a subscriber that is away misses what is published), so the bridge's
+numbering finds what it loses. A cluster-unique key is claimed with
+``SET <cluster>:unique:<key> <node> NX PX <unique timeout>``: exactly one node's ``SET``
+succeeds until the key expires, and that node handles the event.
+
+URLs: ``redis://HOST:PORT[/DB]`` and ``redis+unix:///path/to/redis.sock``.
+"""
+
+from __future__ import annotations
+
+import asyncio  # redis-py asyncio; this runs in the host's loop
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+__all__ = ["RedisEngine"]
+
+
+class RedisEngine:
+    def __init__(self, url: str, cluster: str) -> None:
+        if url.startswith("redis+unix://"):
+            url = "unix://" + url[len("redis+unix://") :]
+        self.url = url
+        self.description = url
+        self.channel = f"{cluster}:events"
+        self.prefix = f"{cluster}:unique:"
+        self._redis: Any = None
+        self._pubsub: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+        self._reason: BaseException | None = None
+
+    async def connect(self) -> None:
+        self._redis = aioredis.from_url(
+            self.url, socket_connect_timeout=2, socket_timeout=None, retry_on_timeout=False
+        )
+        await self._redis.ping()
+
+    async def subscribe(self, on_message: Callable[[bytes], None]) -> None:
+        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
+        await self._pubsub.subscribe(self.channel)
+        # Wait for the server's confirmation: from then on every publish reaches us.
+        for _ in range(100):
+            msg = await self._pubsub.get_message(timeout=2.0)
+            if msg is None:
+                raise ConnectionError("no subscribe confirmation from Redis")
+            if msg.get("type") == "subscribe":
+                break
+        self._reader = asyncio.ensure_future(self._read(on_message))
+
+    async def _read(self, on_message: Callable[[bytes], None]) -> None:
+        try:
+            while True:
+                msg = await self._pubsub.get_message(timeout=None)
+                if msg is not None and msg.get("type") == "message":
+                    on_message(msg["data"])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure ends this connection
+            self._reason = exc
+            self._closed.set()
+
+    async def publish(self, payload: bytes) -> None:
+        await self._redis.publish(self.channel, payload)
+
+    async def publish_many(self, payloads: list[bytes]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for payload in payloads:
+                pipe.publish(self.channel, payload)
+            await pipe.execute()
+
+    async def claim(self, key: str, ttl: float) -> bool:
+        won = await self._redis.set(self.prefix + key, b"1", nx=True, px=max(1, int(ttl * 1000)))
+        return bool(won)
+
+    async def wait_closed(self) -> BaseException | None:
+        await self._closed.wait()
+        return self._reason
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        for thing in (self._pubsub, self._redis):
+            if thing is not None:
+                try:
+                    await thing.aclose()
+                except Exception:  # noqa: BLE001,S110 - closing a broken connection may fail
+                    pass

@@ -1,0 +1,141 @@
+"""The cluster bridge's pure parts: the scope on the wire, envelopes, gap counting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from shared.bridge import Envelope, GapCheck, decode_envelope, encode_envelope
+from shared.bridges import make_bridge
+from shared.codec import MsgpackCodec
+from shared.errors import RemoteProtocolError
+from shared.messages import (
+    ALL,
+    NodeWid,
+    Target,
+    TargetKind,
+    decode_event,
+    decode_event_batch,
+    decode_publish,
+    decode_publish_batch,
+    encode_publish,
+    parse_target,
+)
+from shared.profile import KONG, NATIVE
+from shared.router import Router
+
+
+@pytest.mark.parametrize("target", ["all", "others", "unique:k"])
+def test_cluster_scope_round_trips_in_the_publish_spec(target: str) -> None:
+    t = parse_target(target).with_scope("cluster")
+    payload = encode_publish(NATIVE, t, b"\x80")
+    decoded: Any = MsgpackCodec().loads(payload)
+    assert decoded["spec"]["scope"] == "cluster"
+    back, data = decode_publish(NATIVE, payload)
+    assert back == t and back.cluster and data == b"\x80"
+    runs, error = decode_publish_batch(NATIVE, [payload])
+    assert error is None and runs[0][0].cluster
+
+
+def test_local_publishes_are_byte_identical_to_before() -> None:
+    # the host-local fast path is untouched: no scope key at all
+    assert encode_publish(NATIVE, ALL, b"\x80") == b"\x82\xa4spec\x80\xa4data\xc4\x01\x80"
+    assert parse_target("all").with_scope("local") is ALL
+
+
+@pytest.mark.parametrize("target", ["current", "worker:3", 3])
+def test_no_cluster_scope_for_current_or_one_worker(target: str | int) -> None:
+    with pytest.raises(ValueError, match="no cluster scope"):
+        parse_target(target).with_scope("cluster")
+    with pytest.raises(ValueError, match="invalid scope"):
+        parse_target("all").with_scope("planet")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [{"scope": "cluster", "worker": 1}, {"scope": "galaxy"}, {"scope": True}, {"scope": "cluster", "x": 1}],
+)
+def test_bad_scopes_are_protocol_errors(spec: dict[str, object]) -> None:
+    payload = MsgpackCodec().dumps({"spec": spec, "data": b"\x80"})
+    with pytest.raises(RemoteProtocolError):
+        decode_publish(NATIVE, payload)
+
+
+def test_kong_profile_has_no_scope() -> None:
+    with pytest.raises(ValueError):
+        encode_publish(KONG, ALL.with_scope("cluster"), b"x")
+
+
+def test_without_a_bridge_a_broker_is_a_one_node_cluster() -> None:
+    router = Router()
+    router.attach(0)
+    unique = Target(TargetKind.UNIQUE, key="k").with_scope("cluster")
+    assert router.route(0, unique, b"\x00\x01x") == 1
+    router.defer_cluster_unique = True  # what a bridge sets: the claim decides
+    assert router.route(0, Target(TargetKind.UNIQUE, key="j").with_scope("cluster"), b"\x00\x01x") == 0
+
+
+def test_envelopes_round_trip_and_garbage_is_refused() -> None:
+    env = Envelope("e", "n1", "g", 7, "others", b"\x81\xa1a\x01")
+    assert decode_envelope(encode_envelope(env)) == env
+    marker = Envelope("s", "n1", "g", 9)
+    assert decode_envelope(encode_envelope(marker)) == marker
+    for junk in (b"", b"\xc1", MsgpackCodec().dumps([1]), MsgpackCodec().dumps({"k": "e", "n": "x", "g": "g", "s": True})):
+        assert decode_envelope(junk) is None
+
+
+def test_gaps_are_counted_once_per_stream_and_generation() -> None:
+    g = GapCheck()
+    assert g.step("a", "g1", 1, marker=False) == 0  # baseline
+    assert g.step("a", "g1", 2, marker=False) == 0
+    assert g.step("a", "g1", 5, marker=False) == 2  # 3 and 4 missing
+    assert g.step("a", "g1", 5, marker=False) == -1  # a duplicate: not delivered twice
+    assert g.step("a", "g1", 8, marker=True) == 3  # "my latest is 8": 6, 7, 8 missing
+    assert g.step("a", "g2", 1, marker=False) == 0  # a restarted broker: new baseline
+    assert g.step("b", "h", 4, marker=False) == 0  # another node: its own stream
+    assert g.lost == 5
+
+
+def test_remote_events_say_which_node() -> None:
+    codec = MsgpackCodec()
+    payload = codec.dumps({"source": "s", "event": "e", "wid": 3, "node": "n2"})
+    ev = decode_event(NATIVE, payload)
+    assert ev.node == "n2" and ev.wid == 3 and isinstance(ev.wid, NodeWid) and ev.wid.node == "n2"
+    batch, _ = decode_event_batch(NATIVE, [payload, codec.dumps({"source": "s", "event": "e", "wid": 3})])
+    assert getattr(batch[0][3], "node", None) == "n2" and getattr(batch[1][3], "node", None) is None
+
+
+def test_make_bridge_refuses_bad_urls_and_names() -> None:
+    with pytest.raises(ValueError, match="expected nats://"):
+        make_bridge("http://x")
+    with pytest.raises(ValueError, match="cluster name"):
+        make_bridge("nats://127.0.0.1:1", cluster="a.b")
+    assert make_bridge("redis://:secret@127.0.0.1:6379/0", node="n").description == "redis://127.0.0.1:6379/0"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--bridge", "http://127.0.0.1:1"), "expected nats://"),
+        (("--node", "a"), "--node needs --bridge"),
+        (("--bridge", "nats://127.0.0.1:1", "--cluster", "a.b"), "cluster name"),
+        (("--bridge", "nats://127.0.0.1:1", "--profile", "kong"), "needs the native profile"),
+    ],
+)
+def test_broker_bridge_errors_are_one_line(args: tuple[str, ...], message: str, sock_dir: str) -> None:
+    out = _cli("broker", "--listen", f"unix:{sock_dir}/b.sock", *args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_publish_refuses_a_cluster_scope_for_one_worker(sock_dir: str) -> None:
+    out = _cli("publish", f"unix:{sock_dir}/none.sock", "s", "e", "--scope", "cluster", "--target", "worker:1", "--timeout", "1")
+    assert out.returncode == 2 and "no cluster scope" in out.stderr and "reach" not in out.stderr
