@@ -21,11 +21,14 @@ from anyio.abc import ByteStream, SocketListener, TaskStatus
 from .errors import AddressInUse, HandshakeError, RemoteProtocolError
 from .frame import frame_header
 from .logutil import LogLimiter
+from .memtrim import release_free_memory
 from .messages import ALL, Target, decode_hello, decode_publish_batch, encode_event
 from .peercred import PEERCRED_SUPPORTED, PeerCredentials, default_trusted_uids, peer_credentials
 from .profile import Profile, get_profile
 from .router import (
+    DEFAULT_BROADCAST_GRACE,
     DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_DEPARTED_QUEUES,
     DEFAULT_MAX_QUEUE_LEN,
     DEFAULT_MAX_UNIQUE_KEYS,
     DEFAULT_QUEUE_GRACE,
@@ -57,6 +60,10 @@ DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 DEFAULT_MAX_CONNECTIONS = 1024
 #: The reserved event source of messages the bus itself generates (e.g. "dropped").
 LIFECYCLE_SOURCE = "workerbus"
+#: Connections ended since the last heap trim that make the next housekeeping tick trim
+#: (any retired queue does too): a storm's buffers and queues are then handed back to the
+#: kernel instead of staying resident (shared/memtrim.py says why that is needed).
+_TRIM_AFTER_CLOSES = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +122,10 @@ class Broker:
             profile's frame header can express.
         unique_timeout: seconds a unique key suppresses repeats.
         queue_grace: seconds the queue of a departed, unexpected id is kept.
+        broadcast_grace: seconds such a queue keeps taking broadcasts; after that what it
+            misses is only counted (and reported if the worker comes back).
+        max_departed_queues: queues of departed, unexpected ids kept at once (the oldest
+            departure is retired first).
         handshake_timeout: seconds for connection start plus hello.
         max_connections: connections served at once.
         overflow: what a full worker queue does.
@@ -139,6 +150,8 @@ class Broker:
         max_payload_len: int | None = None,
         unique_timeout: float = DEFAULT_UNIQUE_TIMEOUT,
         queue_grace: float = DEFAULT_QUEUE_GRACE,
+        broadcast_grace: float = DEFAULT_BROADCAST_GRACE,
+        max_departed_queues: int = DEFAULT_MAX_DEPARTED_QUEUES,
         max_unique_keys: int = DEFAULT_MAX_UNIQUE_KEYS,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
@@ -171,6 +184,8 @@ class Broker:
             unique_timeout=unique_timeout,
             expected_workers=expected_workers,
             queue_grace=queue_grace,
+            broadcast_grace=broadcast_grace,
+            max_departed_queues=max_departed_queues,
             max_unique_keys=max_unique_keys,
             overflow=overflow,
         )
@@ -182,6 +197,8 @@ class Broker:
         self._untrusted = 0
         self._over_limit = 0
         self._handshake_timeouts = 0
+        #: Connections ended and queues retired since the last heap trim.
+        self._released = 0
         #: Peer-triggered warnings go through this, so a storm cannot flood the log.
         self.log_limiter = LogLimiter(logger)
         self.on_ready: Callable[[str], None] | None = None
@@ -237,6 +254,10 @@ class Broker:
             await anyio.sleep(1.0)
             for wid in self.router.expire():
                 logger.info("queue of worker %d expired after its grace period", wid)
+                self._released += _TRIM_AFTER_CLOSES
+            if self._released >= _TRIM_AFTER_CLOSES:
+                self._released = 0
+                release_free_memory()
             self.log_limiter.flush()
             await self._check_socket_file(place, tg)
 
@@ -309,6 +330,7 @@ class Broker:
                 logger.exception("internal error while serving %s; dropping it", _peer(creds))
             finally:
                 self._open -= 1
+                self._released += 1
 
     async def _serve_peer(self, stream: ByteStream, creds: PeerCredentials | None) -> None:
         profile = self.profile
@@ -405,7 +427,14 @@ class Broker:
     def _unregister(self, conn: _Connection) -> None:
         if self._connections.get(conn.worker_id) is conn:
             del self._connections[conn.worker_id]
-            self.router.detach(conn.queue)
+            for wid in self.router.detach(conn.queue):
+                self._released += _TRIM_AFTER_CLOSES
+                logger.info(
+                    "queue of worker %d retired early: more than max_departed_queues=%d "
+                    "departed ids",
+                    wid,
+                    self.router.max_departed_queues,
+                )
             if self.lifecycle_events:
                 self._announce("left", conn)
         logger.info("%s disconnected", conn)

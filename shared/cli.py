@@ -22,6 +22,8 @@ from .client import Client
 from .errors import AddressInUse, BusError
 from .peercred import default_trusted_uids
 from .router import (
+    DEFAULT_BROADCAST_GRACE,
+    DEFAULT_MAX_DEPARTED_QUEUES,
     DEFAULT_MAX_QUEUE_LEN,
     DEFAULT_QUEUE_GRACE,
     DEFAULT_UNIQUE_TIMEOUT,
@@ -57,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-payload-len", type=int, default=None, metavar="N",
                    help="largest frame payload accepted (default: the profile's maximum)")
     p.add_argument("--queue-grace", type=float, default=DEFAULT_QUEUE_GRACE, metavar="SECONDS")
+    p.add_argument("--broadcast-grace", type=float, default=DEFAULT_BROADCAST_GRACE, metavar="SECONDS",
+                   help="seconds the queue of a departed id not in 0..N-1 keeps taking broadcasts; "
+                        f"later ones are counted as missed (default {DEFAULT_BROADCAST_GRACE:g})")
+    p.add_argument("--max-departed-queues", type=int, default=DEFAULT_MAX_DEPARTED_QUEUES, metavar="N",
+                   help="queues kept for departed ids not in 0..N-1; the oldest is retired first "
+                        f"(default {DEFAULT_MAX_DEPARTED_QUEUES})")
     p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS")
     p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N")
     p.add_argument("--overflow", choices=[o.value for o in OverflowPolicy], default=OverflowPolicy.DROP_NEWEST.value)
@@ -149,6 +157,8 @@ def _cmd_broker(args: argparse.Namespace) -> int:
             max_payload_len=args.max_payload_len,
             unique_timeout=args.unique_timeout,
             queue_grace=args.queue_grace,
+            broadcast_grace=args.broadcast_grace,
+            max_departed_queues=args.max_departed_queues,
             handshake_timeout=args.handshake_timeout,
             max_connections=args.max_connections,
             overflow=OverflowPolicy(args.overflow),
