@@ -21,7 +21,7 @@ from anyio.abc import ByteStream, SocketListener, TaskStatus
 from .errors import AddressInUse, HandshakeError, RemoteProtocolError
 from .frame import frame_header
 from .logutil import LogLimiter
-from .memtrim import release_free_memory
+from .memtrim import reclaim_memory
 from .messages import ALL, Target, decode_hello, decode_publish_batch, encode_event
 from .peercred import PEERCRED_SUPPORTED, PeerCredentials, default_trusted_uids, peer_credentials
 from .profile import Profile, get_profile
@@ -43,6 +43,7 @@ from .stream import FrameStream
 from .transport import Transport, get_transport, open_unix_listener, parse_address
 
 __all__ = [
+    "DEFAULT_FRAME_TIMEOUT",
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_MAX_CONNECTIONS",
     "LIFECYCLE_SOURCE",
@@ -55,6 +56,10 @@ logger = logging.getLogger(__name__)
 #: Seconds a new peer has to finish its connection start and send its hello. Same as the
 #: 5 s socket timeout of lua-resty-events.
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+#: Seconds a peer has to finish a frame once its first byte arrived. A worker writes whole
+#: frames, so a frame that stalls means a stopped or dead process, or an attack holding
+#: broker memory (up to max_payload_len per connection). Checked once a second.
+DEFAULT_FRAME_TIMEOUT = 10.0
 #: Connections served at once; one more is closed on accept. Generous for one server's
 #: workers, small enough that a connection storm cannot exhaust file descriptors.
 DEFAULT_MAX_CONNECTIONS = 1024
@@ -84,10 +89,12 @@ class BrokerStatistics:
     handshake_timeouts: int = 0
     #: connections open now, including those still in their handshake
     open_connections: int = 0
+    #: connections closed because a frame was not completed within ``frame_timeout``
+    frame_timeouts: int = 0
 
 
 class _Connection:
-    __slots__ = ("cut", "frames", "pid", "queue", "scope", "uid", "worker_id")
+    __slots__ = ("cut", "frames", "pid", "queue", "scope", "timed_out", "uid", "worker_id")
 
     def __init__(
         self, worker_id: int, pid: int, frames: FrameStream, queue: WorkerQueue, uid: int | None
@@ -100,6 +107,8 @@ class _Connection:
         self.scope: anyio.CancelScope | None = None
         #: Closed by the disconnect overflow policy: the batch in flight is dropped.
         self.cut = False
+        #: Closed for not finishing a frame in time (already counted and logged).
+        self.timed_out = False
 
     def __str__(self) -> str:
         return f"worker {self.worker_id} (pid {self.pid})"
@@ -127,6 +136,7 @@ class Broker:
         max_departed_queues: queues of departed, unexpected ids kept at once (the oldest
             departure is retired first).
         handshake_timeout: seconds for connection start plus hello.
+        frame_timeout: seconds a connection has to complete a frame it has begun to send.
         max_connections: connections served at once.
         overflow: what a full worker queue does.
         allowed_uids: uids whose connections are served (checked with ``SO_PEERCRED``);
@@ -154,6 +164,7 @@ class Broker:
         max_departed_queues: int = DEFAULT_MAX_DEPARTED_QUEUES,
         max_unique_keys: int = DEFAULT_MAX_UNIQUE_KEYS,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         overflow: OverflowPolicy = OverflowPolicy.DROP_NEWEST,
         allowed_uids: Iterable[int] | None = None,
@@ -170,6 +181,9 @@ class Broker:
             raise ValueError(f"max_payload_len must be within 1..{limit}")
         if handshake_timeout <= 0:
             raise ValueError("handshake_timeout must be greater than 0")
+        if frame_timeout <= 0:
+            raise ValueError("frame_timeout must be greater than 0")
+        self.frame_timeout = frame_timeout
         self.max_payload_len = max_payload_len
         self.handshake_timeout = handshake_timeout
         self.max_connections = max_connections
@@ -197,6 +211,7 @@ class Broker:
         self._untrusted = 0
         self._over_limit = 0
         self._handshake_timeouts = 0
+        self._frame_timeouts = 0
         #: Connections ended and queues retired since the last heap trim.
         self._released = 0
         #: Peer-triggered warnings go through this, so a storm cannot flood the log.
@@ -255,11 +270,35 @@ class Broker:
             for wid in self.router.expire():
                 logger.info("queue of worker %d expired after its grace period", wid)
                 self._released += _TRIM_AFTER_CLOSES
+            self._drop_stalled_frames()
             if self._released >= _TRIM_AFTER_CLOSES:
                 self._released = 0
-                release_free_memory()
+                reclaim_memory()
             self.log_limiter.flush()
             await self._check_socket_file(place, tg)
+
+    def _drop_stalled_frames(self) -> None:
+        # A peer inside a frame holds up to max_payload_len bytes of broker memory until it
+        # finishes; one that stops there is closed. (The hello is covered by the handshake
+        # deadline.) Once a second is precise enough for a deadline of seconds, and costs
+        # nothing on the read path.
+        limit = anyio.current_time() - self.frame_timeout
+        for conn in list(self._connections.values()):
+            started = conn.frames.frame_started
+            if started is None or started > limit or conn.timed_out:
+                continue
+            conn.timed_out = True
+            self._frame_timeouts += 1
+            self.log_limiter.log(
+                logging.WARNING,
+                "closing %s: a frame was not completed within frame_timeout=%ss "
+                "(%d of %d bytes arrived)",
+                conn,
+                self.frame_timeout,
+                conn.frames.buffered,
+                conn.frames.frame_size,
+            )
+            self._hang_up(conn)
 
     async def _check_socket_file(self, place: _SocketFile, tg: anyio.abc.TaskGroup) -> None:
         # A tmp cleaner or a careless `rm` can delete the socket file: open connections do
@@ -457,6 +496,8 @@ class Broker:
         except anyio.EndOfStream:
             pass
         except RemoteProtocolError as exc:
+            if conn.timed_out:
+                return  # the frame deadline hung up: counted and logged already
             self._protocol_errors += 1
             self.log_limiter.log(logging.WARNING, "closing %s: protocol error: %s", conn, exc)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
@@ -561,6 +602,7 @@ class Broker:
             refused_over_limit=self._over_limit,
             handshake_timeouts=self._handshake_timeouts,
             open_connections=self._open,
+            frame_timeouts=self._frame_timeouts,
         )
 
 

@@ -17,7 +17,12 @@ from typing import Any
 
 import anyio
 
-from .broker import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Broker
+from .broker import (
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    Broker,
+)
 from .client import Client
 from .errors import AddressInUse, BusError
 from .peercred import default_trusted_uids
@@ -66,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queues kept for departed ids not in 0..N-1; the oldest is retired first "
                         f"(default {DEFAULT_MAX_DEPARTED_QUEUES})")
     p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS")
+    p.add_argument("--frame-timeout", type=float, default=DEFAULT_FRAME_TIMEOUT, metavar="SECONDS",
+                   help="seconds a worker has to finish a frame it has begun to send, else it is "
+                        f"disconnected (default {DEFAULT_FRAME_TIMEOUT:g})")
     p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N")
     p.add_argument("--overflow", choices=[o.value for o in OverflowPolicy], default=OverflowPolicy.DROP_NEWEST.value)
     p.add_argument("--mode", type=lambda s: int(s, 8), default=0o600, metavar="OCTAL", help="socket file mode (default 600)")
@@ -160,6 +168,7 @@ def _cmd_broker(args: argparse.Namespace) -> int:
             broadcast_grace=args.broadcast_grace,
             max_departed_queues=args.max_departed_queues,
             handshake_timeout=args.handshake_timeout,
+            frame_timeout=args.frame_timeout,
             max_connections=args.max_connections,
             overflow=OverflowPolicy(args.overflow),
             lifecycle_events=args.lifecycle_events,

@@ -1,26 +1,34 @@
-"""Hand freed heap memory back to the kernel after a burst of frees (glibc only).
+"""Give the memory of a storm back to the kernel once the storm is over (glibc only).
 
-Why this exists: glibc's ``free`` returns memory to the kernel only from the top of the
-heap. After a storm of connections or ghost queues is gone, the broker's live objects are
-few, but they sit between the freed chunks, so the freed pages stay resident: measured on
-the project's machine, 1,000 departed ids left a broker at 52 MiB instead of 31 MiB after
-their queues expired, and 1,000 half-sent frames at <see docs/hardening.md §1>.
-``malloc_trim(0)`` releases every whole free page inside the heap too (``madvise``), which
-brings the broker back to within a few MiB of where it started.
+Why this exists, measured on the project's machine with ``benchmarks/ghosts.py`` and
+``benchmarks/halfframes.py`` (docs/hardening.md §1): after 1,000 ghost ids' queues expired,
+or 1,000 connections that hung inside a frame were closed, the broker kept its peak
+resident size (52 MiB and 105 MiB instead of about 31 MiB), for two reasons:
 
-It costs one walk over the heap's free lists (well under a millisecond for tens of MiB), so
+- A connection's tasks end in reference cycles (a cancelled task's exception, its
+  traceback, the frames of the connection's coroutines, which hold the connection and its
+  frame buffer), so its buffers are freed only when the cyclic garbage collector next runs
+  a full collection, which in an idle broker can be much later.
+- glibc's ``free`` gives memory back to the kernel only from the top of the heap; the few
+  objects that stay live sit between the freed chunks, so the freed pages stay resident.
+  ``malloc_trim(0)`` releases every whole free page inside the heap too (``madvise``).
+
+:func:`reclaim_memory` does both. A full collection costs time in proportion to the live
+objects plus the garbage (tens of milliseconds for an idle broker, a few hundred once after
+1,000 connections died together; the collector would spend that anyway, only later), so
 the broker calls it from its once-a-second housekeeping, and only after a lot was let go.
-Where there is no glibc (musl, macOS) it does nothing: those allocators behave differently
-and the figures in docs/hardening.md are glibc's.
+Where there is no glibc (musl, macOS) the trim is skipped: those allocators behave
+differently, and the figures in docs/hardening.md are glibc's.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 from collections.abc import Callable
 
-__all__ = ["release_free_memory"]
+__all__ = ["reclaim_memory"]
 
 
 def _find_malloc_trim() -> Callable[[int], int] | None:
@@ -28,8 +36,7 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
     if name is None:
         return None
     try:
-        libc = ctypes.CDLL(name)
-        trim = libc.malloc_trim
+        trim = ctypes.CDLL(name).malloc_trim
     except (OSError, AttributeError):
         return None
     trim.argtypes = [ctypes.c_size_t]
@@ -40,8 +47,10 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 _malloc_trim = _find_malloc_trim()
 
 
-def release_free_memory() -> bool:
-    """Give free heap pages back to the kernel; False where that is not possible here."""
+def reclaim_memory() -> bool:
+    """Collect cyclic garbage, then give free heap pages back to the kernel; returns
+    False where the second part is not possible here."""
+    gc.collect()
     if _malloc_trim is None:
         return False
     _malloc_trim(0)
