@@ -11,7 +11,7 @@ from anyio.abc import ByteStream
 from shared.errors import HandshakeError
 from shared.sockets import connect_unix
 
-from .handshake import DEFAULT_MAX_HEADER_BYTES, ClientHandshake, ServerHandshake
+from .handshake import DEFAULT_MAX_HEADER_BYTES, ClientHandshake, ServerHandshake, plain_response
 
 __all__ = ["TRANSPORT", "HttpTransport"]
 
@@ -61,6 +61,12 @@ class HttpTransport:
             if not outcome.response:
                 raise anyio.EndOfStream  # closed before sending a request: not an error
             raise HandshakeError(f"upgrade refused with {outcome.reason}")
+
+    async def refuse(self, stream: ByteStream, status: int, text: str) -> None:
+        # Answered without reading the request: a refusal must cost the broker nothing.
+        # The client has sent its request already and reads the whole answer before it
+        # notices the close.
+        await stream.send(plain_response(status, text))
 
 
 TRANSPORT = HttpTransport()

@@ -346,9 +346,12 @@ class Broker:
                 self._over_limit += 1
                 self.log_limiter.log(
                     logging.WARNING,
-                    "refusing %s: max_connections=%d reached",
+                    "refusing %s: broker full (max_connections=%d reached)",
                     _peer(creds),
                     self.max_connections,
+                )
+                await self._refuse(
+                    stream, 503, f"broker full: max_connections={self.max_connections} reached, try again later"
                 )
                 return
             if creds is not None and creds.uid not in self.allowed_uids:
@@ -361,6 +364,7 @@ class Broker:
                     creds.uid,
                     ",".join(map(str, sorted(self.allowed_uids))),
                 )
+                await self._refuse(stream, 403, f"uid {creds.uid} is not trusted by this broker")
                 return
             self._open += 1
             try:
@@ -370,6 +374,15 @@ class Broker:
             finally:
                 self._open -= 1
                 self._released += 1
+
+    async def _refuse(self, stream: ByteStream, status: int, text: str) -> None:
+        # Say why, where the transport can (http: a status and a line of text), without
+        # reading anything from the peer; the caller then closes.
+        with anyio.move_on_after(self.handshake_timeout):
+            try:
+                await self.transport.refuse(stream, status, text)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
 
     async def _serve_peer(self, stream: ByteStream, creds: PeerCredentials | None) -> None:
         profile = self.profile

@@ -33,7 +33,7 @@ from anyio.abc import ByteStream
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .dispatch import Dispatcher, Fields, Handler
-from .errors import HandshakeError, PublishBufferFull, RemoteProtocolError
+from .errors import HandshakeError, PublishBufferFull, RemoteProtocolError, UpgradeRejected
 from .frame import frame_header
 from .logutil import LogLimiter
 from .messages import (
@@ -78,6 +78,23 @@ _DECODE_CHUNK = 256
 _SHORT_SESSION = 0.5
 #: Seconds between two "cannot reach the broker" warnings of one client.
 _RECONNECT_LOG_INTERVAL = 30.0
+
+
+def _why_unreachable(exc: BaseException) -> str:
+    """One line, never empty, for a failed connect or connection start."""
+    if isinstance(exc, UpgradeRejected) and exc.status_code == 503:
+        # Our broker's body says "broker full: max_connections=N reached, ..." itself.
+        text = exc.body.decode("utf-8", "replace").strip()
+        if not text.startswith("broker full"):
+            text = "broker full" + (f" ({text})" if text else "")
+        return f"{text} (HTTP 503)"
+    if isinstance(exc, TimeoutError):
+        return "no answer within the connect timeout"
+    if isinstance(exc, (anyio.EndOfStream, anyio.BrokenResourceError)):
+        # A full broker (stream transport), or one that does not trust this uid, closes
+        # without a word; so does a broker that was just killed.
+        return "the broker closed the connection during its start (full, or this uid not trusted? its log says)"
+    return str(exc) or type(exc).__name__
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,7 +368,7 @@ class Client:
                     "worker %d cannot reach the broker at %s: %s (attempt %d)",
                     self.worker_id,
                     self.address,
-                    exc,
+                    _why_unreachable(exc),
                     failures,
                 )
                 await anyio.sleep(self._backoff(failures))

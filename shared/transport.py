@@ -51,6 +51,15 @@ class Transport(Protocol):
         """
         ...
 
+    async def refuse(self, stream: ByteStream, status: int, text: str) -> None:
+        """Broker side: tell a peer it is refused before its connection start (e.g. the
+        broker is full), if the transport has a way to say so; the broker then closes.
+
+        ``status`` is the HTTP status that describes the refusal, ``text`` one line for
+        a person. May raise the stream's errors; the caller bounds it with a deadline.
+        """
+        ...
+
 
 def get_transport(name: str | Transport, *, max_header_bytes: int | None = None) -> Transport:
     """``"http"`` → :data:`httpbus.TRANSPORT`, ``"stream"`` → :data:`streambus.TRANSPORT`.
