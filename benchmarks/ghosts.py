@@ -8,8 +8,9 @@ the round ends when every reader has seen all of them (delivered, or reported dr
 the broker). Rounds:
 
 1. baseline, no ghosts (median of ``--rounds``);
-2. one round right after ``--ghosts`` connections each said hello with a new id and left
-   (their queues are still within the broker's broadcast grace);
+2. right after ``--ghosts`` connections each said hello with a new id and left (their
+   queues are still within the broker's broadcast grace), once per round, each time with
+   new ids (median);
 3. ``--ghost-wait`` seconds after the ghosts (by default past the broadcast grace; median);
 4. the broker's resident memory once the queue grace (``--queue-grace``) is over.
 
@@ -27,7 +28,15 @@ import statistics
 import threading
 import time
 
-from benchmarks.rawpeers import Reader, broadcast_list, connect, hello, rss_mib, start_broker
+from benchmarks.rawpeers import (
+    Reader,
+    broadcast_list,
+    connect,
+    cpu_seconds,
+    hello,
+    rss_mib,
+    start_broker,
+)
 
 CHUNK = 500
 #: Publishes a publisher may have ahead of the slowest reader: the two publishers together
@@ -75,6 +84,28 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+class Meter:
+    """Wall time and broker CPU time of rounds (CPU: less disturbed by a busy machine)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.walls: list[float] = []
+        self.cpu = 0.0
+
+    def round(self, readers: list[Reader], pubs: list[socket.socket], frames: list[bytes]) -> None:
+        cpu0 = cpu_seconds(self.pid)
+        self.walls.append(one_round(readers, pubs, frames))
+        self.cpu += cpu_seconds(self.pid) - cpu0
+
+    @property
+    def wall(self) -> float:
+        return median(self.walls)
+
+    @property
+    def cpu_per_round(self) -> float:
+        return self.cpu / len(self.walls)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ghosts", type=int, default=1000)
@@ -102,39 +133,59 @@ def main() -> None:
         frames = broadcast_list(args.events)
         pubs = [socks[1], socks[2]]
         results["rss_start_mib"] = rss_mib(broker.pid)
-        results["round1_s"] = median([one_round(readers, pubs, frames) for _ in range(args.rounds)])
+        one_round(readers, pubs, frames)  # warm-up
+        phase1 = Meter(broker.pid)
+        for _ in range(args.rounds):
+            phase1.round(readers, pubs, frames)
+        results["round1_s"], results["round1_cpu_s"] = phase1.wall, phase1.cpu_per_round
         results["rss_baseline_mib"] = rss_mib(broker.pid)
-        print(f"1. no ghosts:                {results['round1_s']:.3f} s per round   broker RSS {results['rss_baseline_mib']:.1f} MiB")
+        print(f"1. no ghosts:                {phase1.wall:.3f} s per round, broker CPU {phase1.cpu_per_round:.3f} s; "
+              f"broker RSS {results['rss_baseline_mib']:.1f} MiB")
 
-        t0 = time.perf_counter()
-        for i in range(args.ghosts):
-            g = connect(broker.path, args.transport)
-            g.sendall(hello(100_000 + i))
-            g.close()
-        deadline = time.monotonic() + 60
-        while broker.stats()["connections"] != 3:
-            if time.monotonic() > deadline:
-                raise TimeoutError("ghosts still connected after 60 s")
-            time.sleep(0.05)
-        ghosts_done = time.perf_counter()
-        results["ghosts_s"] = ghosts_done - t0
-        print(f"   {args.ghosts} ghosts connected, said hello and left in {results['ghosts_s']:.2f} s")
+        def storm(first_id: int) -> float:
+            t0 = time.perf_counter()
+            for i in range(args.ghosts):
+                g = connect(broker.path, args.transport)
+                g.sendall(hello(first_id + i))
+                g.close()
+            deadline = time.monotonic() + 60
+            while broker.stats()["connections"] != 3:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("ghosts still connected after 60 s")
+                time.sleep(0.05)
+            return time.perf_counter() - t0
 
-        results["round2_s"] = one_round(readers, pubs, frames)
-        results["round2_after_ghosts_s"] = time.perf_counter() - ghosts_done
+        # Phase 2, ``--rounds`` times: a storm of new ghost ids, then at once one round.
+        storms = []
+        phase2 = Meter(broker.pid)
+        for r in range(args.rounds):
+            storms.append(storm(100_000 + r * args.ghosts))
+            ghosts_done = time.perf_counter()
+            phase2.round(readers, pubs, frames)
+        results["ghosts_s"] = median(storms)
+        results["round2_s"], results["round2_cpu_s"] = phase2.wall, phase2.cpu_per_round
         results["rss_round2_mib"] = rss_mib(broker.pid)
-        print(f"2. right after the ghosts:   {results['round2_s']:.3f} s (one round)  broker RSS {results['rss_round2_mib']:.1f} MiB")
+        print(f"   {args.ghosts} ghosts connect, say hello and leave in {results['ghosts_s']:.2f} s")
+        print(f"2. right after the ghosts:   {phase2.wall:.3f} s per round, broker CPU {phase2.cpu_per_round:.3f} s; "
+              f"broker RSS {results['rss_round2_mib']:.1f} MiB")
         time.sleep(max(0.0, args.ghost_wait - (time.perf_counter() - ghosts_done)))
-        results["round3_s"] = median([one_round(readers, pubs, frames) for _ in range(args.rounds)])
+        phase3 = Meter(broker.pid)
+        for _ in range(args.rounds):
+            phase3.round(readers, pubs, frames)
+        results["round3_s"], results["round3_cpu_s"] = phase3.wall, phase3.cpu_per_round
         results["rss_round3_mib"] = rss_mib(broker.pid)
         router = broker.stats()["router"]
         assert isinstance(router, dict)
+        results["queues_phase3"] = len(router["queues"])
+        results["ghost_depth_phase3"] = sum(q["depth"] for q in router["queues"] if q["worker_id"] >= 100_000)
         results["queues_departed"] = router.get("queues_departed", -1)
         results["queues_muted"] = router.get("queues_muted", -1)
         print(
-            f"3. {args.ghost_wait:g} s after the ghosts:  {results['round3_s']:.3f} s per round   broker RSS "
-            f"{results['rss_round3_mib']:.1f} MiB; departed queues {results['queues_departed']:g}, "
-            f"muted {results['queues_muted']:g}"
+            f"3. {args.ghost_wait:g} s after the ghosts:  {phase3.wall:.3f} s per round, broker CPU "
+            f"{phase3.cpu_per_round:.3f} s; broker RSS "
+            f"{results['rss_round3_mib']:.1f} MiB; queues {results['queues_phase3']:g} (departed "
+            f"{results['queues_departed']:g}, muted {results['queues_muted']:g}; frames queued for ghosts "
+            f"{results['ghost_depth_phase3']:g})"
         )
         time.sleep(max(0.0, args.queue_grace + 2.5 - (time.perf_counter() - ghosts_done)))
         results["rss_after_expiry_mib"] = rss_mib(broker.pid)
@@ -150,9 +201,12 @@ def main() -> None:
         )
         results["ratio_right_after"] = results["round2_s"] / results["round1_s"]
         results["ratio_later"] = results["round3_s"] / results["round1_s"]
+        results["cpu_ratio_right_after"] = results["round2_cpu_s"] / results["round1_cpu_s"]
+        results["cpu_ratio_later"] = results["round3_cpu_s"] / results["round1_cpu_s"]
         print(
-            f"ratio to no ghosts: right after {results['ratio_right_after']:.2f}x, "
-            f"later {results['ratio_later']:.2f}x; RSS after expiry - baseline: "
+            f"ratio to no ghosts, wall time: right after {results['ratio_right_after']:.2f}x, "
+            f"later {results['ratio_later']:.2f}x; broker CPU: right after {results['cpu_ratio_right_after']:.2f}x, "
+            f"later {results['cpu_ratio_later']:.2f}x; RSS after expiry - baseline: "
             f"{results['rss_after_expiry_mib'] - results['rss_baseline_mib']:+.1f} MiB"
         )
         for s in socks:

@@ -30,6 +30,7 @@ __all__ = [
     "Reader",
     "broadcast_list",
     "connect",
+    "cpu_seconds",
     "hello",
     "rss_mib",
     "start_broker",
@@ -43,6 +44,13 @@ def rss_mib(pid: int, field_name: str = "VmRSS") -> float:
             if line.startswith(field_name + ":"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError(f"no {field_name} for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of ``pid`` so far, from /proc (clock-tick resolution)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass

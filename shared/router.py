@@ -64,9 +64,11 @@ DEFAULT_QUEUE_GRACE = 60.0
 DEFAULT_BROADCAST_GRACE = 5.0
 #: Queues kept for departed workers whose ids the broker was not told to expect. Over it,
 #: the queue of the worker that left first is retired at once (counted in
-#: ``queues_evicted``, what it held counted as dropped). Several times the workers of a big
-#: server: ids that come and go faster than that are ghosts, not respawns.
-DEFAULT_MAX_DEPARTED_QUEUES = 256
+#: ``queues_evicted``, what it held counted as dropped). Twice the workers of a big server
+#: (and ``--workers N`` ids do not count): ids that come and go faster are ghosts, not
+#: respawns. Each one kept costs up to ``max_queue_len`` pointers (80 KiB by default) and,
+#: within its broadcast grace, a copy of every broadcast.
+DEFAULT_MAX_DEPARTED_QUEUES = 128
 #: Unique keys remembered at once. lua-resty-events keeps 1024 in an LRU, which lets a burst
 #: of distinct keys evict a live one; we keep more and count every early eviction.
 DEFAULT_MAX_UNIQUE_KEYS = 65536
