@@ -60,8 +60,9 @@ DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 #: frames, so a frame that stalls means a stopped or dead process, or an attack holding
 #: broker memory (up to max_payload_len per connection). Checked once a second.
 DEFAULT_FRAME_TIMEOUT = 10.0
-#: Connections served at once; one more is closed on accept. Generous for one server's
-#: workers, small enough that a connection storm cannot exhaust file descriptors.
+#: Connections served at once; one more is refused on accept (503 on http, a close on
+#: stream: docs/protocol.md §2). Generous for one server's workers, small enough that a
+#: connection storm cannot exhaust file descriptors.
 DEFAULT_MAX_CONNECTIONS = 1024
 #: The reserved event source of messages the bus itself generates (e.g. "dropped").
 LIFECYCLE_SOURCE = "workerbus"
@@ -378,9 +379,12 @@ class Broker:
     async def _refuse(self, stream: ByteStream, status: int, text: str) -> None:
         # Say why, where the transport can (http: a status and a line of text), without
         # reading anything from the peer; the caller then closes.
+        refuse = getattr(self.transport, "refuse", None)  # optional (shared/transport.py)
+        if refuse is None:
+            return
         with anyio.move_on_after(self.handshake_timeout):
             try:
-                await self.transport.refuse(stream, status, text)
+                await refuse(stream, status, text)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 pass
 

@@ -1,9 +1,9 @@
 """Give the memory of a storm back to the kernel once the storm is over (glibc only).
 
 Why this exists, measured on the project's machine with ``benchmarks/ghosts.py`` and
-``benchmarks/halfframes.py`` (docs/hardening.md §1): after 1,000 ghost ids' queues expired,
-or 1,000 connections that hung inside a frame were closed, the broker kept its peak
-resident size (52 MiB and 105 MiB instead of about 31 MiB), for two reasons:
+``benchmarks/halfframes.py`` (docs/hardening.md §1.1): after the queues of 1,000 ghost ids
+expired, or 1,000 connections that hung inside a frame were closed, the broker stayed at
+its peak resident size (tens of MiB above where it started), for two reasons:
 
 - A connection's tasks end in reference cycles (a cancelled task's exception, its
   traceback, the frames of the connection's coroutines, which hold the connection and its
