@@ -16,6 +16,8 @@ from .handshake import DEFAULT_MAX_HEADER_BYTES, ClientHandshake, ServerHandshak
 __all__ = ["TRANSPORT", "HttpTransport"]
 
 _READ_SIZE = 65536
+#: How long a refused peer may take to finish sending its request (see ``refuse``).
+_REFUSAL_DRAIN_SECONDS = 1.0
 
 
 async def _receive_or_eof(stream: ByteStream) -> bytes:
@@ -63,10 +65,17 @@ class HttpTransport:
             raise HandshakeError(f"upgrade refused with {outcome.reason}")
 
     async def refuse(self, stream: ByteStream, status: int, text: str) -> None:
-        # Answered without reading the request: a refusal must cost the broker nothing.
-        # The client has sent its request already and reads the whole answer before it
-        # notices the close.
+        # Answered at once, before the request is read. Then the request is read and
+        # dropped until the peer closes (a second and one head's worth at most): closing
+        # first could make the peer's write of its request fail before it reads the answer.
         await stream.send(plain_response(status, text))
+        with anyio.move_on_after(_REFUSAL_DRAIN_SECONDS):
+            received = 0
+            while received <= self.max_header_bytes:
+                try:
+                    received += len(await stream.receive(_READ_SIZE))
+                except anyio.EndOfStream:
+                    return
 
 
 TRANSPORT = HttpTransport()

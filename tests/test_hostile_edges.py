@@ -151,7 +151,8 @@ def test_ghost_ids_are_capped_and_muted_and_a_returning_one_is_told_what_it_miss
 
         back = raw(path)
         back.sendall(hello(1039))
-        worker.sendall(broadcasts(1))
+        wait_for(lambda: broker.stats()["connections"] == 2, "the ghost to come back")
+        worker.sendall(broadcasts(1))  # the notice goes out with the next delivery
         seen = Deliveries(back)
         seen.read_until(lambda: len(seen.events) == 2)
         assert seen.events[0] == ("workerbus", "dropped", {"count": 500, "total": 500})
