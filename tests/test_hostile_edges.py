@@ -122,7 +122,7 @@ def test_ghost_ids_are_capped_and_muted_and_a_returning_one_is_told_what_it_miss
     with reap() as procs:
         broker = BrokerProc(
             path, "--transport", "stream", "--max-departed-queues", "8", "--broadcast-grace", "0.2",
-            "--queue-grace", "300",
+            "--queue-grace", "300", backend="trio",
         )
         procs.append(broker)
         for i in range(40):  # each says hello with a new id and leaves
@@ -167,10 +167,10 @@ def test_ghost_ids_are_capped_and_muted_and_a_returning_one_is_told_what_it_miss
 # --- finding 5: half-sent frames -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("transport", ["stream", "http"])
-def test_peers_stuck_inside_a_frame_are_dropped_at_the_frame_deadline(path: str, transport: str) -> None:
+@pytest.mark.parametrize(("transport", "backend"), [("stream", "asyncio"), ("http", "trio")])
+def test_peers_stuck_inside_a_frame_are_dropped_at_the_frame_deadline(path: str, transport: str, backend: str) -> None:
     with reap() as procs:
-        broker = BrokerProc(path, "--transport", transport, "--frame-timeout", "0.5")
+        broker = BrokerProc(path, "--transport", transport, "--frame-timeout", "0.5", backend=backend)
         procs.append(broker)
         worker = raw(path, transport)
         worker.sendall(hello(0))
