@@ -3,11 +3,15 @@
 No I/O here: feed bytes in, get bytes to send and an outcome back. The only module that
 imports h11, so h11's exceptions are translated here and nowhere else.
 
-Server rules (docs/protocol.md §2.1): any well-formed HTTP/1.1 GET whose ``Upgrade`` header
-carries the token (case-insensitive) is answered ``101``; malformed HTTP gets ``400`` (or
-h11's hint, e.g. ``431`` for an oversize head), another method ``405``, a missing or wrong
-token ``426`` with ``Upgrade: Kong-Worker-Events/1``; each with a one-line text body and
-``Connection: close``. Bytes after the request head are the start of the frame stream.
+Server rules (docs/protocol.md §2.1): any well-formed HTTP/1.1 GET without a body whose
+``Upgrade`` header carries the token (case-insensitive) is answered ``101``; malformed HTTP
+gets ``400`` (or h11's hint, e.g. ``431`` for an oversize head), HTTP/1.0 ``505``, another
+method ``405``, ``Expect: 100-continue`` ``417``, a body (``Content-Length`` over 0, any
+``Transfer-Encoding``) ``400``, a missing or wrong token ``426`` with
+``Upgrade: Kong-Worker-Events/1``; each at once, as soon as the request head is in, with a
+one-line text body (never a Python repr) and ``Connection: close``. Bytes after the request
+head are the start of the frame stream. :func:`plain_response` builds the same kind of
+answer for refusals that come before any parsing (a full broker's ``503``).
 
 Client rules: send exactly the contract's 87 bytes; require ``101`` and the ``Upgrade``
 token; anything else is an error carrying the status and body received.
@@ -15,6 +19,7 @@ token; anything else is an error carrying the status and body received.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -29,6 +34,7 @@ __all__ = [
     "ClientHandshake",
     "ServerHandshake",
     "ServerOutcome",
+    "plain_response",
 ]
 
 UPGRADE_TOKEN = b"Kong-Worker-Events/1"
@@ -47,10 +53,43 @@ DEFAULT_MAX_HEADER_BYTES = 16 * 1024
 _MAX_ERROR_BODY = 4096
 _REASONS = {
     400: b"Bad Request",
+    403: b"Forbidden",
     405: b"Method Not Allowed",
+    417: b"Expectation Failed",
     426: b"Upgrade Required",
     431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+    505: b"HTTP Version Not Supported",
 }
+#: The ``: bytearray(b'...')`` or ``: b'...'`` that h11 appends to some messages: fine in a
+#: log line, never in a response body.
+_REPR_TAIL = re.compile(r":\s*(?:bytearray\()?b['\"].*$", re.DOTALL)
+
+
+def _one_line(text: str) -> str:
+    # A response body is one line of printable text.
+    return "".join(c if c.isprintable() else " " for c in text).strip()
+
+
+def plain_response(status: int, text: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> bytes:
+    """A whole HTTP/1.1 response: ``status``, ``text`` as a one-line ``text/plain`` body,
+    ``Connection: close`` (sans-IO: just the bytes)."""
+    body = _one_line(text).encode("utf-8", "replace") + b"\n"
+    head = [
+        (b"Content-Type", b"text/plain; charset=utf-8"),
+        (b"Content-Length", str(len(body)).encode()),
+        (b"Connection", b"close"),
+        *headers,
+    ]
+    out = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error"))
+    return out + b"".join(k + b": " + v + b"\r\n" for k, v in head) + b"\r\n" + body
+
+
+def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
 
 
 def _has_token(headers: Iterable[tuple[bytes, bytes]], name: bytes, token: bytes) -> bool:
@@ -95,14 +134,18 @@ class ServerHandshake:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                return self._refuse(exc.error_status_hint, f"malformed HTTP request: {exc}")
+                detail = str(exc)
+                return self._refuse(
+                    exc.error_status_hint,
+                    "malformed HTTP request" + (f": {_REPR_TAIL.sub('', detail)}" if detail else ""),
+                    detail,
+                )
             if event is h11.NEED_DATA:
                 return None
             if isinstance(event, h11.Request):
-                if event.method != b"GET":
-                    return self._refuse(405, f"method {event.method.decode()} not allowed, use GET")
-                if not _has_token(event.headers, b"upgrade", UPGRADE_TOKEN):
-                    return self._refuse(426, "expected Upgrade: Kong-Worker-Events/1")
+                refusal = self._check(event)
+                if refusal is not None:
+                    return refusal
             elif event is h11.PAUSED:
                 head = self._received - len(conn.trailing_data[0])
                 if head > self.max_header_bytes:
@@ -119,8 +162,29 @@ class ServerHandshake:
                 return ServerOutcome(False, b"", reason="peer closed before the request head")
             # Data / EndOfMessage of the request: keep going until PAUSED.
 
-    def _refuse(self, status: int, reason: str) -> ServerOutcome:
-        body = reason.encode("utf-8", "replace") + b"\n"
+    def _check(self, request: h11.Request) -> ServerOutcome | None:
+        # Decided on the head alone, at once: waiting for a body or for a 100 Continue that
+        # never comes would only hold the connection until the handshake deadline.
+        headers = request.headers
+        if request.http_version != b"1.1":
+            version = request.http_version.decode("ascii", "replace")
+            return self._refuse(505, f"HTTP/{version} is not supported: the upgrade needs HTTP/1.1")
+        if request.method != b"GET":
+            return self._refuse(405, f"method {request.method.decode('ascii', 'replace')} not allowed, use GET")
+        if _header(headers, b"expect") is not None:
+            return self._refuse(417, "Expect is not supported: an upgrade request has no body")
+        length = _header(headers, b"content-length")
+        if _header(headers, b"transfer-encoding") is not None or (length is not None and length.strip() != b"0"):
+            return self._refuse(400, "an upgrade request must not have a body")
+        if not _has_token(headers, b"upgrade", UPGRADE_TOKEN):
+            return self._refuse(426, "expected Upgrade: Kong-Worker-Events/1")
+        return None
+
+    def _refuse(self, status: int, text: str, detail: str = "") -> ServerOutcome:
+        # ``text`` is the body; ``detail`` (for the log only) may say more, e.g. in a repr.
+        text = _one_line(text)
+        reason = f"{status}: {text}" if not detail or detail in text else f"{status}: {text} ({detail})"
+        body = text.encode("utf-8", "replace") + b"\n"
         headers = [
             (b"Content-Type", b"text/plain; charset=utf-8"),
             (b"Content-Length", str(len(body)).encode()),
@@ -138,9 +202,8 @@ class ServerHandshake:
         except h11.LocalProtocolError:
             # h11 will not answer in its current state (e.g. the peer already broke the
             # message framing twice); write the response by hand, it is always valid.
-            out = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error"))
-            out += b"".join(k + b": " + v + b"\r\n" for k, v in headers) + b"\r\n" + body
-        return ServerOutcome(False, out, reason=f"{status}: {reason}")
+            out = plain_response(status, text, headers[3:])
+        return ServerOutcome(False, out, reason=reason)
 
 
 class ClientHandshake:

@@ -11,11 +11,13 @@ from anyio.abc import ByteStream
 from shared.errors import HandshakeError
 from shared.sockets import connect_unix
 
-from .handshake import DEFAULT_MAX_HEADER_BYTES, ClientHandshake, ServerHandshake
+from .handshake import DEFAULT_MAX_HEADER_BYTES, ClientHandshake, ServerHandshake, plain_response
 
 __all__ = ["TRANSPORT", "HttpTransport"]
 
 _READ_SIZE = 65536
+#: How long a refused peer may take to finish sending its request (see ``refuse``).
+_REFUSAL_DRAIN_SECONDS = 1.0
 
 
 async def _receive_or_eof(stream: ByteStream) -> bytes:
@@ -61,6 +63,19 @@ class HttpTransport:
             if not outcome.response:
                 raise anyio.EndOfStream  # closed before sending a request: not an error
             raise HandshakeError(f"upgrade refused with {outcome.reason}")
+
+    async def refuse(self, stream: ByteStream, status: int, text: str) -> None:
+        # Answered at once, before the request is read. Then the request is read and
+        # dropped until the peer closes (a second and one head's worth at most): closing
+        # first could make the peer's write of its request fail before it reads the answer.
+        await stream.send(plain_response(status, text))
+        with anyio.move_on_after(_REFUSAL_DRAIN_SECONDS):
+            received = 0
+            while received <= self.max_header_bytes:
+                try:
+                    received += len(await stream.receive(_READ_SIZE))
+                except anyio.EndOfStream:
+                    return
 
 
 TRANSPORT = HttpTransport()

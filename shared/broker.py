@@ -22,6 +22,7 @@ from .bridge import Bridge, BridgeStatistics
 from .errors import AddressInUse, HandshakeError, RemoteProtocolError
 from .frame import frame_header
 from .logutil import LogLimiter
+from .memtrim import reclaim_memory
 from .messages import (
     ALL,
     CAP_BARRIER,
@@ -39,7 +40,9 @@ from .messages import (
 from .peercred import PEERCRED_SUPPORTED, PeerCredentials, default_trusted_uids, peer_credentials
 from .profile import Profile, get_profile
 from .router import (
+    DEFAULT_BROADCAST_GRACE,
     DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_DEPARTED_QUEUES,
     DEFAULT_MAX_QUEUE_LEN,
     DEFAULT_MAX_UNIQUE_KEYS,
     DEFAULT_QUEUE_GRACE,
@@ -54,6 +57,7 @@ from .stream import FrameStream
 from .transport import Transport, get_transport, open_unix_listener, parse_address
 
 __all__ = [
+    "DEFAULT_FRAME_TIMEOUT",
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_MAX_CONNECTIONS",
     "LIFECYCLE_SOURCE",
@@ -67,11 +71,20 @@ logger = logging.getLogger(__name__)
 #: Seconds a new peer has to finish its connection start and send its hello. Same as the
 #: 5 s socket timeout of lua-resty-events.
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0
-#: Connections served at once; one more is closed on accept. Generous for one server's
-#: workers, small enough that a connection storm cannot exhaust file descriptors.
+#: Seconds a peer has to finish a frame once its first byte arrived. A worker writes whole
+#: frames, so a frame that stalls means a stopped or dead process, or an attack holding
+#: broker memory (up to max_payload_len per connection). Checked once a second.
+DEFAULT_FRAME_TIMEOUT = 10.0
+#: Connections served at once; one more is refused on accept (503 on http, a close on
+#: stream: docs/protocol.md §2). Generous for one server's workers, small enough that a
+#: connection storm cannot exhaust file descriptors.
 DEFAULT_MAX_CONNECTIONS = 1024
 #: The reserved event source of messages the bus itself generates (e.g. "dropped").
 LIFECYCLE_SOURCE = "workerbus"
+#: Connections ended since the last heap trim that make the next housekeeping tick trim
+#: (any retired queue does too): a storm's buffers and queues are then handed back to the
+#: kernel instead of staying resident (shared/memtrim.py says why that is needed).
+_TRIM_AFTER_CLOSES = 64
 #: The capabilities this broker grants when a native hello asks for them (protocol.md §8).
 SUPPORTED_CAPS = frozenset({CAP_WELCOME, CAP_BARRIER})
 
@@ -127,9 +140,12 @@ class BrokerStatistics:
     #: the cluster bridge's, when the broker has one (docs/cluster.md)
     bridge: BridgeStatistics | None = None
 
+    #: connections closed because a frame was not completed within ``frame_timeout``
+    frame_timeouts: int = 0
+
 
 class _Connection:
-    __slots__ = ("caps", "control", "cut", "frames", "pid", "queue", "scope", "uid", "worker_id")
+    __slots__ = ("caps", "control", "cut", "frames", "pid", "queue", "scope", "timed_out", "uid", "worker_id")
 
     def __init__(
         self, worker_id: int, pid: int, frames: FrameStream, queue: WorkerQueue, uid: int | None
@@ -142,6 +158,8 @@ class _Connection:
         self.scope: anyio.CancelScope | None = None
         #: Closed by the disconnect overflow policy: the batch in flight is dropped.
         self.cut = False
+        #: Closed for not finishing a frame in time (already counted and logged).
+        self.timed_out = False
         #: The capabilities granted to this connection (empty for a plain hello).
         self.caps: frozenset[str] = frozenset()
         #: Framed control frames (welcome, pongs) the writer sends before its next batch.
@@ -176,7 +194,12 @@ class Broker:
             profile's frame header can express.
         unique_timeout: seconds a unique key suppresses repeats.
         queue_grace: seconds the queue of a departed, unexpected id is kept.
+        broadcast_grace: seconds such a queue keeps taking broadcasts; after that what it
+            misses is only counted (and reported if the worker comes back).
+        max_departed_queues: queues of departed, unexpected ids kept at once (the oldest
+            departure is retired first).
         handshake_timeout: seconds for connection start plus hello.
+        frame_timeout: seconds a connection has to complete a frame it has begun to send.
         max_connections: connections served at once.
         overflow: what a full worker queue does.
         allowed_uids: uids whose connections are served (checked with ``SO_PEERCRED``);
@@ -205,8 +228,11 @@ class Broker:
         max_payload_len: int | None = None,
         unique_timeout: float = DEFAULT_UNIQUE_TIMEOUT,
         queue_grace: float = DEFAULT_QUEUE_GRACE,
+        broadcast_grace: float = DEFAULT_BROADCAST_GRACE,
+        max_departed_queues: int = DEFAULT_MAX_DEPARTED_QUEUES,
         max_unique_keys: int = DEFAULT_MAX_UNIQUE_KEYS,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         overflow: OverflowPolicy = OverflowPolicy.DROP_NEWEST,
         allowed_uids: Iterable[int] | None = None,
@@ -224,6 +250,9 @@ class Broker:
             raise ValueError(f"max_payload_len must be within 1..{limit}")
         if handshake_timeout <= 0:
             raise ValueError("handshake_timeout must be greater than 0")
+        if frame_timeout <= 0:
+            raise ValueError("frame_timeout must be greater than 0")
+        self.frame_timeout = frame_timeout
         self.max_payload_len = max_payload_len
         self.handshake_timeout = handshake_timeout
         self.max_connections = max_connections
@@ -238,6 +267,8 @@ class Broker:
             unique_timeout=unique_timeout,
             expected_workers=expected_workers,
             queue_grace=queue_grace,
+            broadcast_grace=broadcast_grace,
+            max_departed_queues=max_departed_queues,
             max_unique_keys=max_unique_keys,
             overflow=overflow,
         )
@@ -250,6 +281,9 @@ class Broker:
         self._untrusted = 0
         self._over_limit = 0
         self._handshake_timeouts = 0
+        self._frame_timeouts = 0
+        #: Connections ended and queues retired since the last heap trim.
+        self._released = 0
         #: Peer-triggered warnings go through this, so a storm cannot flood the log.
         self.log_limiter = LogLimiter(logger)
         self.on_ready: Callable[[str], None] | None = None
@@ -314,8 +348,36 @@ class Broker:
             await anyio.sleep(1.0)
             for wid in self.router.expire():
                 logger.info("queue of worker %d expired after its grace period", wid)
+                self._released += _TRIM_AFTER_CLOSES
+            self._drop_stalled_frames()
+            if self._released >= _TRIM_AFTER_CLOSES:
+                self._released = 0
+                reclaim_memory()
             self.log_limiter.flush()
             await self._check_socket_file(place, tg)
+
+    def _drop_stalled_frames(self) -> None:
+        # A peer inside a frame holds up to max_payload_len bytes of broker memory until it
+        # finishes; one that stops there is closed. (The hello is covered by the handshake
+        # deadline.) Once a second is precise enough for a deadline of seconds, and costs
+        # nothing on the read path.
+        limit = anyio.current_time() - self.frame_timeout
+        for conn in list(self._connections.values()):
+            started = conn.frames.frame_started
+            if started is None or started > limit or conn.timed_out:
+                continue
+            conn.timed_out = True
+            self._frame_timeouts += 1
+            self.log_limiter.log(
+                logging.WARNING,
+                "closing %s: a frame was not completed within frame_timeout=%ss "
+                "(%d of %d bytes arrived)",
+                conn,
+                self.frame_timeout,
+                conn.frames.buffered,
+                conn.frames.frame_size,
+            )
+            self._hang_up(conn)
 
     async def _check_socket_file(self, place: _SocketFile, tg: anyio.abc.TaskGroup) -> None:
         # A tmp cleaner or a careless `rm` can delete the socket file: open connections do
@@ -365,9 +427,12 @@ class Broker:
                 self._over_limit += 1
                 self.log_limiter.log(
                     logging.WARNING,
-                    "refusing %s: max_connections=%d reached",
+                    "refusing %s: broker full (max_connections=%d reached)",
                     _peer(creds),
                     self.max_connections,
+                )
+                await self._refuse(
+                    stream, 503, f"broker full: max_connections={self.max_connections} reached, try again later"
                 )
                 return
             if creds is not None and creds.uid not in self.allowed_uids:
@@ -380,6 +445,7 @@ class Broker:
                     creds.uid,
                     ",".join(map(str, sorted(self.allowed_uids))),
                 )
+                await self._refuse(stream, 403, f"uid {creds.uid} is not trusted by this broker")
                 return
             self._open += 1
             try:
@@ -388,6 +454,19 @@ class Broker:
                 logger.exception("internal error while serving %s; dropping it", _peer(creds))
             finally:
                 self._open -= 1
+                self._released += 1
+
+    async def _refuse(self, stream: ByteStream, status: int, text: str) -> None:
+        # Say why, where the transport can (http: a status and a line of text), without
+        # reading anything from the peer; the caller then closes.
+        refuse = getattr(self.transport, "refuse", None)  # optional (shared/transport.py)
+        if refuse is None:
+            return
+        with anyio.move_on_after(self.handshake_timeout):
+            try:
+                await refuse(stream, status, text)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
 
     async def _serve_peer(self, stream: ByteStream, creds: PeerCredentials | None) -> None:
         profile = self.profile
@@ -490,7 +569,14 @@ class Broker:
     def _unregister(self, conn: _Connection) -> None:
         if self._connections.get(conn.worker_id) is conn:
             del self._connections[conn.worker_id]
-            self.router.detach(conn.queue)
+            for wid in self.router.detach(conn.queue):
+                self._released += _TRIM_AFTER_CLOSES
+                logger.info(
+                    "queue of worker %d retired early: more than max_departed_queues=%d "
+                    "departed ids",
+                    wid,
+                    self.router.max_departed_queues,
+                )
             if self.lifecycle_events:
                 self._announce("left", conn)
         logger.info("%s disconnected", conn)
@@ -527,6 +613,8 @@ class Broker:
         except anyio.EndOfStream:
             pass
         except RemoteProtocolError as exc:
+            if conn.timed_out:
+                return  # the frame deadline hung up: counted and logged already
             self._protocol_errors += 1
             self.log_limiter.log(logging.WARNING, "closing %s: protocol error: %s", conn, exc)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
@@ -674,6 +762,7 @@ class Broker:
                 for c in sorted(self._connections.values(), key=_by_worker_id)
             ),
             bridge=None if self.bridge is None else self.bridge.statistics(),
+            frame_timeouts=self._frame_timeouts,
         )
 
 

@@ -17,7 +17,12 @@ from typing import Any
 
 import anyio
 
-from .broker import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Broker
+from .broker import (
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    Broker,
+)
 from .cliargs import (
     LOG_LEVELS,
     Parser,
@@ -34,6 +39,8 @@ from .errors import AddressInUse, BusError, PayloadTooLarge
 from .messages import TargetKind, parse_target
 from .peercred import default_trusted_uids
 from .router import (
+    DEFAULT_BROADCAST_GRACE,
+    DEFAULT_MAX_DEPARTED_QUEUES,
     DEFAULT_MAX_QUEUE_LEN,
     DEFAULT_QUEUE_GRACE,
     DEFAULT_UNIQUE_TIMEOUT,
@@ -90,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-grace", type=non_negative_float, default=DEFAULT_QUEUE_GRACE, metavar="SECONDS",
                    help="how long a disconnected worker's queue is kept for its return "
                         "(default %(default)s)")
+    p.add_argument("--broadcast-grace", type=non_negative_float, default=DEFAULT_BROADCAST_GRACE, metavar="SECONDS",
+                   help="seconds the queue of a departed id not in 0..N-1 keeps taking broadcasts; "
+                        "later ones are counted as missed (default %(default)s)")
+    p.add_argument("--max-departed-queues", type=non_negative_int, default=DEFAULT_MAX_DEPARTED_QUEUES, metavar="N",
+                   help="queues kept for departed ids not in 0..N-1; the oldest is retired first "
+                        "(default %(default)s)")
+    p.add_argument("--frame-timeout", type=positive_float, default=DEFAULT_FRAME_TIMEOUT, metavar="SECONDS",
+                   help="seconds a worker has to finish a frame it has begun to send, else it is "
+                        "disconnected (default %(default)s)")
     p.add_argument("--handshake-timeout", type=positive_float, default=DEFAULT_HANDSHAKE_TIMEOUT,
                    metavar="SECONDS",
                    help="a new connection must finish its upgrade and hello within this "
@@ -248,7 +264,10 @@ def _cmd_broker(args: argparse.Namespace) -> int:
             max_payload_len=args.max_payload_len,
             unique_timeout=args.unique_timeout,
             queue_grace=args.queue_grace,
+            broadcast_grace=args.broadcast_grace,
+            max_departed_queues=args.max_departed_queues,
             handshake_timeout=args.handshake_timeout,
+            frame_timeout=args.frame_timeout,
             max_connections=args.max_connections,
             overflow=OverflowPolicy(args.overflow),
             lifecycle_events=args.lifecycle_events,

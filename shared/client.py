@@ -49,7 +49,7 @@ from .errors import (
     UpgradeRejected,
 )
 from .frame import frame_header
-from .logutil import LogLimiter, reason
+from .logutil import LogLimiter
 from .messages import (
     CAP_BARRIER,
     CAP_WELCOME,
@@ -118,6 +118,23 @@ def default_worker_id(pid: int | None = None) -> int:
     tools' auxiliary ids)."""
     k = next(_default_ids) % 100
     return -((os.getpid() if pid is None else pid) * 100 + k)
+
+
+def _why_unreachable(exc: BaseException) -> str:
+    """One line, never empty, for a failed connect or connection start."""
+    if isinstance(exc, UpgradeRejected) and exc.status_code == 503:
+        # Our broker's body says "broker full: max_connections=N reached, ..." itself.
+        text = exc.body.decode("utf-8", "replace").strip()
+        if not text.startswith("broker full"):
+            text = "broker full" + (f" ({text})" if text else "")
+        return f"{text} (HTTP 503)"
+    if isinstance(exc, TimeoutError):
+        return "no answer within the connect timeout"
+    if isinstance(exc, (anyio.EndOfStream, anyio.BrokenResourceError)):
+        # A full broker (stream transport), or one that does not trust this uid, closes
+        # without a word; so does a broker that was just killed.
+        return "the broker closed the connection during its start (full, or this uid not trusted? its log says)"
+    return str(exc) or type(exc).__name__
 
 
 @dataclass(frozen=True, slots=True)
@@ -544,7 +561,7 @@ class Client:
                     "worker %d cannot reach the broker at %s: %s (attempt %d)",
                     self.worker_id,
                     self.address,
-                    reason(exc),
+                    _why_unreachable(exc),
                     failures,
                     key=f"unreachable/{level}",
                 )

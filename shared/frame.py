@@ -7,6 +7,12 @@ each announced length against its limit *before* buffering a byte of that frame,
 cannot make it allocate more than ``max_frame_len + header_len`` bytes. After an error the
 decoder is latched: every later call raises again (a decoder is never resumed mid-garbage).
 
+What it holds of an incomplete frame is what arrived, in the size it arrived: reads of
+some size are kept as the very ``bytes`` objects that were read (no copy, no spare room),
+small ones are gathered in one ``bytearray``; nothing is ever sized from a header, and
+nothing is reallocated while a frame grows (which, with many connections, leaves the heap
+full of holes: docs/hardening.md §1).
+
 The frame layer never interprets payloads; that lets the broker forward opaque bytes.
 """
 
@@ -15,6 +21,10 @@ from __future__ import annotations
 from .errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = ["FrameDecoder", "encode_frame", "frame_header"]
+
+#: Reads shorter than this are copied into one gathering buffer rather than kept as they
+#: are: a peer that dribbles bytes must not cost an object per byte.
+_SMALL_READ = 1024
 
 
 def frame_header(length: int, header_len: int) -> bytes:
@@ -43,7 +53,7 @@ class FrameDecoder:
             :class:`RemoteProtocolError` at once. Defaults to what the header can express.
     """
 
-    __slots__ = ("_error", "_header_len", "_max", "_need", "_pending")
+    __slots__ = ("_error", "_header_len", "_held", "_max", "_need", "_pieces", "_small")
 
     def __init__(self, header_len: int = 2, max_frame_len: int | None = None) -> None:
         limit = (1 << (8 * header_len)) - 1
@@ -53,7 +63,11 @@ class FrameDecoder:
             raise ValueError(f"max_frame_len must be within 0..{limit}")
         self._header_len = header_len
         self._max = max_frame_len
-        self._pending = bytearray()
+        # The incomplete frame's bytes, in order: whole reads, and small ones gathered in
+        # ``_small`` (which always comes after the pieces). ``_held`` is their total.
+        self._pieces: list[bytes] = []
+        self._small = bytearray()
+        self._held = 0
         # Bytes the pending buffer must reach before a parse can yield anything; skipping
         # the parse until then keeps a frame that dribbles in linear, not quadratic.
         self._need = header_len
@@ -62,7 +76,13 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """How many bytes of incomplete frames are held."""
-        return len(self._pending)
+        return self._held
+
+    @property
+    def wanted(self) -> int:
+        """How many bytes the held ones must reach before the next frame is whole: its
+        header plus payload, once its header is in (else the header's width)."""
+        return self._need
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add ``data`` and return every payload it completed, in order.
@@ -72,15 +92,34 @@ class FrameDecoder:
         """
         if self._error is not None:
             raise RemoteProtocolError(self._error)
-        if self._pending:
-            self._pending += data
-            if len(self._pending) < self._need:
+        if self._held:
+            self._hold(data)
+            if self._held < self._need:
                 return []
-            buf = bytes(self._pending)
-            self._pending.clear()
+            buf = self._take()
         else:
             buf = data
         return self._parse(buf)
+
+    def _hold(self, data: bytes) -> None:
+        if len(data) >= _SMALL_READ:
+            if self._small:
+                self._pieces.append(bytes(self._small))
+                self._small.clear()  # (frees its memory: a bytearray shrinks on clear)
+            self._pieces.append(data if type(data) is bytes else bytes(data))
+        else:
+            self._small += data
+        self._held += len(data)
+
+    def _take(self) -> bytes:
+        pieces = self._pieces
+        if self._small:
+            pieces.append(bytes(self._small))
+            self._small.clear()
+        buf = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        self._held = 0
+        return buf
 
     def _parse(self, buf: bytes) -> list[bytes]:
         # Every delivery goes through here: the length is read from byte values (no slice,
@@ -114,7 +153,7 @@ class FrameDecoder:
         else:
             self._need = hlen
         if pos < end:
-            self._pending += buf[pos:] if pos else buf
+            self._hold(buf[pos:] if pos else buf)
         return out
 
     @property
@@ -130,6 +169,6 @@ class FrameDecoder:
         """
         if self._error is not None:
             raise RemoteProtocolError(self._error)
-        if self._pending:
-            self._error = f"stream ended inside a frame ({len(self._pending)} bytes pending)"
+        if self._held:
+            self._error = f"stream ended inside a frame ({self._held} bytes pending)"
             raise RemoteProtocolError(self._error)

@@ -9,6 +9,11 @@ Invariants:
 - Queues are keyed by worker id and outlive a disconnect (a grace period, or forever for
   the ids the broker was told to expect), so a reconnecting or late worker gets what was
   published meanwhile.
+- A broadcast costs in proportion to the queues of workers that are connected, expected,
+  or gone for less than ``broadcast_grace``; never to every id ever seen. The queue of a
+  departed, unexpected id stops taking broadcasts after that short grace (it is *muted*:
+  what it misses is counted, not copied, and reported as dropped if the worker returns),
+  and at most ``max_departed_queues`` such queues are kept, the oldest retired first.
 - Nothing is dropped silently: every frame that does not reach a queue is counted, per
   worker where there is one.
 
@@ -31,7 +36,9 @@ from itertools import accumulate, islice, repeat
 from .messages import Target, TargetKind
 
 __all__ = [
+    "DEFAULT_BROADCAST_GRACE",
     "DEFAULT_MAX_BATCH_BYTES",
+    "DEFAULT_MAX_DEPARTED_QUEUES",
     "DEFAULT_MAX_QUEUE_LEN",
     "DEFAULT_MAX_UNIQUE_KEYS",
     "DEFAULT_QUEUE_GRACE",
@@ -50,6 +57,18 @@ DEFAULT_UNIQUE_TIMEOUT = 5.0
 #: How long the queue of a worker that went away is kept for it (the contract asks for at
 #: least 30 s): long enough for a respawn, short enough that dead ids do not pile up.
 DEFAULT_QUEUE_GRACE = 60.0
+#: How long the queue of a departed worker whose id the broker was not told to expect keeps
+#: taking broadcasts. A worker that reconnects within it (a broken connection, a quick
+#: respawn) misses nothing; past it, the queue costs nothing per broadcast and the worker
+#: is told how many events it missed. Expected ids (``--workers N``) are never muted.
+DEFAULT_BROADCAST_GRACE = 5.0
+#: Queues kept for departed workers whose ids the broker was not told to expect. Over it,
+#: the queue of the worker that left first is retired at once (counted in
+#: ``queues_evicted``, what it held counted as dropped). Twice the workers of a big server
+#: (and ``--workers N`` ids do not count): ids that come and go faster are ghosts, not
+#: respawns. Each one kept costs up to ``max_queue_len`` pointers (80 KiB by default) and,
+#: within its broadcast grace, a copy of every broadcast.
+DEFAULT_MAX_DEPARTED_QUEUES = 128
 #: Unique keys remembered at once. lua-resty-events keeps 1024 in an LRU, which lets a burst
 #: of distinct keys evict a live one; we keep more and count every early eviction.
 DEFAULT_MAX_UNIQUE_KEYS = 65536
@@ -57,6 +76,10 @@ DEFAULT_MAX_UNIQUE_KEYS = 65536
 #: buffer per connection, so this bounds the copy a stuck reader can pin (the frames
 #: themselves are shared between queues); 256 KiB matches the broker's read size.
 DEFAULT_MAX_BATCH_BYTES = 256 * 1024
+
+#: Runs an iterator to its end, keeping nothing (a C-level loop).
+_SINK: deque[object] = deque(maxlen=0)
+_consume = _SINK.extend
 
 
 class OverflowPolicy(enum.Enum):
@@ -109,6 +132,14 @@ class RouterStatistics:
     queued: int = 0
     in_flight: int = 0
     overflow_disconnects: int = 0
+    #: queues of departed, unexpected ids kept now (muted ones included)
+    queues_departed: int = 0
+    #: of those, muted: past ``broadcast_grace``, they take no more broadcasts
+    queues_muted: int = 0
+    #: queues retired at the end of ``queue_grace``, in all
+    queues_expired: int = 0
+    #: queues retired early because ``max_departed_queues`` were kept, in all
+    queues_evicted: int = 0
 
 
 class WorkerQueue:
@@ -129,6 +160,8 @@ class WorkerQueue:
         "idle_since",
         "in_flight",
         "max_len",
+        "muted_at",
+        "muted_skips",
         "on_overflow",
         "routed",
         "sent",
@@ -154,6 +187,10 @@ class WorkerQueue:
         self.disconnects = 0
         #: Set by the broker while connected: closes the connection (disconnect policy).
         self.on_overflow: Callable[[], None] | None = None
+        #: While muted (see Router): the router's broadcast count when it was muted, and
+        #: the broadcasts since then that this id itself published to ``others``.
+        self.muted_at = -1
+        self.muted_skips = 0
 
     def push(self, frame: bytes, policy: OverflowPolicy) -> bool:
         frames = self.frames
@@ -184,7 +221,9 @@ class WorkerQueue:
         count = len(frames)
         queued = self.frames
         if len(queued) + count > self.max_len:
-            return sum(self.push(frame, policy) for frame in frames)
+            if policy is OverflowPolicy.DISCONNECT and self.on_overflow is not None:
+                return sum(self.push(frame, policy) for frame in frames)
+            return self._push_over(frames, policy)
         self.routed += count
         queued.extend(frames)
         self.enqueued += count
@@ -192,6 +231,31 @@ class WorkerQueue:
             self.wakeup()
             self.wakeup = None
         return count
+
+    def _push_over(self, frames: list[bytes], policy: OverflowPolicy) -> int:
+        # A run that does not fit, in one go (a full queue of a worker that is not reading
+        # must not cost a Python call per frame): exactly what push() would leave, frame by
+        # frame. Each frame that finds the queue full is dropped (newest) or pops the oldest.
+        count = len(frames)
+        queued = self.frames
+        room = max(0, self.max_len - len(queued))
+        lost = count - room
+        self.routed += count
+        self.dropped += lost
+        self.dropped_unreported += lost
+        if policy is OverflowPolicy.DROP_OLDEST:
+            queued.extend(frames)
+            _consume(map(deque.popleft, repeat(queued, lost)))
+            accepted = count
+        else:  # drop newest; also disconnect with no connection to cut
+            if room:
+                queued.extend(frames[:room])
+            accepted = room
+        self.enqueued += accepted
+        if accepted and self.wakeup is not None:
+            self.wakeup()
+            self.wakeup = None
+        return accepted
 
     def _cut_off(self) -> None:
         # Disconnect policy: the backlog is what made the worker too slow, so it goes
@@ -290,8 +354,15 @@ class Router:
         unique_timeout: seconds during which a repeated unique key is dropped.
         expected_workers: pre-create queues for ids ``0..expected_workers-1``, kept forever.
         queue_grace: seconds a queue of a disconnected, unexpected id is kept.
+        broadcast_grace: seconds such a queue keeps taking broadcasts (then it is muted).
+        max_departed_queues: queues of disconnected, unexpected ids kept at once.
         overflow: what a full queue does.
         clock, rng: injected for tests.
+
+    ``queues`` holds the queues a broadcast is copied into: expected ids, connected ids,
+    and ids gone for less than ``broadcast_grace``. ``muted`` holds the other departed
+    ones until they expire; a ``worker`` target still reaches them (one copy, not one per
+    broadcast).
     """
 
     def __init__(
@@ -301,6 +372,8 @@ class Router:
         unique_timeout: float = DEFAULT_UNIQUE_TIMEOUT,
         expected_workers: int = 0,
         queue_grace: float = DEFAULT_QUEUE_GRACE,
+        broadcast_grace: float = DEFAULT_BROADCAST_GRACE,
+        max_departed_queues: int = DEFAULT_MAX_DEPARTED_QUEUES,
         max_unique_keys: int = DEFAULT_MAX_UNIQUE_KEYS,
         overflow: OverflowPolicy = OverflowPolicy.DROP_NEWEST,
         clock: Callable[[], float] = time.monotonic,
@@ -312,14 +385,25 @@ class Router:
             raise ValueError("unique_timeout must be greater than 0")
         if expected_workers < 0:
             raise ValueError("expected_workers must not be negative")
+        if broadcast_grace < 0:
+            raise ValueError("broadcast_grace must not be negative")
+        if max_departed_queues < 0:
+            raise ValueError("max_departed_queues must not be negative")
         self.max_queue_len = max_queue_len
         self.unique_timeout = unique_timeout
         self.queue_grace = queue_grace
+        self.broadcast_grace = broadcast_grace
+        self.max_departed_queues = max_departed_queues
         self.max_unique_keys = max_unique_keys
         self.overflow = overflow
         self._clock = clock
         self._rng = rng or random.Random()
         self.queues: dict[int, WorkerQueue] = {}
+        self.muted: dict[int, WorkerQueue] = {}
+        #: Departed, unexpected ids (muted or not), the one that left first first.
+        self._departed: dict[int, WorkerQueue] = {}
+        #: Broadcast frames routed so far: what a muted queue misses is counted from this.
+        self._broadcasts = 0
         self._uniques: OrderedDict[str, float] = OrderedDict()
         self.taps: list[Tap] = []
         #: Set by a cluster bridge: a unique publish with cluster scope is not routed here
@@ -331,6 +415,8 @@ class Router:
         self.unique_duplicates = 0
         self.unique_evicted = 0
         self.unroutable = 0
+        self.queues_expired = 0
+        self.queues_evicted = 0
         #: Counters of queues that were retired by expire(), so totals never go down.
         self._retired_dropped = 0
         self._retired_routed = 0
@@ -346,37 +432,91 @@ class Router:
         """A connection for ``worker_id`` was established: return its (possibly old) queue."""
         queue = self.queues.get(worker_id)
         if queue is None:
-            queue = WorkerQueue(worker_id, self.max_queue_len, expected=False, now=self._clock())
+            queue = self.muted.pop(worker_id, None)
+            if queue is None:
+                queue = WorkerQueue(worker_id, self.max_queue_len, expected=False, now=self._clock())
+            else:
+                self._unmute(queue)
             self.queues[worker_id] = queue
+        self._departed.pop(worker_id, None)
         queue.connected = True
         return queue
 
-    def detach(self, queue: WorkerQueue) -> None:
-        """The connection of ``queue`` ended; the queue waits for the worker to come back."""
+    def detach(self, queue: WorkerQueue) -> list[int]:
+        """The connection of ``queue`` ended; the queue waits for the worker to come back.
+
+        Returns the ids whose queues were retired early to stay within
+        ``max_departed_queues`` (the oldest departures first).
+        """
         queue.connected = False
         queue.wakeup = None
         queue.on_overflow = None
         queue.idle_since = self._clock()
+        if queue.expected:
+            return []
+        departed = self._departed
+        departed.pop(queue.worker_id, None)
+        departed[queue.worker_id] = queue
+        evicted = []
+        while len(departed) > self.max_departed_queues:
+            oldest = next(iter(departed.values()))
+            self._retire(oldest)
+            self.queues_evicted += 1
+            evicted.append(oldest.worker_id)
+        return evicted
 
     def expire(self) -> list[int]:
-        """Drop the queues whose grace period is over; return their ids.
+        """Mute the departed queues past ``broadcast_grace``, and drop those whose
+        ``queue_grace`` is over; return the ids dropped.
 
         Frames still queued in them are counted as dropped.
         """
-        deadline = self._clock() - self.queue_grace
-        gone = [
-            q.worker_id
-            for q in self.queues.values()
-            if not q.connected and not q.expected and q.idle_since <= deadline
-        ]
-        for wid in gone:
-            queue = self.queues.pop(wid)
-            queue.dropped += len(queue.frames) + queue.in_flight
-            self._retired_dropped += queue.dropped
-            self._retired_routed += queue.routed
-            self._retired_sent += queue.sent
-            self._retired_disconnects += queue.disconnects
+        now = self._clock()
+        mute_by = now - self.broadcast_grace
+        retire_by = now - self.queue_grace
+        gone = []
+        for queue in list(self._departed.values()):  # in the order they left
+            if queue.idle_since > mute_by and queue.idle_since > retire_by:
+                break
+            if queue.idle_since <= retire_by:
+                self._retire(queue)
+                self.queues_expired += 1
+                gone.append(queue.worker_id)
+            elif queue.muted_at < 0:
+                del self.queues[queue.worker_id]
+                self.muted[queue.worker_id] = queue
+                queue.muted_at = self._broadcasts
+                queue.muted_skips = 0
         return gone
+
+    def _unmute(self, queue: WorkerQueue) -> None:
+        self._settle(queue)
+        queue.muted_at = -1
+
+    def _settle(self, queue: WorkerQueue) -> None:
+        # Count what a muted queue missed so far as offered to it and dropped (and to be
+        # reported to its worker), as if each broadcast had found it full.
+        missed = self._broadcasts - queue.muted_at - queue.muted_skips
+        queue.routed += missed
+        queue.dropped += missed
+        queue.dropped_unreported += missed
+        queue.muted_at = self._broadcasts
+        queue.muted_skips = 0
+
+    def _retire(self, queue: WorkerQueue) -> None:
+        wid = queue.worker_id
+        if queue.muted_at >= 0:
+            self._settle(queue)
+            del self.muted[wid]
+        else:
+            del self.queues[wid]
+        self._departed.pop(wid, None)
+        queue.dropped += len(queue.frames) + queue.in_flight
+        queue.frames.clear()
+        self._retired_dropped += queue.dropped
+        self._retired_routed += queue.routed
+        self._retired_sent += queue.sent
+        self._retired_disconnects += queue.disconnects
 
     # --- routing -------------------------------------------------------------------------
 
@@ -391,14 +531,19 @@ class Router:
         policy = self.overflow
         landed = 0
         if kind is TargetKind.ALL:
+            self._broadcasts += 1
             for queue in self.queues.values():
                 landed += queue.push(frame, policy)
         elif kind is TargetKind.OTHERS:
+            self._broadcasts += 1
+            if self.muted:
+                self._others_from_muted(publisher, 1)
             for queue in self.queues.values():
                 if queue.worker_id != publisher:
                     landed += queue.push(frame, policy)
         elif kind is TargetKind.WORKER:
-            one = self.queues.get(target.worker_id)  # type: ignore[arg-type]
+            wid: int = target.worker_id  # type: ignore[assignment]
+            one = self.queues.get(wid) or self.muted.get(wid)
             if one is None:
                 self.unroutable += 1
             else:
@@ -428,10 +573,13 @@ class Router:
         self.publishes += len(frames)
         policy = self.overflow
         landed = 0
+        self._broadcasts += len(frames)
         if kind is TargetKind.ALL:
             for queue in self.queues.values():
                 landed += queue.push_many(frames, policy)
         else:
+            if self.muted:
+                self._others_from_muted(publisher, len(frames))
             for queue in self.queues.values():
                 if queue.worker_id != publisher:
                     landed += queue.push_many(frames, policy)
@@ -441,6 +589,13 @@ class Router:
                 for tap in self.taps:
                     tap(publisher, target, frame)
         return landed
+
+    def _others_from_muted(self, publisher: int | None, count: int) -> None:
+        # A muted id publishing to ``others`` (only the pure router allows a publisher that
+        # is not connected) would not have received those: they are not counted as missed.
+        queue = self.muted.get(publisher) if publisher is not None else None
+        if queue is not None:
+            queue.muted_skips += count
 
     def _route_unique(self, key: str, frame: bytes) -> int:
         now = self._clock()
@@ -466,7 +621,8 @@ class Router:
 
     def _pick_one(self) -> WorkerQueue | None:
         # Prefer a connected regular worker, so the event is handled now rather than when
-        # some absent worker comes back; fall back to any queue at all.
+        # some absent worker comes back; fall back to any queue that takes broadcasts
+        # (expected ids, ids gone for less than broadcast_grace), never a muted one.
         queues = list(self.queues.values())
         for candidates in (
             [q for q in queues if q.connected and q.worker_id >= 0],
@@ -480,7 +636,10 @@ class Router:
     # --- introspection -------------------------------------------------------------------
 
     def statistics(self) -> RouterStatistics:
-        queues = tuple(q.statistics() for q in sorted(self.queues.values(), key=_by_id))
+        for queue in self.muted.values():
+            self._settle(queue)  # so that the identity holds in every snapshot
+        every = [*self.queues.values(), *self.muted.values()]
+        queues = tuple(q.statistics() for q in sorted(every, key=_by_id))
         return RouterStatistics(
             publishes=self.publishes,
             deliveries=self.deliveries,
@@ -495,6 +654,10 @@ class Router:
             in_flight=sum(q.in_flight for q in queues),
             overflow_disconnects=self._retired_disconnects
             + sum(q.overflow_disconnects for q in queues),
+            queues_departed=len(self._departed),
+            queues_muted=len(self.muted),
+            queues_expired=self.queues_expired,
+            queues_evicted=self.queues_evicted,
         )
 
 

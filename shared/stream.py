@@ -27,9 +27,13 @@ class FrameStream:
         header_len: frame header width of the profile (2 or 3).
         max_frame_len: the largest payload accepted from the peer.
         initial: bytes already read from ``stream`` that belong to the frame stream.
+
+    ``frame_started`` is when the incomplete frame now buffered began to arrive (on
+    :func:`anyio.current_time`'s clock), or None between frames: the broker uses it to drop
+    a peer that stops in the middle of a frame (``frame_timeout``).
     """
 
-    __slots__ = ("_decoder", "_initial", "stream")
+    __slots__ = ("_decoder", "_initial", "frame_started", "stream")
 
     def __init__(
         self,
@@ -42,6 +46,17 @@ class FrameStream:
         self.stream = stream
         self._decoder = FrameDecoder(header_len, max_frame_len)
         self._initial = initial
+        self.frame_started: float | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete frame held (see :attr:`FrameDecoder.buffered`)."""
+        return self._decoder.buffered
+
+    @property
+    def frame_size(self) -> int:
+        """Header plus payload of the incomplete frame held, once its header is in."""
+        return self._decoder.wanted
 
     async def receive(self) -> list[bytes]:
         """Wait for at least one whole frame; return every frame completed so far.
@@ -51,24 +66,37 @@ class FrameStream:
             RemoteProtocolError: the peer closed inside a frame or announced an oversize one.
             anyio.BrokenResourceError: the connection broke.
         """
+        decoder = self._decoder
         if self._initial:
-            data, self._initial = self._initial, b""
-            frames = self._decoder.feed(data)
+            frames = decoder.feed(self._initial)
+            self._initial = b""
+            self._track(frames)
             if frames:
                 return frames
         receive = self.stream.receive
-        feed = self._decoder.feed
-        if self._decoder.failed:
+        feed = decoder.feed
+        if decoder.failed:
             feed(b"")  # raises the latched error instead of waiting on a broken peer
         while True:
+            # The chunk read is never bound to a name that outlives the feed: a local kept
+            # it alive through the next wait, so a peer stopped inside a frame pinned its
+            # bytes twice (the chunk and the decoder's copy of it).
             try:
-                data = await receive(RECEIVE_SIZE)
+                frames = feed(await receive(RECEIVE_SIZE))
             except anyio.EndOfStream:
-                self._decoder.eof()
+                decoder.eof()
                 raise
-            frames = feed(data)
+            self._track(frames)
             if frames:
                 return frames
+
+    def _track(self, frames: list[bytes]) -> None:
+        # A read that completed frames and left a tail started a new frame just now.
+        if self._decoder.buffered:
+            if frames or self.frame_started is None:
+                self.frame_started = anyio.current_time()
+        else:
+            self.frame_started = None
 
     async def send(self, data: bytes) -> None:
         """Write already framed bytes (one or many frames) in one call."""

@@ -52,6 +52,12 @@ class Transport(Protocol):
         """
         ...
 
+    # Optional, broker side (looked up with getattr, so a transport written before it
+    # still fits): ``async def refuse(self, stream, status: int, text: str) -> None`` tells
+    # a peer it is refused before its connection start (the broker is full, the uid is not
+    # trusted), if the transport has a way to say so; the broker then closes. ``status`` is
+    # the HTTP status that describes the refusal, ``text`` one line for a person.
+
 
 def get_transport(name: str | Transport, *, max_header_bytes: int | None = None) -> Transport:
     """``"http"`` → :data:`httpbus.TRANSPORT`, ``"stream"`` → :data:`streambus.TRANSPORT`.

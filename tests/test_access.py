@@ -50,15 +50,17 @@ def _path(address: str) -> str:
     return address[len("unix:") :]
 
 
-async def _refused(path: str) -> bool:
+async def _refusal(path: str) -> bytes:
+    """What the broker says before it closes a connection it refuses (b"" if nothing)."""
+    answer = b""
     with anyio.fail_after(10):
         stream = await anyio.connect_unix(path)
         async with stream:
             try:
-                await stream.receive()
+                while True:
+                    answer += await stream.receive()
             except (anyio.EndOfStream, anyio.BrokenResourceError):
-                return True
-    return False
+                return answer
 
 
 # --- mode and group ----------------------------------------------------------------------
@@ -116,7 +118,12 @@ async def test_untrusted_uid_is_refused_with_a_reason(
     caplog.set_level(logging.WARNING, "shared.broker")
     stranger = os.geteuid() + 12345  # trust someone else only: we are the stranger now
     async with serving(address, transport=transport, allowed_uids={stranger}) as broker:
-        assert await _refused(_path(address))
+        answer = await _refusal(_path(address))
+        if transport == "http":  # an HTTP client is told why; the stream transport cannot
+            assert answer.startswith(b"HTTP/1.1 403 Forbidden\r\n"), answer
+            assert answer.endswith(f"\r\n\r\nuid {os.geteuid()} is not trusted by this broker\n".encode())
+        else:
+            assert answer == b""
         stats = broker.statistics()
         assert (stats.refused_untrusted, stats.refused, stats.accepted) == (1, 1, 0)
     assert f"uid {os.geteuid()} is not trusted (trusted uids: {stranger}" in caplog.text

@@ -296,6 +296,32 @@ def test_route_many_is_route_frame_by_frame(policy: OverflowPolicy, seed: int) -
     assert taps[0] == taps[1]
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    policy=st.sampled_from(list(OverflowPolicy)),
+    max_len=st.integers(1, 8),
+    before=st.integers(0, 12),
+    run=st.integers(1, 20),
+)
+def test_push_many_over_a_full_queue_is_push_frame_by_frame(
+    policy: OverflowPolicy, max_len: int, before: int, run: int
+) -> None:
+    # ``before`` may exceed max_len: a failed write's put_back can overfill a queue.
+    frames = [b"%d" % i for i in range(run)]
+    one, many = (WorkerQueue(0, max_len, expected=False, now=0.0) for _ in range(2))
+    wakes = [0, 0]
+    for i, q in enumerate((one, many)):
+        q.frames.extend(b"old%d" % j for j in range(before))
+        q.wakeup = lambda i=i: wakes.__setitem__(i, wakes[i] + 1)
+    landed = sum(one.push(f, policy) for f in frames)
+    assert many.push_many(frames, policy) == landed
+    assert list(many.frames) == list(one.frames)
+    assert (many.routed, many.enqueued, many.dropped, many.dropped_unreported) == (
+        one.routed, one.enqueued, one.dropped, one.dropped_unreported,
+    )
+    assert wakes[0] == wakes[1]
+
+
 # --- the dispatcher ---------------------------------------------------------------------
 
 

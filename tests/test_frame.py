@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import tracemalloc
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -95,3 +98,38 @@ def test_garbage_only_raises_remote_protocol_error_and_stays_bounded(data: bytes
         dec.eof()
     except RemoteProtocolError:
         pass
+
+
+def _traced(action: Callable[[], object]) -> int:
+    """Bytes still allocated after ``action`` that it allocated."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        action()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_frame_in_pieces_is_held_as_it_arrived() -> None:
+    # Reads of some size are kept as the very objects that arrived: no copy, no spare room,
+    # nothing sized from the header (which announces 60 000).
+    pieces = [(60000).to_bytes(2, "big") + bytes(20000), bytes(20000), bytes(10000)]
+    decoder = FrameDecoder(2)
+    extra = _traced(lambda: [decoder.feed(p) for p in pieces])
+    assert decoder.buffered == 50002
+    assert extra < 2048
+    assert decoder.feed(bytes(10000)) == [bytes(60000)]
+    assert decoder.buffered == 0
+
+
+def test_a_dribbled_frame_costs_what_arrived() -> None:
+    # Tiny reads are gathered in one buffer, not kept as one object each (~50 bytes apiece).
+    decoder = FrameDecoder(2)
+    decoder.feed((60000).to_bytes(2, "big"))
+    dribble = [bytes([i % 256]) for i in range(20000)]
+    extra = _traced(lambda: [decoder.feed(b) for b in dribble])
+    assert decoder.buffered == 20002
+    assert extra < 20002 * 1.25 + 2048
+    out = decoder.feed(bytes(40000))
+    assert out == [bytes(i % 256 for i in range(20000)) + bytes(40000)]

@@ -9,6 +9,7 @@ a well-behaved client still gets through.
 from __future__ import annotations
 
 import logging
+import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,6 +24,7 @@ from shared.client import Client
 from shared.frame import encode_frame
 from shared.messages import encode_hello
 from shared.profile import NATIVE
+from shared.stream import FrameStream
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -163,3 +165,28 @@ async def test_a_storm_of_bad_peers_does_not_flood_the_log(address: str, caplog:
         lines = [r for r in caplog.records if "before its hello" in r.getMessage()]
         assert len(lines) == broker.log_limiter.burst
         assert broker.log_limiter.suppressed == 50 - broker.log_limiter.burst
+
+
+async def test_a_stalled_frame_is_held_once(address: str) -> None:
+    # A peer stopped inside a frame costs what it sent, once: the read loop used to keep
+    # its last chunk alive while waiting for the next, beside the decoder's copy of it.
+    path = address[len("unix:") :]
+    payload = (65535).to_bytes(2, "big") + bytes(60000)  # allocated before tracing
+    async with await anyio.create_unix_listener(path) as listener:
+        peer = await anyio.connect_unix(path)
+        async with peer, await listener.accept() as accepted:
+            frames = FrameStream(accepted, header_len=2)
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(frames.receive)
+                    await peer.send(payload)
+                    await wait_until(lambda: frames.buffered == len(payload))
+                    await anyio.sleep(0.05)  # the reader is back waiting for more
+                    held = tracemalloc.get_traced_memory()[0] - before
+                    tg.cancel_scope.cancel()
+            finally:
+                tracemalloc.stop()
+    assert frames.frame_started is not None
+    assert held < len(payload) * 1.25, held

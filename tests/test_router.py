@@ -146,3 +146,144 @@ def test_accounting_identity(ops: list[tuple[int, str]]) -> None:
         assert q.enqueued == len(q.frames) + (q.dropped if r.overflow is OverflowPolicy.DROP_OLDEST else 0)
     stats = r.statistics()
     assert stats.deliveries == sum(q.enqueued for q in stats.queues)
+
+
+# --- departed ids: muted after the broadcast grace, capped in number ----------------------
+
+
+def test_departed_id_is_muted_after_the_broadcast_grace() -> None:
+    r, clock = make(queue_grace=60.0, broadcast_grace=5.0)
+    r.attach(0)
+    q = r.attach(7)
+    r.detach(q)
+    r.route(0, ALL, b"within the grace")
+    clock.now += 5
+    assert r.expire() == []
+    assert 7 not in r.queues and r.muted == {7: q}  # no longer fed broadcasts
+    for i in range(3):
+        assert r.route(0, ALL, b"%d" % i) == 1  # worker 0 only
+    r.route_many(0, OTHERS, [b"a", b"b"])
+    assert list(q.frames) == [b"within the grace"]  # nothing copied into the muted queue
+    stats = r.statistics()
+    seven = next(s for s in stats.queues if s.worker_id == 7)
+    assert (seven.routed, seven.dropped, seven.depth) == (6, 5, 1)  # missed: counted, dropped
+    assert (stats.queues_departed, stats.queues_muted) == (1, 1)
+    assert stats.routed == stats.sent + stats.dropped + stats.queued + stats.in_flight
+    assert r.attach(7) is q and 7 in r.queues and not r.muted
+    assert q.dropped_unreported == 5  # the worker is told what it missed
+    assert r.route(0, ALL, b"back") == 2 and list(q.frames) == [b"within the grace", b"back"]
+
+
+def test_a_worker_target_still_reaches_a_muted_queue() -> None:
+    r, clock = make(broadcast_grace=1.0)
+    r.detach(r.attach(7))
+    clock.now += 1
+    r.expire()
+    assert r.route(0, parse_target("worker:7"), b"direct") == 1
+    assert list(r.muted[7].frames) == [b"direct"] and r.unroutable == 0
+
+
+def test_unique_never_picks_a_muted_queue() -> None:
+    r, clock = make(broadcast_grace=1.0)
+    r.detach(r.attach(7))
+    clock.now += 1
+    r.expire()
+    assert r.route(0, parse_target("unique:k"), b"u") == 0
+    assert r.unroutable == 1 and not r.muted[7].frames
+
+
+def test_expected_ids_are_never_muted() -> None:
+    r, clock = make(expected_workers=2, broadcast_grace=1.0)
+    r.detach(r.attach(1))
+    clock.now += 100
+    r.expire()
+    assert set(r.queues) == {0, 1} and not r.muted
+    assert r.route(None, ALL, b"x") == 2
+
+
+def test_departed_queues_are_capped_oldest_retired_first() -> None:
+    r, clock = make(max_departed_queues=2, expected_workers=1)
+    for wid in (10, 11, 12):
+        r.attach(wid)
+    r.route(None, ALL, b"queued")
+    assert r.detach(r.queues[11]) == []
+    clock.now += 1
+    assert r.detach(r.queues[10]) == []
+    clock.now += 1
+    r.detach(r.queues[0])  # an expected id does not count
+    assert r.detach(r.queues[12]) == [11]  # the one that left first
+    assert set(r.queues) == {0, 10, 12}
+    stats = r.statistics()
+    assert stats.queues_evicted == 1 and stats.queues_departed == 2
+    assert stats.dropped == 1  # what the retired queue held
+    assert stats.routed == stats.sent + stats.dropped + stats.queued + stats.in_flight
+
+
+def test_a_returning_id_leaves_the_departed_list() -> None:
+    r, _ = make(max_departed_queues=1)
+    r.detach(r.attach(1))
+    r.attach(1)  # back before anyone else left
+    assert r.detach(r.attach(2)) == []
+    assert r.detach(r.queues[1]) == [2]
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ValueError, match="broadcast_grace"):
+        Router(broadcast_grace=-1)
+    with pytest.raises(ValueError, match="max_departed_queues"):
+        Router(max_departed_queues=-1)
+
+
+def _history_router(grace: float, policy: OverflowPolicy) -> tuple[Router, Clock]:
+    return make(
+        expected_workers=2, max_queue_len=4, queue_grace=6.0, broadcast_grace=grace,
+        max_departed_queues=3, overflow=policy,
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    policy=st.sampled_from(list(OverflowPolicy)),
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["all", "others", "worker", "attach", "detach", "tick", "take", "stats"]),
+            st.integers(0, 7),
+            st.integers(1, 5),
+        ),
+        max_size=80,
+    ),
+)
+def test_muting_only_counts_what_a_slow_path_would_have_copied(policy: OverflowPolicy, ops: list[tuple[str, int, int]]) -> None:
+    """Against the same history on a router that never mutes: every id is offered exactly
+    the same frames (``routed``), the identity holds in every snapshot, and a broadcast only
+    touches expected, connected or recently departed queues."""
+    muting, clock = _history_router(1.0, policy)
+    never, clock2 = _history_router(1e9, policy)
+    for op, wid, n in ops:
+        for r, c in ((muting, clock), (never, clock2)):
+            if op in ("all", "others"):
+                r.route_many(wid, ALL if op == "all" else OTHERS, [b"f%d" % i for i in range(n)])
+            elif op == "worker":
+                r.route(wid, parse_target(f"worker:{n}"), b"w")
+            elif op == "attach":
+                r.attach(wid)
+            elif op == "detach" and wid in r.queues and r.queues[wid].connected:
+                r.detach(r.queues[wid])
+            elif op == "tick":
+                c.now += n * 0.5
+                r.expire()
+            elif op == "take":
+                q = r.queues.get(wid) or r.muted.get(wid)
+                if q is not None and q.frames:
+                    q.mark_sent(len(q.take_batch(n)))
+            elif op == "stats":
+                r.statistics()
+        for q in muting.queues.values():
+            assert q.connected or q.expected or clock.now - q.idle_since < 1.0
+    a, b = muting.statistics(), never.statistics()
+    assert a.routed == a.sent + a.dropped + a.queued + a.in_flight
+    assert [(q.worker_id, q.routed) for q in a.queues] == [(q.worker_id, q.routed) for q in b.queues]
+    assert (a.queues_expired, a.queues_evicted) == (b.queues_expired, b.queues_evicted)
+    for q in [*muting.queues.values(), *muting.muted.values()]:
+        assert q.routed == q.sent + q.dropped + len(q.frames) + q.in_flight
+        assert q.dropped_unreported <= q.dropped
