@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import PayloadTooLarge, RemoteProtocolError
-from .frame import encode_frame, frame_header
+from .frame import encode_frame
 from .profile import NATIVE, Profile
 
 __all__ = [
@@ -390,9 +390,10 @@ _MSGPACK_OTHERS_HEAD = b"\x82\xa4spec\x81\xa6others\xc3\xa4data"
 # The whole head for the usual event of under 256 bytes, per length: one concatenation.
 _MSGPACK_ALL_HEADS = tuple(_MSGPACK_ALL_HEAD + bytes((0xC4, n)) for n in range(0x100))
 _MSGPACK_OTHERS_HEADS = tuple(_MSGPACK_OTHERS_HEAD + bytes((0xC4, n)) for n in range(0x100))
-# The same, framed (native header): what build_publish_frame puts before the event bytes.
-_FRAMED_ALL_HEADS = tuple(frame_header(len(h) + n, 2) + h for n, h in enumerate(_MSGPACK_ALL_HEADS))
-_FRAMED_OTHERS_HEADS = tuple(frame_header(len(h) + n, 2) + h for n, h in enumerate(_MSGPACK_OTHERS_HEADS))
+# The same, framed (native header): what build_publish_frame puts before the event bytes,
+# i.e. the frame of a publish of an n-byte event, up to where the event begins.
+_FRAMED_ALL_HEADS = tuple(encode_frame(h + bytes(n))[: 2 + len(h)] for n, h in enumerate(_MSGPACK_ALL_HEADS))
+_FRAMED_OTHERS_HEADS = tuple(encode_frame(h + bytes(n))[: 2 + len(h)] for n, h in enumerate(_MSGPACK_OTHERS_HEADS))
 
 
 def _publish_head(profile: Profile, target: Target, size: int) -> bytes | None:
