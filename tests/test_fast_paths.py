@@ -1,15 +1,16 @@
-"""The hot-path shortcuts behave exactly like the general code they stand in for.
+"""Every fast path behaves exactly like the slow reference in tests/reference.py.
 
-Each speed-up of issue 6 keeps a general path and adds a shortcut for the common case; these
-tests hold the shortcut to the general path's results, on many generated inputs:
+The references are written for clarity (plain codec calls and schema checks, no shortcuts);
+each fast path is held to them on many generated inputs, never to another fast path:
 
-- encode_publish / decode_publish / decode_publish_batch: native publishes to all/others
-  built and recognised by their bytes;
-- build_publish_frame: one function per publish;
-- decode_event_batch: a read's deliveries decoded in one loop;
+- encode_publish, build_publish_frame: publishes built by concatenation;
+- decode_publish_batch (the one recogniser of the usual publish) and decode_publish;
+- decode_event_batch / decode_event_fields: the one event decoder;
+- FrameDecoder's parse loop, and encode_frame;
+- Dispatcher.run and Dispatcher.dispatch against a plain level-by-level dispatch;
+- EmbeddedClient's numbered encoder and its one-by-one checked decoder;
 - MsgpackCodec.dumps: pooled packers;
 - WorkerQueue.push_many, Router.route_many, WorkerQueue.take_batch: whole runs per queue;
-- Dispatcher.run: handler lists remembered per (source, event), no coroutine per event;
 - Dispatcher.push_many + wait_room: the bounded hand-over delivers what an unbounded inbox does.
 """
 
@@ -36,6 +37,7 @@ from shared.messages import (
     OTHERS,
     ControlFrame,
     Event,
+    TargetKind,
     build_publish,
     build_publish_frame,
     decode_event_batch,
@@ -602,3 +604,76 @@ async def test_hand_over_with_backpressure_delivers_what_an_unbounded_inbox_does
     for kind in ("sync", "slow", "iter"):
         mine = [x[1] for x in bounded if x[0] == kind]
         assert mine == [x[1] for x in reference if x[0] == kind] == list(range(n))
+
+
+# --- embed's numbered publishes and checked deliveries ------------------------------------
+# EmbeddedClient encodes numbered events itself and decodes deliveries one by one (to put a
+# "lost" notice right before the event that revealed a gap): both held to the reference.
+# (Private methods: they are the fast paths under test; the client is built, never entered.)
+
+
+def _embedded(worker_id: int) -> Any:
+    from shared.embed import EmbeddedClient
+
+    return EmbeddedClient("unix:/nonexistent/embed.sock", worker_id=worker_id, workers=2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["s", "", "workerbus"]),
+            st.sampled_from(["e", ""]),
+            _VALUES | st.just("y" * 70000),
+            _TARGETS | st.sampled_from([parse_target("worker:0"), parse_target(5)]),
+        ),
+        max_size=10,
+    )
+)
+def test_embed_encoder_is_the_reference(publishes: list[Any]) -> None:
+    from shared.sequence import BROADCAST_KEY, WORKER_KEY
+
+    client = _embedded(1)
+    broadcast = 0
+    per_worker: dict[int, int] = {}
+    for source, event, data, target in publishes:
+        try:
+            frame = client._encode(source, event, data, target)
+        except (ValueError, LocalProtocolError, PayloadTooLarge) as exc:
+            # refused exactly when the reference refuses (and the number is taken back)
+            with pytest.raises(type(exc)):
+                _reference_publish_frame(NATIVE, 1, source, event, data, target, client.max_payload_len)
+            continue
+        client._out.commit()
+        (payload,), outcome = reference.parse_frames(frame, 2, 65535)
+        assert outcome == "ok"
+        got_target, inner = reference.decode_publish(NATIVE, payload)
+        assert got_target == target
+        expected: dict[str, Any] = {"source": source, "event": event, "wid": 1}
+        if data is not None:
+            expected["data"] = data
+        if source != "workerbus" and target.kind in (TargetKind.ALL, TargetKind.OTHERS):
+            broadcast += 1
+            expected[BROADCAST_KEY] = broadcast
+        elif source != "workerbus" and target.kind is TargetKind.WORKER:
+            per_worker[target.worker_id] = per_worker.get(target.worker_id, 0) + 1
+            expected[WORKER_KEY] = per_worker[target.worker_id]
+        assert msgpack.unpackb(inner, raw=False, strict_map_key=False) == expected
+        assert reference.decode_event(NATIVE, inner) == (source, event, data, 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_event_payloads(kong=False))
+def test_embed_decoder_is_the_reference(payloads: list[bytes]) -> None:
+    client = _embedded(0)
+    expected = [_ref_or_error(reference.decode_event, NATIVE, p) for p in payloads]
+
+    def decode(payload: bytes) -> Any:
+        ev = client._decode_event(payload)
+        assert ev.node == getattr(ev.wid, "node", None)
+        return (ev.source, ev.event, ev.data, ev.wid)
+
+    assert [_or_error(decode, p) for p in payloads] == expected
+    events, errors = client._decode_batch(payloads)
+    assert events == [e for e in expected if isinstance(e, tuple) and e[0] != "control"]
+    assert len(errors) == len(payloads) - len(events)
