@@ -57,6 +57,7 @@ __all__ = [
     "encode_ping",
     "encode_pong",
     "encode_welcome",
+    "event_fields",
     "encode_publish",
     "parse_target",
 ]
@@ -491,7 +492,7 @@ def decode_publish_batch(
     all_pos, others_pos = len(all_head), len(others_head)
     for payload in payloads:
         target: Target | None = None
-        if native and type(payload) is bytes:
+        if native:  # (a bytearray payload too: its event is framed into bytes below)
             if payload.startswith(all_head):
                 target, pos = ALL, all_pos
             elif payload.startswith(others_head):
@@ -666,7 +667,7 @@ def decode_event_batch(
     loads = profile.codec.loads
     for payload in payloads:
         try:
-            append(_event_fields(loads(payload)))
+            append(event_fields(loads(payload)))
         except RemoteProtocolError as exc:
             errors.append(exc)
     return out, errors
@@ -681,13 +682,18 @@ def decode_event_fields(profile: Profile, payload: bytes) -> tuple[str, str, Any
     Raises:
         RemoteProtocolError: not a valid event.
     """
-    return _event_fields(profile.codec.loads(payload))
+    return event_fields(profile.codec.loads(payload))
 
 
-def _event_fields(msg: object) -> tuple[str, str, Any, int | None]:
-    """The one event decoder, from the codec's result: the usual event is taken on exact
-    types; anything else (a bool or float wid, a control frame, garbage) is checked with
-    a reason."""
+def event_fields(msg: object) -> tuple[str, str, Any, int | None]:
+    """The one event decoder, from what the codec made of a delivery (for decoders that
+    also read other keys of the map, as embed's numbered events): the usual event is taken
+    on exact types; anything else (a bool or float wid, a control frame, garbage) is
+    checked with a reason.
+
+    Raises:
+        ControlFrame: a pong. RemoteProtocolError: anything else that is not an event.
+    """
     if type(msg) is dict:
         source = msg.get("source")
         event = msg.get("event")

@@ -144,6 +144,11 @@ def _check_publish_batch(profile: Any, payloads: list[bytes]) -> None:
     assert (error is not None) == stopped
     # runs of the usual targets are maximal (others are cut per decoded, equal target)
     assert all(runs[i][0] is not runs[i + 1][0] or runs[i][0] not in (ALL, OTHERS) for i in range(len(runs) - 1))
+    # (a transport may hand over bytearray slices: the same frames, as bytes)
+    runs_ba, error_ba = decode_publish_batch(profile, [bytearray(p) for p in payloads])  # type: ignore[misc]
+    assert [(t, f) for t, run in runs_ba for f in run] == expected
+    assert all(type(f) is bytes for _, run in runs_ba for f in run)
+    assert (error_ba is not None) == stopped
     for payload in payloads:  # and decode_publish, one by one, is the reference too
         assert _or_error(decode_publish, profile, payload) == _ref_or_error(reference.decode_publish, profile, payload)
 
