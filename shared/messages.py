@@ -125,16 +125,13 @@ def parse_target(value: str | int | Target) -> Target:
     """
     if isinstance(value, Target):
         return value
-    if isinstance(value, str):
-        named = _NAMED_TARGETS.get(value)
-        if named is not None:
-            return named
     if isinstance(value, int) and not isinstance(value, bool):
         return Target(TargetKind.WORKER, worker_id=value)
     if not isinstance(value, str):
         raise ValueError(f"invalid target {value!r}")
-    if value in ("all", "current", "others"):
-        return Target(TargetKind(value))
+    named = _NAMED_TARGETS.get(value)
+    if named is not None:
+        return named
     kind, sep, arg = value.partition(":")
     if sep and kind == "unique" and arg:
         return Target(TargetKind.UNIQUE, key=arg)

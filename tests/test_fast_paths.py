@@ -37,6 +37,7 @@ from shared.messages import (
     OTHERS,
     ControlFrame,
     Event,
+    Target,
     TargetKind,
     build_publish,
     build_publish_frame,
@@ -682,3 +683,39 @@ def test_embed_decoder_is_the_reference(payloads: list[bytes]) -> None:
     events, errors = client._decode_batch(payloads)
     assert events == [e for e in expected if isinstance(e, tuple) and e[0] != "control"]
     assert len(errors) == len(payloads) - len(events)
+
+
+# --- parse_target ------------------------------------------------------------------------
+
+
+def _reference_parse_target(value: Any) -> Any:
+    if isinstance(value, Target):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return "invalid"
+    if isinstance(value, int):
+        return Target(TargetKind.WORKER, worker_id=value)
+    if value in ("all", "current", "others"):
+        return Target(TargetKind(value))
+    if value.startswith("unique:") and len(value) > len("unique:"):
+        return Target(TargetKind.UNIQUE, key=value[len("unique:") :])
+    if value.startswith("worker:"):
+        try:
+            return Target(TargetKind.WORKER, worker_id=int(value[len("worker:") :]))
+        except ValueError:
+            return "invalid"
+    return "invalid"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(["all", "current", "others", "unique:", "worker:", "worker:x", "unique:k:2", "ALL", ""])
+    | st.builds(lambda k, v: f"{k}:{v}", st.sampled_from(["worker", "unique", "all"]), st.text(max_size=4) | st.integers(-3, 99).map(str))
+    | st.integers(-(2**70), 2**70) | st.booleans() | st.none() | st.floats() | st.just(OTHERS)
+)
+def test_parse_target_is_the_reference(value: Any) -> None:
+    try:
+        got: Any = parse_target(value)
+    except ValueError:
+        got = "invalid"
+    assert got == _reference_parse_target(value)
