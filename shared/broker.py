@@ -20,7 +20,7 @@ from anyio.abc import ByteStream, SocketListener, TaskStatus
 
 from .bridge import Bridge, BridgeStatistics
 from .errors import AddressInUse, HandshakeError, RemoteProtocolError
-from .frame import frame_header
+from .frame import encode_frame
 from .logutil import LogLimiter
 from .memtrim import reclaim_memory
 from .messages import (
@@ -695,10 +695,10 @@ class Broker:
         self.log_limiter.log(
             logging.WARNING, "%s missed %d events (total %d)", conn, count, queue.dropped
         )
-        return frame_header(len(inner), self.profile.header_len) + inner
+        return self._frame(inner)
 
     def _frame(self, payload: bytes) -> bytes:
-        return frame_header(len(payload), self.profile.header_len) + payload
+        return encode_frame(payload, self.profile.header_len)
 
     def _welcome_frame(self, conn: _Connection) -> bytes:
         # The native handshake's answer (protocol.md §8), not the lifecycle event below.
@@ -724,7 +724,7 @@ class Broker:
             "welcome",
             {"worker_id": conn.worker_id, "broker": dict(self.identity), "workers": sorted(self._connections)},
         )
-        return frame_header(len(inner), self.profile.header_len) + inner
+        return self._frame(inner)
 
     def _announce(self, event: str, conn: _Connection) -> None:
         self.inject(ALL, self._lifecycle_event(event, {"worker_id": conn.worker_id, "pid": conn.pid}))
@@ -741,8 +741,7 @@ class Broker:
 
     def inject(self, target: Target, event_bytes: bytes) -> int:
         """Route an already encoded event that came from outside this broker."""
-        frame = frame_header(len(event_bytes), self.profile.header_len) + event_bytes
-        return self.router.route(None, target, frame)
+        return self.router.route(None, target, self._frame(event_bytes))
 
     def statistics(self) -> BrokerStatistics:
         return BrokerStatistics(

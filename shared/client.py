@@ -48,7 +48,7 @@ from .errors import (
     RemoteProtocolError,
     UpgradeRejected,
 )
-from .frame import frame_header
+from .frame import encode_frame
 from .logutil import LogLimiter
 from .messages import (
     CAP_BARRIER,
@@ -373,7 +373,7 @@ class Client:
     # --- publishing ----------------------------------------------------------------------
 
     def _frame(self, payload: bytes) -> bytes:
-        return frame_header(len(payload), self.profile.header_len) + payload
+        return encode_frame(payload, self.profile.header_len)
 
     def _encode(self, source: str, event: str, data: object, target: Target) -> bytes:
         return build_publish_frame(

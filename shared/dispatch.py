@@ -231,9 +231,11 @@ class Dispatcher:
     async def run(self) -> None:
         """Handle queued events forever, one at a time.
 
-        This is :meth:`dispatch` inlined, because it runs once per delivery: no coroutine
-        per event, handler lists resolved once per (source, event), and ``isawaitable``
-        asked only of handlers that returned something.
+        The handler loop of :meth:`_call_all` inlined, because it runs once per delivery:
+        no coroutine per event, handler lists resolved once per (source, event), and
+        ``isawaitable`` asked only of handlers that returned something. A handler that
+        changes the subscriptions hands the rest of its event to :meth:`_call_from`.
+        tests/reference.py holds it to a plain reference dispatch.
         """
         inbox = self._inbox
         popleft = inbox.popleft
@@ -260,17 +262,9 @@ class Dispatcher:
                             if result is not None and isawaitable(result):
                                 await result
                         except Exception:  # noqa: BLE001 - logged with its traceback, rate-limited
-                            self.handler_errors += 1
-                            self._log.log(
-                                logging.ERROR,
-                                "event handler failed; source=%s, event=%s, wid=%s",
-                                source,
-                                event,
-                                wid,
-                                exc_info=True,
-                            )
+                            self._handler_failed(source, event, wid)
                         if self._version != version:
-                            await self._finish_changed(levels, done, (data, event, source, wid))
+                            await self._call_from(levels, done, (data, event, source, wid))
                             break
             finally:
                 self.busy = False
@@ -295,11 +289,12 @@ class Dispatcher:
         self._routes[(source, event)] = route
         return route
 
-    async def _finish_changed(self, levels: _Levels, done: int, args: tuple[Any, str, str, int | None]) -> None:
-        """The rest of one event after its ``done``-th handler changed the subscriptions.
+    async def _call_from(self, levels: _Levels, done: int, args: tuple[Any, str, str, int | None]) -> None:
+        """One event's handlers from the ``done``-th on (all of them when 0): what
+        :meth:`run` does after a handler changed the subscriptions, and :meth:`dispatch`.
 
-        As in :meth:`dispatch`: the level being run finishes with the handlers it started
-        with; every later level is read from the subscriptions as they are when reached.
+        The level being run finishes with the handlers it started with; every later level
+        is read from the subscriptions as they are when reached.
         """
         start = 0
         current = 0
@@ -313,6 +308,7 @@ class Dispatcher:
             await self._call_all(tuple(live.values()) if live else (), args)
 
     async def _call_all(self, handlers: tuple[Handler, ...], args: tuple[Any, str, str, int | None]) -> None:
+        # (run() has this loop inlined: it is the hot path; the error goes the same way)
         data, event, source, wid = args
         for handler in handlers:
             try:
@@ -320,39 +316,24 @@ class Dispatcher:
                 if result is not None and inspect.isawaitable(result):
                     await result
             except Exception:  # noqa: BLE001 - logged with its traceback, rate-limited
-                self.handler_errors += 1
-                self._log.log(
-                    logging.ERROR,
-                    "event handler failed; source=%s, event=%s, wid=%s",
-                    source,
-                    event,
-                    wid,
-                    exc_info=True,
-                )
+                self._handler_failed(source, event, wid)
+
+    def _handler_failed(self, source: str, event: str, wid: int | None) -> None:
+        """Count and log the exception a handler raised (call it in the ``except``)."""
+        self.handler_errors += 1
+        self._log.log(
+            logging.ERROR,
+            "event handler failed; source=%s, event=%s, wid=%s",
+            source,
+            event,
+            wid,
+            exc_info=True,
+        )
 
     async def dispatch(self, ev: Event) -> None:
-        """Run every matching handler for one event."""
-        subs = self._subscriptions
+        """Run every matching handler for one event, as :meth:`run` does for a queued one."""
         self.delivered += 1
-        keys = (("*", "*"), (ev.source, "*"), (ev.source, ev.event))
-        for level, key in enumerate(keys):
-            if key in keys[:level]:
-                continue  # a literal "*" source or event must not run one list twice
-            handlers = subs.get(key)
-            if not handlers:
-                continue
-            for handler in list(handlers.values()):
-                try:
-                    result = handler(ev.data, ev.event, ev.source, ev.wid)
-                    if inspect.isawaitable(result):
-                        await result
-                except Exception:  # noqa: BLE001 - logged with its traceback, rate-limited
-                    self.handler_errors += 1
-                    self._log.log(
-                        logging.ERROR,
-                        "event handler failed; source=%s, event=%s, wid=%s",
-                        ev.source,
-                        ev.event,
-                        ev.wid,
-                        exc_info=True,
-                    )
+        route = self._routes.get((ev.source, ev.event))
+        if route is None:
+            route = self._route(ev.source, ev.event)
+        await self._call_from(route[1], 0, (ev.data, ev.event, ev.source, ev.wid))

@@ -29,16 +29,27 @@ _SMALL_READ = 1024
 
 def frame_header(length: int, header_len: int) -> bytes:
     """The length prefix for a payload of ``length`` bytes."""
-    if length >= 1 << (8 * header_len):
+    try:
+        return length.to_bytes(header_len, "big")
+    except OverflowError:
         raise LocalProtocolError(
             f"payload of {length} bytes does not fit a {header_len}-byte frame header"
-        )
-    return length.to_bytes(header_len, "big")
+        ) from None
 
 
 def encode_frame(payload: bytes, header_len: int = 2) -> bytes:
-    """One whole frame: the length prefix followed by ``payload``."""
-    return frame_header(len(payload), header_len) + payload
+    """One whole frame: the length prefix followed by ``payload``. The one way a frame is
+    built (it runs once per delivery in the broker: no call besides ``to_bytes``).
+
+    Raises:
+        LocalProtocolError: the payload does not fit a frame of this header width.
+    """
+    try:
+        return len(payload).to_bytes(header_len, "big") + payload
+    except OverflowError:
+        raise LocalProtocolError(
+            f"payload of {len(payload)} bytes does not fit a {header_len}-byte frame header"
+        ) from None
 
 
 class FrameDecoder:

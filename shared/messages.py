@@ -20,9 +20,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from .codec import MsgpackCodec
 from .errors import PayloadTooLarge, RemoteProtocolError
-from .frame import frame_header
+from .frame import encode_frame
 from .profile import NATIVE, Profile
 
 __all__ = [
@@ -58,6 +57,7 @@ __all__ = [
     "encode_ping",
     "encode_pong",
     "encode_welcome",
+    "event_fields",
     "encode_publish",
     "parse_target",
 ]
@@ -125,16 +125,13 @@ def parse_target(value: str | int | Target) -> Target:
     """
     if isinstance(value, Target):
         return value
-    if isinstance(value, str):
-        named = _NAMED_TARGETS.get(value)
-        if named is not None:
-            return named
     if isinstance(value, int) and not isinstance(value, bool):
         return Target(TargetKind.WORKER, worker_id=value)
     if not isinstance(value, str):
         raise ValueError(f"invalid target {value!r}")
-    if value in ("all", "current", "others"):
-        return Target(TargetKind(value))
+    named = _NAMED_TARGETS.get(value)
+    if named is not None:
+        return named
     kind, sep, arg = value.partition(":")
     if sep and kind == "unique" and arg:
         return Target(TargetKind.UNIQUE, key=arg)
@@ -383,7 +380,7 @@ def decode_pong(profile: Profile, payload: bytes) -> int:
 
 # A native publish to all or others is built by concatenation: the bytes MessagePack makes
 # of {"spec": {...}, "data": <bin>} (it keeps map order), without packing two maps per
-# publish. decode_publish recognises the same bytes without unpacking them.
+# publish. decode_publish_batch recognises the same bytes without unpacking them.
 _MSGPACK_ALL_HEAD = b"\x82\xa4spec\x80\xa4data"
 _MSGPACK_OTHERS_HEAD = b"\x82\xa4spec\x81\xa6others\xc3\xa4data"
 
@@ -391,30 +388,42 @@ _MSGPACK_OTHERS_HEAD = b"\x82\xa4spec\x81\xa6others\xc3\xa4data"
 # The whole head for the usual event of under 256 bytes, per length: one concatenation.
 _MSGPACK_ALL_HEADS = tuple(_MSGPACK_ALL_HEAD + bytes((0xC4, n)) for n in range(0x100))
 _MSGPACK_OTHERS_HEADS = tuple(_MSGPACK_OTHERS_HEAD + bytes((0xC4, n)) for n in range(0x100))
+# The same, framed (native header): what build_publish_frame puts before the event bytes,
+# i.e. the frame of a publish of an n-byte event, up to where the event begins.
+_FRAMED_ALL_HEADS = tuple(encode_frame(h + bytes(n))[: 2 + len(h)] for n, h in enumerate(_MSGPACK_ALL_HEADS))
+_FRAMED_OTHERS_HEADS = tuple(encode_frame(h + bytes(n))[: 2 + len(h)] for n, h in enumerate(_MSGPACK_OTHERS_HEADS))
 
 
-def _msgpack_bin_header(length: int) -> bytes:
-    if length < 0x100:
-        return bytes((0xC4, length))
-    if length < 0x10000:
-        return b"\xc5" + length.to_bytes(2, "big")
-    return b"\xc6" + length.to_bytes(4, "big")
+def _publish_head(profile: Profile, target: Target, size: int) -> bytes | None:
+    """The bytes before an event of ``size`` bytes in a native publish to all or others
+    (the publish's only encoder of these two targets), or None for anything else."""
+    # (identity tests, not a dict lookup: hashing an Enum member runs Python code)
+    if profile is not NATIVE or target.cluster:
+        return None
+    kind = target.kind
+    if kind is TargetKind.ALL:
+        if size < 0x100:
+            return _MSGPACK_ALL_HEADS[size]
+        head = _MSGPACK_ALL_HEAD
+    elif kind is TargetKind.OTHERS:
+        if size < 0x100:
+            return _MSGPACK_OTHERS_HEADS[size]
+        head = _MSGPACK_OTHERS_HEAD
+    else:
+        return None
+    if size < 0x10000:
+        return head + b"\xc5" + size.to_bytes(2, "big")
+    if size < 1 << 32:
+        return head + b"\xc6" + size.to_bytes(4, "big")
+    return None
 
 
 def encode_publish(profile: Profile, target: Target, event_bytes: bytes) -> bytes:
     """The outer publish message around an already encoded event."""
+    head = _publish_head(profile, target, len(event_bytes))
+    if head is not None:
+        return head + event_bytes
     kind = target.kind
-    if type(profile.codec) is MsgpackCodec and len(event_bytes) < 1 << 32 and not target.cluster:
-        # (identity tests, not a dict lookup: hashing an Enum member runs Python code)
-        size = len(event_bytes)
-        if kind is TargetKind.ALL:
-            if size < 0x100:
-                return _MSGPACK_ALL_HEADS[size] + event_bytes
-            return _MSGPACK_ALL_HEAD + _msgpack_bin_header(size) + event_bytes
-        if kind is TargetKind.OTHERS and profile.extended_targets:
-            if size < 0x100:
-                return _MSGPACK_OTHERS_HEADS[size] + event_bytes
-            return _MSGPACK_OTHERS_HEAD + _msgpack_bin_header(size) + event_bytes
     spec: dict[str, object]
     if kind is TargetKind.ALL:
         spec = {}
@@ -436,13 +445,12 @@ def encode_publish(profile: Profile, target: Target, event_bytes: bytes) -> byte
 def decode_publish(profile: Profile, payload: bytes) -> tuple[Target, bytes]:
     """Return the target and the inner event bytes (never decoded here).
 
+    The general decoder, with a reason for every refusal; the broker's per-publish loop,
+    :func:`decode_publish_batch`, recognises the usual publish by its bytes first.
+
     Raises:
         RemoteProtocolError: not a valid publish message.
     """
-    if type(profile.codec) is MsgpackCodec and type(payload) is bytes:
-        fast = _decode_msgpack_publish(payload, profile.extended_targets)
-        if fast is not None:
-            return fast
     msg = _as_map(profile.codec.loads(payload), "publish")
     try:
         spec = _as_map(msg["spec"], "publish spec")
@@ -455,33 +463,6 @@ def decode_publish(profile: Profile, payload: bytes) -> tuple[Target, bytes]:
     return _decode_spec(profile, spec), data
 
 
-def _decode_msgpack_publish(payload: bytes, extended: bool) -> tuple[Target, bytes] | None:
-    """The broker's fast path: a publish to all/others exactly as encode_publish makes it.
-
-    Returns None for anything else (another target, key order or length encoding, a length
-    that does not match); the full decoder then accepts or rejects it with a reason.
-    """
-    if payload.startswith(_MSGPACK_ALL_HEAD):
-        target, pos = ALL, len(_MSGPACK_ALL_HEAD)
-    elif extended and payload.startswith(_MSGPACK_OTHERS_HEAD):
-        target, pos = OTHERS, len(_MSGPACK_OTHERS_HEAD)
-    else:
-        return None
-    size = len(payload)
-    if size < pos + 2:
-        return None
-    tag = payload[pos]
-    if tag == 0xC4:
-        start, length = pos + 2, payload[pos + 1]
-    elif tag == 0xC5 and size >= pos + 3:
-        start, length = pos + 3, (payload[pos + 1] << 8) | payload[pos + 2]
-    else:
-        return None
-    if start + length != size:
-        return None
-    return target, payload[start:]
-
-
 def decode_publish_batch(
     profile: Profile, payloads: list[bytes]
 ) -> tuple[list[tuple[Target, list[bytes]]], RemoteProtocolError | None]:
@@ -490,29 +471,36 @@ def decode_publish_batch(
     Returns runs of consecutive publishes with the same target, each run as the framed
     inner events (``header + event bytes``, ready to queue), and the error of the first
     invalid publish, if any: the broker routes what came before it, then closes the
-    connection. The usual publish (native profile, ``all``/``others``, an event under 256
-    bytes) is recognised by its bytes right in this loop; anything else goes through
-    :func:`decode_publish`.
+    connection. Each publish is what :func:`decode_publish` makes of it.
+
+    This loop is the one recogniser of the usual publish: a native publish to all or
+    others exactly as :func:`encode_publish` makes it (either length encoding a native
+    frame can hold) is known by its bytes, without unpacking; anything else (another
+    target, key order or length encoding, a length that does not match) goes through
+    :func:`decode_publish`, which accepts or rejects it with a reason. It is written out
+    here, not called, because it runs once per publish.
     """
     runs: list[tuple[Target, list[bytes]]] = []
     run: list[bytes] = []
     run_target: Target | None = None
     header_len = profile.header_len
-    fast = type(profile.codec) is MsgpackCodec
-    extended = profile.extended_targets
+    native = profile is NATIVE
     all_head, others_head = _MSGPACK_ALL_HEAD, _MSGPACK_OTHERS_HEAD
     all_pos, others_pos = len(all_head), len(others_head)
     for payload in payloads:
         target: Target | None = None
-        if fast and type(payload) is bytes:
+        if native:  # (a bytearray payload too: its event is framed into bytes below)
             if payload.startswith(all_head):
                 target, pos = ALL, all_pos
-            elif extended and payload.startswith(others_head):
+            elif payload.startswith(others_head):
                 target, pos = OTHERS, others_pos
             if target is not None:
                 size = len(payload)
-                if size >= pos + 2 and payload[pos] == 0xC4 and payload[pos + 1] + pos + 2 == size:
+                tag = payload[pos] if size > pos + 1 else 0
+                if tag == 0xC4 and payload[pos + 1] + pos + 2 == size:
                     data = payload[pos + 2 :]
+                elif tag == 0xC5 and size > pos + 2 and ((payload[pos + 1] << 8) | payload[pos + 2]) + pos + 3 == size:
+                    data = payload[pos + 3 :]
                 else:
                     target = None
         if target is None:
@@ -525,7 +513,7 @@ def decode_publish_batch(
             runs.append((target, run))
             run_target = target
         # (the event came inside a frame of this header width, so it fits one)
-        run.append(len(data).to_bytes(header_len, "big") + data)
+        run.append(encode_frame(data, header_len))
     return runs, None
 
 
@@ -593,9 +581,10 @@ def build_publish_frame(
 ) -> bytes:
     """:func:`build_publish`, framed: the bytes a client writes for one publish.
 
-    Same checks and errors. The common case (native profile, target ``all`` or
-    ``others``, an event under 256 bytes) is done in this one function, because it runs
-    for every publish and each layer of calls costs about as much as the checks.
+    Same checks and errors, and the same bytes: this runs for every publish, and each
+    layer of calls costs about as much as the checks, so the usual case (a native publish
+    to all or others) is :func:`encode_event` and :func:`encode_publish` fused here, made
+    of their parts (test_fast_paths holds it to the reference encoder).
     """
     if (
         (target is ALL or target is OTHERS)
@@ -605,19 +594,21 @@ def build_publish_frame(
         and source
         and event
     ):
+        # encode_event's usual case (the client always has an int wid)
         if data is None:
             inner = profile.codec.dumps({"source": source, "event": event, "wid": wid})
         else:
             inner = profile.codec.dumps({"source": source, "event": event, "data": data, "wid": wid})
         size = len(inner)
         if size < 0x100:
-            head = _MSGPACK_ALL_HEADS[size] if target is ALL else _MSGPACK_OTHERS_HEADS[size]
-            length = len(head) + size
+            # _publish_head's, with the frame header in front: encode_frame of the publish
+            head = _FRAMED_ALL_HEADS[size] if target is ALL else _FRAMED_OTHERS_HEADS[size]
+            length = len(head) - 2 + size
             if length > max_payload_len:
                 raise PayloadTooLarge(length, max_payload_len)
-            return length.to_bytes(2, "big") + head + inner
+            return head + inner
     _, outer = build_publish(profile, wid, source, event, data, target, max_payload_len)
-    return frame_header(len(outer), profile.header_len) + outer
+    return encode_frame(outer, profile.header_len)
 
 
 # --- event -------------------------------------------------------------------------------
@@ -665,8 +656,7 @@ def decode_event_batch(
     """:func:`decode_event_fields` for every delivery of one read.
 
     Returns the valid events in order, and one error per invalid payload (skipped). This
-    loop runs once per delivery in every client, so the usual event is checked inline:
-    no call per event besides the codec's.
+    loop runs once per delivery in every client: one call per event besides the codec's.
     """
     out: list[tuple[str, str, Any, int | None]] = []
     errors: list[RemoteProtocolError] = []
@@ -674,22 +664,7 @@ def decode_event_batch(
     loads = profile.codec.loads
     for payload in payloads:
         try:
-            msg = loads(payload)
-            if type(msg) is dict:
-                source = msg["source"]
-                event = msg["event"]
-                wid = msg.get("wid")
-                if type(source) is str and type(event) is str and (wid is None or type(wid) is int):
-                    if "node" in msg:
-                        wid = _node_wid(msg, wid)
-                    append((source, event, msg.get("data"), wid))
-                    continue
-            append(decode_event_fields(profile, payload))  # the careful way, with reasons
-        except KeyError:
-            try:
-                append(decode_event_fields(profile, payload))
-            except RemoteProtocolError as exc:
-                errors.append(exc)
+            append(event_fields(loads(payload)))
         except RemoteProtocolError as exc:
             errors.append(exc)
     return out, errors
@@ -704,14 +679,26 @@ def decode_event_fields(profile: Profile, payload: bytes) -> tuple[str, str, Any
     Raises:
         RemoteProtocolError: not a valid event.
     """
-    msg = profile.codec.loads(payload)
+    return event_fields(profile.codec.loads(payload))
+
+
+def event_fields(msg: object) -> tuple[str, str, Any, int | None]:
+    """The one event decoder, from what the codec made of a delivery (for decoders that
+    also read other keys of the map, as embed's numbered events): the usual event is taken
+    on exact types; anything else (a bool or float wid, a control frame, garbage) is
+    checked with a reason.
+
+    Raises:
+        ControlFrame: a pong. RemoteProtocolError: anything else that is not an event.
+    """
     if type(msg) is dict:
         source = msg.get("source")
         event = msg.get("event")
         wid = msg.get("wid")
-        # Exact types: a bool or float wid (or anything odd) takes the checked path below.
         if type(source) is str and type(event) is str and (wid is None or type(wid) is int):
-            return source, event, msg.get("data"), _node_wid(msg, wid)
+            if "node" in msg:
+                wid = _node_wid(msg, wid)
+            return source, event, msg.get("data"), wid
     msg = _as_map(msg, "event")
     source = msg.get("source")
     event = msg.get("event")

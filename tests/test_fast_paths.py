@@ -1,15 +1,16 @@
-"""The hot-path shortcuts behave exactly like the general code they stand in for.
+"""Every fast path behaves exactly like the slow reference in tests/reference.py.
 
-Each speed-up of issue 6 keeps a general path and adds a shortcut for the common case; these
-tests hold the shortcut to the general path's results, on many generated inputs:
+The references are written for clarity (plain codec calls and schema checks, no shortcuts);
+each fast path is held to them on many generated inputs, never to another fast path:
 
-- encode_publish / decode_publish / decode_publish_batch: native publishes to all/others
-  built and recognised by their bytes;
-- build_publish_frame: one function per publish;
-- decode_event_batch: a read's deliveries decoded in one loop;
+- encode_publish, build_publish_frame: publishes built by concatenation;
+- decode_publish_batch (the one recogniser of the usual publish) and decode_publish;
+- decode_event_batch / decode_event_fields: the one event decoder;
+- FrameDecoder's parse loop, and encode_frame;
+- Dispatcher.run and Dispatcher.dispatch against a plain level-by-level dispatch;
+- EmbeddedClient's numbered encoder and its one-by-one checked decoder;
 - MsgpackCodec.dumps: pooled packers;
 - WorkerQueue.push_many, Router.route_many, WorkerQueue.take_batch: whole runs per queue;
-- Dispatcher.run: handler lists remembered per (source, event), no coroutine per event;
 - Dispatcher.push_many + wait_room: the bounded hand-over delivers what an unbounded inbox does.
 """
 
@@ -30,11 +31,14 @@ from hypothesis import strategies as st
 from shared.codec import MsgpackCodec
 from shared.dispatch import Dispatcher
 from shared.errors import LocalProtocolError, PayloadTooLarge, RemoteProtocolError
-from shared.frame import frame_header
+from shared.frame import FrameDecoder, encode_frame
 from shared.messages import (
     ALL,
     OTHERS,
+    ControlFrame,
     Event,
+    Target,
+    TargetKind,
     build_publish,
     build_publish_frame,
     decode_event_batch,
@@ -47,11 +51,27 @@ from shared.messages import (
 )
 from shared.profile import NATIVE, get_profile
 from shared.router import OverflowPolicy, Router, WorkerQueue
+from tests import reference
 
 SIZES = [0, 1, 13, 200, 255, 256, 257, 1000, 65535, 65536, 70000]
 
 
 # --- publish messages --------------------------------------------------------------------
+# Every fast path against tests/reference.py (plain codec + schema checks), never against
+# another fast path.
+
+
+def _ref_or_error(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except ControlFrame as exc:
+        return ("control", exc.kind)
+    except RemoteProtocolError:
+        return "error"
+
+
+def _or_error(fn: Any, *args: Any) -> Any:
+    return _ref_or_error(fn, *args)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -60,97 +80,141 @@ def test_encode_publish_is_what_msgpack_makes(size: int, target: Any) -> None:
     inner = random.Random(size).randbytes(size)
     spec = {} if target is ALL else {"others": True}
     assert encode_publish(NATIVE, target, inner) == msgpack.packb({"spec": spec, "data": inner}, use_bin_type=True)
+    assert encode_publish(NATIVE, target, inner) == reference.encode_publish(NATIVE, target, inner)
 
 
-def _slow_decode_publish(payload: bytes) -> Any:
-    # decode_publish's general path: a bytearray is not taken by the byte-level shortcut.
+_TARGETS = st.sampled_from(
+    [ALL, OTHERS, parse_target("worker:3"), parse_target("unique:k"), ALL.with_scope("cluster"),
+     OTHERS.with_scope("cluster"), parse_target("unique:k").with_scope("cluster")]
+)
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=20) | st.binary(max_size=20),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=5), kids, max_size=4),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(target=_TARGETS, size=st.sampled_from(SIZES) | st.integers(0, 600), kong=st.booleans())
+def test_encode_publish_is_the_reference(target: Any, size: int, kong: bool) -> None:
+    profile = get_profile("kong") if kong else NATIVE
+    inner = bytes(size)
     try:
-        return decode_publish(NATIVE, bytearray(payload))  # type: ignore[arg-type]
-    except RemoteProtocolError as exc:
-        return ("error", str(exc))
-
-
-def _fast_decode_publish(payload: bytes) -> Any:
+        expected: Any = reference.encode_publish(profile, target, inner)
+    except ValueError:
+        expected = "refused"
     try:
-        return decode_publish(NATIVE, payload)
-    except RemoteProtocolError as exc:
-        return ("error", str(exc))
+        got: Any = encode_publish(profile, target, inner)
+    except ValueError:
+        got = "refused"
+    assert got == expected
+
+
+def _variants(good: bytes) -> list[bytes]:
+    # the bytes of a publish, and near misses of them: cut, lengthened, a wrong length
+    out = [good, good + b"x", good[:-1], good[:13], good[:12], good[:1]]
+    for i in (12, 13, 14, 19, 20, 21):
+        if i < len(good):
+            out.append(good[:i] + bytes([(good[i] + 1) % 256]) + good[i + 1 :])
+    return out
 
 
 @pytest.mark.parametrize("size", [s for s in SIZES if s < 65000])
 @pytest.mark.parametrize("target", [ALL, OTHERS], ids=["all", "others"])
-def test_decode_publish_shortcut_agrees(size: int, target: Any) -> None:
+def test_decode_publish_batch_recognises_what_the_reference_decodes(size: int, target: Any) -> None:
     inner = random.Random(size).randbytes(size)
     good = encode_publish(NATIVE, target, inner)
     assert decode_publish(NATIVE, good) == (target, inner)
-    variants = [good, good + b"x", good[:-1], good[:13], good[:12], good[:1]]
-    if size:
-        variants.append(good[:12] + bytes([0xC4, (good[13] + 1) % 256]) + good[14:])
-    for payload in variants:
-        assert _fast_decode_publish(payload) == _slow_decode_publish(payload)
+    for payload in _variants(good):
+        _check_publish_batch(NATIVE, [payload])
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=40))
-def test_decode_publish_shortcut_agrees_on_noise_after_the_head(tail: bytes) -> None:
+def test_decode_publish_batch_agrees_on_noise_after_the_head(tail: bytes) -> None:
     for head in (b"\x82\xa4spec\x80\xa4data", b"\x82\xa4spec\x81\xa6others\xc3\xa4data"):
-        payload = head + tail
-        assert _fast_decode_publish(payload) == _slow_decode_publish(payload)
+        _check_publish_batch(NATIVE, [head + tail])
 
 
-def _publishes(rng: random.Random, count: int) -> list[bytes]:
-    targets = [ALL, OTHERS, parse_target("worker:3"), parse_target("unique:k")]
+def _check_publish_batch(profile: Any, payloads: list[bytes]) -> None:
+    runs, error = decode_publish_batch(profile, payloads)
+    flat = [(t, f) for t, run in runs for f in run]
+    expected, stopped = reference.decode_publish_batch(profile, payloads)
+    assert flat == expected
+    assert (error is not None) == stopped
+    # runs of the usual targets are maximal (others are cut per decoded, equal target)
+    assert all(runs[i][0] is not runs[i + 1][0] or runs[i][0] not in (ALL, OTHERS) for i in range(len(runs) - 1))
+    # (a transport may hand over bytearray slices: the same frames, as bytes)
+    runs_ba, error_ba = decode_publish_batch(profile, [bytearray(p) for p in payloads])  # type: ignore[misc]
+    assert [(t, f) for t, run in runs_ba for f in run] == expected
+    assert all(type(f) is bytes for _, run in runs_ba for f in run)
+    assert (error_ba is not None) == stopped
+    for payload in payloads:  # and decode_publish, one by one, is the reference too
+        assert _or_error(decode_publish, profile, payload) == _ref_or_error(reference.decode_publish, profile, payload)
+
+
+def _publishes(profile: Any, rng: random.Random, count: int) -> list[bytes]:
+    targets = [ALL, parse_target("unique:k")]
+    if profile.extended_targets:
+        targets += [OTHERS, parse_target("worker:3"), OTHERS.with_scope("cluster")]
+    # (70000: a long event the kong frame holds; every payload here came in one frame)
+    pads = [0, 10, 300, 70000] if profile.header_len == 3 else [0, 10, 300, 65000]
     out = []
     for i in range(count):
-        inner = encode_event(NATIVE, "s", "e", {"i": i, "pad": "x" * rng.choice([0, 10, 300])}, 1)
-        out.append(encode_publish(NATIVE, rng.choice(targets), inner))
+        inner = encode_event(profile, "s", "e", {"i": i, "pad": "x" * rng.choice(pads)}, 1)
+        out.append(encode_publish(profile, rng.choice(targets), inner))
     return out
 
 
+@pytest.mark.parametrize("kong", [False, True], ids=["native", "kong"])
 @pytest.mark.parametrize("seed", range(20))
-def test_decode_publish_batch_is_decode_publish_in_runs(seed: int) -> None:
+def test_decode_publish_batch_is_the_reference_in_runs(seed: int, kong: bool) -> None:
+    profile = get_profile("kong") if kong else NATIVE
     rng = random.Random(seed)
-    payloads = _publishes(rng, rng.randint(0, 40))
-    bad_at = rng.choice([None, *range(len(payloads))]) if payloads else None
-    if bad_at is not None:
-        payloads[bad_at] = b"\xc1"  # never valid MessagePack
-    runs, error = decode_publish_batch(NATIVE, payloads)
-    good = payloads if bad_at is None else payloads[:bad_at]
-    flat = [(t, frame) for t, run in runs for frame in run]
-    expected = []
-    for p in good:
-        target, data = decode_publish(NATIVE, p)
-        expected.append((target, frame_header(len(data), 2) + data))
-    assert flat == expected
-    assert all(runs[i][0] is not runs[i + 1][0] or runs[i][0] not in (ALL, OTHERS) for i in range(len(runs) - 1))
-    assert (error is None) == (bad_at is None)
-    if error is not None:
-        assert isinstance(error, RemoteProtocolError)
+    payloads = _publishes(profile, rng, rng.randint(0, 40))
+    if payloads and rng.random() < 0.5:
+        payloads[rng.randrange(len(payloads))] = b"\xc1"  # never valid MessagePack
+    _check_publish_batch(profile, payloads)
 
 
 # --- building a publish -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", ["all", "others", "worker:2", "unique:k"])
-@pytest.mark.parametrize("data", [None, 0, "s", {"x": [1, 2.5, None]}, b"z" * 300, "y" * 70000])
-def test_build_publish_frame_is_build_publish_framed(target: str, data: Any) -> None:
-    parsed = parse_target(target)
+def _build_or_refusal(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except PayloadTooLarge as exc:
+        return ("too large", exc.args)
+    except (ValueError, LocalProtocolError) as exc:
+        return ("refused", type(exc).__name__)
 
-    def both(limit: int) -> tuple[Any, Any]:
-        try:
-            fast: Any = build_publish_frame(NATIVE, 3, "src", "ev", data, parsed, limit)
-        except PayloadTooLarge as exc:
-            fast = ("too large", exc.args)
-        try:
-            _, outer = build_publish(NATIVE, 3, "src", "ev", data, parsed, limit)
-            slow: Any = frame_header(len(outer), 2) + outer
-        except PayloadTooLarge as exc:
-            slow = ("too large", exc.args)
-        return fast, slow
 
-    for limit in (65535, 60):
-        fast, slow = both(limit)
-        assert fast == slow
+def _reference_publish_frame(profile: Any, wid: int, source: Any, event: Any, data: Any, target: Any, limit: int) -> Any:
+    if not isinstance(source, str) or not source or not isinstance(event, str) or not event:
+        raise ValueError("source and event must be non-empty strings")
+    outer = reference.encode_publish(profile, target, reference.encode_event(profile, source, event, data, wid))
+    if len(outer) > limit:
+        raise PayloadTooLarge(len(outer), limit)
+    return reference.frame(outer, profile.header_len)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    target=_TARGETS,
+    data=_VALUES | st.binary(min_size=200, max_size=300) | st.sampled_from(["y" * 70000, b"z" * 250]),
+    source=st.sampled_from(["src", "", "s" * 300]),
+    limit=st.sampled_from([65535, 60, 300]),
+    kong=st.booleans(),
+)
+def test_build_publish_frame_is_the_reference(target: Any, data: Any, source: str, limit: int, kong: bool) -> None:
+    profile = get_profile("kong") if kong else NATIVE
+    args = (profile, 3, source, "ev", data, target, limit)
+    expected = _build_or_refusal(_reference_publish_frame, *args)
+    assert _build_or_refusal(build_publish_frame, *args) == expected
+    if not isinstance(expected, tuple):
+        inner, outer = build_publish(*args)
+        assert reference.frame(outer, profile.header_len) == expected
 
 
 def test_build_publish_frame_refuses_what_build_publish_refuses() -> None:
@@ -163,15 +227,49 @@ def test_build_publish_frame_refuses_what_build_publish_refuses() -> None:
 
 # --- decoding deliveries ----------------------------------------------------------------
 
+_EVENT_MAPS = st.fixed_dictionaries(
+    {},
+    optional={
+        "source": st.sampled_from(["s", "", "workerbus"]) | st.integers(0, 3),
+        "event": st.sampled_from(["e", "dropped"]) | st.none(),
+        "data": _VALUES,
+        "wid": st.integers(-5, 2**40) | st.sampled_from([2.0, 2.5, True, None, "3"]),
+        "node": st.sampled_from(["n1", 7]),
+        "pong": st.integers(0, 5),
+    },
+)
 
-def _fields_or_error(payload: bytes) -> Any:
-    try:
-        return decode_event_fields(NATIVE, payload)
-    except RemoteProtocolError:
-        return "error"
+
+def _event_payloads(kong: bool) -> Any:
+    profile = get_profile("kong") if kong else NATIVE
+    dumps = MsgpackCodec().dumps if not kong else profile.codec.dumps
+    return st.lists(
+        _EVENT_MAPS.map(dumps) | st.binary(max_size=12) | st.sampled_from([b"\xc1", b"", b"\x92\x01\x02"]),
+        max_size=12,
+    )
 
 
-def test_decode_event_batch_is_decode_event_fields_per_payload() -> None:
+def _check_event_batch(profile: Any, payloads: list[bytes]) -> None:
+    expected = [_ref_or_error(reference.decode_event, profile, p) for p in payloads]
+    events, errors = decode_event_batch(profile, payloads)
+    good = [e for e in expected if isinstance(e, tuple) and e[0] != "control"]
+    assert events == good
+    # a NodeWid says which node: the same one
+    assert [getattr(e[3], "node", None) for e in events] == [getattr(e[3], "node", None) for e in good]
+    assert len(errors) == len(payloads) - len(good)
+    kinds = [e for e in expected if not (isinstance(e, tuple) and e[0] != "control")]
+    assert [("control", e.kind) if isinstance(e, ControlFrame) else "error" for e in errors] == kinds
+    for payload, want in zip(payloads, expected, strict=True):
+        assert _or_error(decode_event_fields, profile, payload) == want
+
+
+@settings(max_examples=400, deadline=None)
+@given(_event_payloads(kong=False))
+def test_decode_event_batch_is_the_reference(payloads: list[bytes]) -> None:
+    _check_event_batch(NATIVE, payloads)
+
+
+def test_decode_event_batch_on_known_cases() -> None:
     pack = MsgpackCodec().dumps
     payloads = [
         encode_event(NATIVE, "s", "e", {"a": 1}, 4),
@@ -182,23 +280,58 @@ def test_decode_event_batch_is_decode_event_fields_per_payload() -> None:
         pack({"event": "e"}),
         pack([1, 2]),
         pack({"source": 1, "event": "e"}),
+        pack({"pong": 1}),
+        pack({"source": "s", "event": "e", "wid": 3, "node": "n"}),
         b"\xc1",
         b"",
         encode_event(NATIVE, "workerbus", "dropped", {"count": 3}, None),
     ]
-    events, errors = decode_event_batch(NATIVE, payloads)
-    expected = [_fields_or_error(p) for p in payloads]
-    assert events == [e for e in expected if e != "error"]
-    assert len(errors) == expected.count("error")
-    assert all(isinstance(e, RemoteProtocolError) for e in errors)
+    _check_event_batch(NATIVE, payloads)
 
 
-def test_decode_event_batch_in_the_kong_profile() -> None:
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["s", "t"]), st.sampled_from(["e", "f"]), _VALUES.filter(lambda v: not isinstance(v, float)), st.none() | st.integers(0, 100)), max_size=8))
+def test_decode_event_batch_in_the_kong_profile(events: list[Any]) -> None:
     kong = get_profile("kong")
-    payloads = [encode_event(kong, "s", "e", {"k": "v"}, 1), encode_event(kong, "s", "f", None, None)]
-    events, errors = decode_event_batch(kong, payloads)
-    assert errors == []
-    assert events == [decode_event_fields(kong, p) for p in payloads]
+    payloads = []
+    for source, event, data, wid in events:
+        try:
+            payloads.append(encode_event(kong, source, event, data, wid))
+        except LocalProtocolError:
+            continue  # (a value the Lua codec cannot hold)
+    _check_event_batch(kong, payloads)
+
+
+# --- the frame decoder's parse loop -----------------------------------------------------
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    header_len=st.sampled_from([2, 3]),
+    payloads=st.lists(st.binary(max_size=300) | st.sampled_from([b"", bytes(1500)]), max_size=12),
+    tail=st.binary(max_size=5),
+    max_frame_len=st.sampled_from([None, 200, 1000]),
+    cuts=st.lists(st.integers(0, 5000), max_size=8),
+)
+def test_frame_decoder_is_the_reference(
+    header_len: int, payloads: list[bytes], tail: bytes, max_frame_len: int | None, cuts: list[int]
+) -> None:
+    stream = b"".join(encode_frame(p, header_len) for p in payloads) + tail
+    limit = (1 << (8 * header_len)) - 1 if max_frame_len is None else max_frame_len
+    expected, outcome = reference.parse_frames(stream, header_len, limit)
+    dec = FrameDecoder(header_len, max_frame_len)
+    got: list[bytes] = []
+    raised = False
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    try:
+        for start, stop in zip(bounds, bounds[1:], strict=False):  # any chunking of the stream
+            got += dec.feed(stream[start:stop])
+        dec.eof()
+    except RemoteProtocolError:
+        raised = True
+    assert got == expected
+    assert raised == (outcome != "ok")
+    assert [encode_frame(p, header_len) for p in payloads] == [reference.frame(p, header_len) for p in payloads]
 
 
 # --- the codec's packer pool ------------------------------------------------------------
@@ -325,7 +458,7 @@ def test_push_many_over_a_full_queue_is_push_frame_by_frame(
 # --- the dispatcher ---------------------------------------------------------------------
 
 
-def _dispatch_scenario(seed: int, use_run: bool) -> Any:
+def _dispatch_scenario(seed: int, mode: str) -> Any:
     rng = random.Random(seed)
     d = Dispatcher(1000)
     calls: list[tuple[str, str]] = []
@@ -359,10 +492,15 @@ def _dispatch_scenario(seed: int, use_run: bool) -> Any:
 
     for i in range(rng.randint(1, 6)):
         ids[f"h{i}"] = d.subscribe(*rng.choice(keys), make(f"h{i}"))
-    events = [Event("s", rng.choice(["e", "f", "g"]), None, 1) for _ in range(5)]
+    # (a literal "*" source or event: its levels coincide and must run once)
+    events = [Event(rng.choice(["s", "s", "*"]), rng.choice(["e", "f", "g", "*"]), None, 1) for _ in range(5)]
 
     async def main() -> None:
-        if not use_run:
+        if mode == "reference":  # tests/reference.py over the dispatcher's subscriptions
+            for ev in events:
+                failed[0] += await reference.dispatch(d._subscriptions, (ev.source, ev.event, ev.data, ev.wid))
+            return
+        if mode == "dispatch":
             for ev in events:
                 await d.dispatch(ev)
             return
@@ -375,14 +513,19 @@ def _dispatch_scenario(seed: int, use_run: bool) -> Any:
                     await anyio.lowlevel.checkpoint()
             tg.cancel_scope.cancel()
 
+    failed = [0]
     anyio.run(main)
+    if mode == "reference":
+        return calls, failed[0], len(events)
     return calls, d.handler_errors, d.delivered
 
 
-def test_run_calls_handlers_exactly_like_dispatch(caplog: pytest.LogCaptureFixture) -> None:
+def test_run_and_dispatch_call_handlers_like_the_reference(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.CRITICAL, logger="shared.dispatch")
     for seed in range(400):
-        assert _dispatch_scenario(seed, use_run=True) == _dispatch_scenario(seed, use_run=False), seed
+        expected = _dispatch_scenario(seed, "reference")
+        assert _dispatch_scenario(seed, "run") == expected, seed
+        assert _dispatch_scenario(seed, "dispatch") == expected, seed
 
 
 @pytest.mark.anyio
@@ -467,3 +610,112 @@ async def test_hand_over_with_backpressure_delivers_what_an_unbounded_inbox_does
     for kind in ("sync", "slow", "iter"):
         mine = [x[1] for x in bounded if x[0] == kind]
         assert mine == [x[1] for x in reference if x[0] == kind] == list(range(n))
+
+
+# --- embed's numbered publishes and checked deliveries ------------------------------------
+# EmbeddedClient encodes numbered events itself and decodes deliveries one by one (to put a
+# "lost" notice right before the event that revealed a gap): both held to the reference.
+# (Private methods: they are the fast paths under test; the client is built, never entered.)
+
+
+def _embedded(worker_id: int) -> Any:
+    from shared.embed import EmbeddedClient
+
+    return EmbeddedClient("unix:/nonexistent/embed.sock", worker_id=worker_id, workers=2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["s", "", "workerbus"]),
+            st.sampled_from(["e", ""]),
+            _VALUES | st.just("y" * 70000),
+            _TARGETS | st.sampled_from([parse_target("worker:0"), parse_target(5)]),
+        ),
+        max_size=10,
+    )
+)
+def test_embed_encoder_is_the_reference(publishes: list[Any]) -> None:
+    from shared.sequence import BROADCAST_KEY, WORKER_KEY
+
+    client = _embedded(1)
+    broadcast = 0
+    per_worker: dict[int, int] = {}
+    for source, event, data, target in publishes:
+        try:
+            frame = client._encode(source, event, data, target)
+        except (ValueError, LocalProtocolError, PayloadTooLarge) as exc:
+            # refused exactly when the reference refuses (and the number is taken back)
+            with pytest.raises(type(exc)):
+                _reference_publish_frame(NATIVE, 1, source, event, data, target, client.max_payload_len)
+            continue
+        client._out.commit()
+        (payload,), outcome = reference.parse_frames(frame, 2, 65535)
+        assert outcome == "ok"
+        got_target, inner = reference.decode_publish(NATIVE, payload)
+        assert got_target == target
+        expected: dict[str, Any] = {"source": source, "event": event, "wid": 1}
+        if data is not None:
+            expected["data"] = data
+        if source != "workerbus" and target.kind in (TargetKind.ALL, TargetKind.OTHERS):
+            broadcast += 1
+            expected[BROADCAST_KEY] = broadcast
+        elif source != "workerbus" and target.kind is TargetKind.WORKER:
+            per_worker[target.worker_id] = per_worker.get(target.worker_id, 0) + 1
+            expected[WORKER_KEY] = per_worker[target.worker_id]
+        assert msgpack.unpackb(inner, raw=False, strict_map_key=False) == expected
+        assert reference.decode_event(NATIVE, inner) == (source, event, data, 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_event_payloads(kong=False))
+def test_embed_decoder_is_the_reference(payloads: list[bytes]) -> None:
+    client = _embedded(0)
+    expected = [_ref_or_error(reference.decode_event, NATIVE, p) for p in payloads]
+
+    def decode(payload: bytes) -> Any:
+        ev = client._decode_event(payload)
+        assert ev.node == getattr(ev.wid, "node", None)
+        return (ev.source, ev.event, ev.data, ev.wid)
+
+    assert [_or_error(decode, p) for p in payloads] == expected
+    events, errors = client._decode_batch(payloads)
+    assert events == [e for e in expected if isinstance(e, tuple) and e[0] != "control"]
+    assert len(errors) == len(payloads) - len(events)
+
+
+# --- parse_target ------------------------------------------------------------------------
+
+
+def _reference_parse_target(value: Any) -> Any:
+    if isinstance(value, Target):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return "invalid"
+    if isinstance(value, int):
+        return Target(TargetKind.WORKER, worker_id=value)
+    if value in ("all", "current", "others"):
+        return Target(TargetKind(value))
+    if value.startswith("unique:") and len(value) > len("unique:"):
+        return Target(TargetKind.UNIQUE, key=value[len("unique:") :])
+    if value.startswith("worker:"):
+        try:
+            return Target(TargetKind.WORKER, worker_id=int(value[len("worker:") :]))
+        except ValueError:
+            return "invalid"
+    return "invalid"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(["all", "current", "others", "unique:", "worker:", "worker:x", "unique:k:2", "ALL", ""])
+    | st.builds(lambda k, v: f"{k}:{v}", st.sampled_from(["worker", "unique", "all"]), st.text(max_size=4) | st.integers(-3, 99).map(str))
+    | st.integers(-(2**70), 2**70) | st.booleans() | st.none() | st.floats() | st.just(OTHERS)
+)
+def test_parse_target_is_the_reference(value: Any) -> None:
+    try:
+        got: Any = parse_target(value)
+    except ValueError:
+        got = "invalid"
+    assert got == _reference_parse_target(value)
