@@ -18,11 +18,11 @@ import anyio
 import anyio.lowlevel
 import msgpack
 
-from shared.bench.tally import Tally
 from shared.dispatch import Dispatcher
 from shared.frame import FrameDecoder
 from shared.messages import decode_event_fields, encode_event
 from shared.profile import NATIVE
+from shared.tools.bench.tally import Tally
 
 
 def frames_chunk(count: int, with_wid: bool) -> bytes:

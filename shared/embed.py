@@ -65,6 +65,7 @@ from .messages import (
 )
 from .sequence import BROADCAST_KEY, WORKER_KEY, SequenceIn, SequenceOut
 from .transport import parse_address
+from .transportnames import load_transport
 
 __all__ = [
     "DEFAULT_ID_TIMEOUT",
@@ -666,7 +667,7 @@ async def join(
             bridge=bridge,
             node=node,
             cluster=cluster,
-            transport=transport,
+            transport=load_transport(transport),
             profile=profile,
             **client_options,
         )

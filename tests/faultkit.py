@@ -72,7 +72,7 @@ class BrokerProc(_Proc):
         self.log_path = f"{path}.{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")
         cmd = [
-            PY, "-m", "shared.cli", "broker", "--listen", f"unix:{path}",
+            PY, "-m", "shared.tools.cli", "broker", "--listen", f"unix:{path}",
             "--stats-listen", f"unix:{self.stats_path}", "--backend", backend, "--log-level", "INFO", *args,
         ]
         self.popen = subprocess.Popen(
@@ -90,7 +90,7 @@ class BrokerProc(_Proc):
         wait_for(ready, "broker to serve")
 
     def stats(self) -> Message:
-        from shared.statsserver import fetch_stats
+        from shared.tools.statsserver import fetch_stats
 
         doc: Message = json.loads(fetch_stats(f"unix:{self.stats_path}", as_json=True))
         return doc
@@ -337,6 +337,7 @@ async def _worker(args: argparse.Namespace) -> None:
 async def _storm(args: argparse.Namespace) -> None:
     import anyio
 
+    import httpbus
     from shared.client import Client
 
     counts = [0] * args.count
@@ -351,7 +352,7 @@ async def _storm(args: argparse.Namespace) -> None:
     async with contextlib.AsyncExitStack() as stack:
         clients = []
         for i in range(args.count):
-            c = await stack.enter_async_context(Client(args.address, worker_id=args.base + i))
+            c = await stack.enter_async_context(Client(args.address, transport=httpbus.TRANSPORT, worker_id=args.base + i))
             c.subscribe("*", "*", counter(i))
             clients.append(c)
         _emit({"started": args.count})

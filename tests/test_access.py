@@ -265,7 +265,7 @@ async def test_a_live_brokers_socket_is_never_taken_over(address: str) -> None:
     async with serving(address) as first:
         inode = os.stat(_path(address)).st_ino
         with pytest.raises(AddressInUse, match="already listening"):
-            await Broker().serve(address)
+            await Broker(transport="http").serve(address)
         assert os.stat(_path(address)).st_ino == inode
         # The second broker's liveness probe connected and left at once: counted, no harm.
         await _until_seen(first, refused=1)
@@ -295,7 +295,7 @@ def test_second_broker_on_a_path_exits_with_a_clear_message(sock_dir: str) -> No
         procs.append(first)
         inode = os.stat(path).st_ino
         second = subprocess.run(
-            [PY, "-m", "shared.cli", "broker", "--listen", f"unix:{path}"],
+            [PY, "-m", "shared.tools.cli", "broker", "--listen", f"unix:{path}"],
             cwd=REPO, capture_output=True, text=True, timeout=30,
         )
         assert second.returncode == 1
@@ -304,7 +304,7 @@ def test_second_broker_on_a_path_exits_with_a_clear_message(sock_dir: str) -> No
         # The first one is untouched and still serving.
         assert os.stat(path).st_ino == inode and first.alive()
         done = subprocess.run(
-            [PY, "-m", "shared.cli", "publish", f"unix:{path}", "s", "e"], cwd=REPO, capture_output=True, timeout=30
+            [PY, "-m", "shared.tools.cli", "publish", f"unix:{path}", "s", "e"], cwd=REPO, capture_output=True, timeout=30
         )
         assert done.returncode == 0
         assert first.stats()["router"]["publishes"] == 1
@@ -317,7 +317,7 @@ def test_planted_symlink_makes_the_cli_exit_with_a_clear_message(sock_dir: str) 
     path = os.path.join(sock_dir, "bus.sock")
     os.symlink("/etc/passwd", path)
     done = subprocess.run(
-        [PY, "-m", "shared.cli", "broker", "--listen", f"unix:{path}"], cwd=REPO, capture_output=True, text=True, timeout=30
+        [PY, "-m", "shared.tools.cli", "broker", "--listen", f"unix:{path}"], cwd=REPO, capture_output=True, text=True, timeout=30
     )
     assert done.returncode == 1
     assert "is a symlink; not replacing it" in done.stderr and "Traceback" not in done.stderr
