@@ -61,7 +61,7 @@ async def a_client_gets_through(address: str, transport: str) -> None:
 
 async def test_slowloris_is_dropped_at_the_handshake_deadline(address: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "shared.broker")
-    async with serving(address, handshake_timeout=0.5) as broker:
+    async with serving(address, transport="http", handshake_timeout=0.5) as broker:
         with anyio.fail_after(10):
             stream = await anyio.connect_unix(address[len("unix:") :])
             async with stream:
