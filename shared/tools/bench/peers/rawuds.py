@@ -65,6 +65,27 @@ class _RawPublisher:
         self._writer.close()
 
 
+def take_events(buf: bytearray, unpack: Any = msgpack.unpackb) -> list[tuple[str, str, Any]]:
+    """Decode and remove the complete frames at the start of ``buf``: the subscriber's work.
+
+    Also what benchmarks/client_path.py measures as the raw client's floor.
+    """
+    size = len(buf)
+    pos = 0
+    out = []
+    view = memoryview(buf)
+    while pos + 2 <= size:
+        end = pos + 2 + ((buf[pos] << 8) | buf[pos + 1])
+        if end > size:
+            break
+        msg = unpack(view[pos + 2 : end])
+        out.append((msg["source"], msg["event"], msg["data"]))
+        pos = end
+    view.release()
+    del buf[:pos]
+    return out
+
+
 class _RawSubscription:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tally: Tally):
         self._reader = reader
@@ -81,19 +102,7 @@ class _RawSubscription:
             if not chunk:
                 raise EOFError("the broker closed the connection")
             buf += chunk
-            size = len(buf)
-            pos = 0
-            out = []
-            view = memoryview(buf)
-            while pos + 2 <= size:
-                end = pos + 2 + ((buf[pos] << 8) | buf[pos + 1])
-                if end > size:
-                    break
-                msg = unpack(view[pos + 2 : end])
-                out.append((msg["source"], msg["event"], msg["data"]))
-                pos = end
-            view.release()
-            del buf[:pos]
+            out = take_events(buf, unpack)
             if out:
                 return out
 
