@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: N nodes of --workers workers each, joined through a NATS "
                         "server the demo starts (docs/cluster.md) (default: 0, one host)")
     p.add_argument("--asgi", action="store_true",
-                   help="instead: run examples/asgi_app.py under uvicorn with N workers "
+                   help="instead: run the example ASGI app (examples/asgi_app.py) under uvicorn with N workers "
                         "(embedded bus) (default: off)")
     _add_log_level(p, "WARNING")
     p.set_defaults(func=_cmd_demo)

@@ -1,10 +1,10 @@
-"""``workerbus demo --asgi``: examples/asgi_app.py under uvicorn, events crossing workers.
+"""``workerbus demo --asgi``: the example ASGI app under uvicorn, events crossing workers.
 
-Starts ``uvicorn examples.asgi_app:app --workers N`` on a Unix socket in a temp directory
+Starts ``uvicorn shared.tools.asgi_app:app --workers N`` (the app of examples/asgi_app.py,
+shipped in the package so that an install runs it) on a Unix socket in a temp directory
 (the embedded bus socket next to it), waits until every worker answers, publishes one
 event through whichever worker takes the request, and shows each worker's ``/seen``.
-Needs the repository checkout (the example is not part of the installed package) and
-uvicorn.
+Needs uvicorn (the ``servers`` extra).
 """
 
 from __future__ import annotations
@@ -60,10 +60,6 @@ def _poll(http: httpx.Client, uds: str, workers: int, want: str | None) -> dict[
 
 def run_asgi_demo(*, workers: int = 4, transport: str = "http") -> int:
     """Run the demo; returns the process exit status."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.exists(os.path.join(root, "examples", "asgi_app.py")):
-        print("workerbus demo --asgi: needs the repository checkout (examples/asgi_app.py)", file=sys.stderr)
-        return 2
     uvicorn = shutil.which("uvicorn", path=os.path.dirname(sys.executable)) or shutil.which("uvicorn")
     if uvicorn is None:
         print("workerbus demo --asgi: uvicorn is not installed (pip install 'workerbus[servers]')", file=sys.stderr)
@@ -79,11 +75,11 @@ def run_asgi_demo(*, workers: int = 4, transport: str = "http") -> int:
         "WORKERBUS_WORKERS": str(workers),
         "WORKERBUS_TRANSPORT": transport,
     }
-    print(f"workerbus demo: uvicorn examples.asgi_app:app --workers {workers} (bus over {transport})")
+    print(f"workerbus demo: uvicorn shared.tools.asgi_app:app --workers {workers} (bus over {transport})")
     server = subprocess.Popen(
-        [uvicorn, "examples.asgi_app:app", "--app-dir", root, "--workers", str(workers),
+        [uvicorn, "shared.tools.asgi_app:app", "--workers", str(workers),
          "--uds", uds, "--log-level", "warning"],
-        cwd=root, env=env, start_new_session=True,
+        env=env, start_new_session=True,
     )
     transport_ = httpx.HTTPTransport(uds=uds)
     try:
