@@ -342,20 +342,6 @@ def test_serve_exits_zero_for_clean_clients_and_refuses_a_live_socket(kit_dir: s
 # --- the project's real broker --------------------------------------------------------------
 
 
-def _real_broker_available() -> bool:
-    if not (REPO / "shared" / "cli.py").exists() or not (REPO / "shared" / "broker.py").exists():
-        return False
-    run = subprocess.run([PY, "-m", "shared.tools.cli", "broker", "--help"], capture_output=True,
-                         timeout=30, cwd=REPO, check=False)
-    return run.returncode == 0
-
-
-needs_real_broker = pytest.mark.skipif(
-    not _real_broker_available(),
-    reason="the project's broker (python -m shared.tools.cli broker) is not available yet")
-
-
-@needs_real_broker
 @pytest.mark.slow
 @pytest.mark.parametrize(("transport", "profile"),
                          [("http", "native"), ("stream", "native"), ("http", "kong")])
