@@ -39,7 +39,10 @@ def test_wheel_imports_every_package_outside_the_checkout() -> None:
             "httpbus, streambus, shared.tools.cli; "
             f"assert all(m.__file__.startswith({str(target)!r}) for m in "
             "(shared, shared.tools.conformance.cli, shared.tools.bench.cli, httpbus, streambus)); "
-            "shared.tools.cli.build_parser().parse_args(['conformance', 'broker', 'unix:/x'])"
+            "shared.tools.cli.build_parser().parse_args(['conformance', 'broker', 'unix:/x']); "
+            # the demo's ASGI app ships too: `workerbus demo --asgi` needs no checkout
+            "import importlib.util; "
+            f"assert importlib.util.find_spec('shared.tools.asgi_app').origin.startswith({str(target)!r})"
         )
         # Run from the temp dir with only the installed copy on the path, not the checkout.
         done = subprocess.run(
