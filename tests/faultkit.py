@@ -270,10 +270,11 @@ async def _worker(args: argparse.Namespace) -> None:
 
     from shared.client import Client
     from shared.errors import PublishBufferFull
+    from shared.transportnames import load_transport
 
     tally = _Tally()
     async with Client(
-        args.address, transport=args.transport, worker_id=args.id, max_buffer_len=args.buffer,
+        args.address, transport=load_transport(args.transport), worker_id=args.id, max_buffer_len=args.buffer,
         max_queue_len=args.inbox,
     ) as bus:
         bus.subscribe("*", "*", tally)
