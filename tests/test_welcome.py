@@ -248,10 +248,10 @@ def test_default_ids_differ_per_client_and_kong_stays_minus_one() -> None:
 
 _LISTENER = """
 import sys, anyio
-from shared.client import Client
+import httpbus
 async def main():
     got = []
-    async with Client(sys.argv[1]) as bus:
+    async with httpbus.connect(sys.argv[1]) as bus:
         bus.subscribe("b", "*", lambda d, e, s, w: got.append(d))
         await bus.wait_ready()
         print("ready", bus.worker_id, flush=True)

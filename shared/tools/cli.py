@@ -348,6 +348,10 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         if answer.status_code == 426 and "kong-worker-events" in upgrade:
             print(f"workerbus stats: {where} is a bus socket (http transport), not a statistics "
                   f"socket; {hint}", file=sys.stderr)
+        elif answer.status_code == 400 and "stream socket" in answer.text:
+            # A stream-transport bus socket says so to an HTTP request (streambus.transport).
+            print(f"workerbus stats: {where} is a bus socket (stream transport), not a statistics "
+                  f"socket; {hint}", file=sys.stderr)
         else:
             print(f"workerbus stats: {where} answered {answer.status_code} {answer.reason_phrase}: "
                   f"not a workerbus statistics socket; {hint}", file=sys.stderr)
