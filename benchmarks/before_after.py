@@ -3,7 +3,7 @@
     python benchmarks/before_after.py --commit 5205a50 --reps 3
 
 Exports the commit's tree to a temp dir (``git archive``: the working tree is not touched),
-copies this checkout's ``shared/bench`` harness into it, and runs the same fan-out
+copies this checkout's ``shared/tools/bench`` harness into it, and runs the same fan-out
 configurations against both trees, alternating, so that background load hits both alike.
 Only the asyncio and trio scenarios can run on trees whose ``workerbus broker`` has no
 ``--backend uvloop``.
@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _ONE_RUN = """
 import json, sys
-from shared.bench.fanout import run_one
+from shared.tools.bench.fanout import run_one
 sc, n, p, e = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 print(json.dumps(run_one(sc, test="thr", n_subs=n, n_pubs=p, events=e, timeout=120)))
 """

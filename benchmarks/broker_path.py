@@ -17,6 +17,7 @@ from shared.frame import FrameDecoder
 from shared.messages import OTHERS, build_publish_frame
 from shared.profile import NATIVE
 from shared.router import DEFAULT_MAX_BATCH_BYTES, Router
+from shared.tools.bench.peers.rawuds_broker import complete_end
 
 #: What the broker's writers take per send (Broker(max_batch_bytes=)).
 BATCH = DEFAULT_MAX_BATCH_BYTES
@@ -51,14 +52,7 @@ def workerbus(data: bytes, subs: int, rounds: int) -> float:
 def raw(data: bytes, subs: int, rounds: int) -> float:
     t0 = time.process_time()
     for _ in range(rounds):
-        size = len(data)
-        pos = 0
-        while pos + 2 <= size:
-            end = pos + 2 + ((data[pos] << 8) | data[pos + 1])
-            if end > size:
-                break
-            pos = end
-        chunk = data[:pos]
+        chunk = data[: complete_end(data)]  # the limit-raw-uds broker's own scan
         for _s in range(subs):
             bytes(chunk)  # what a write copies
     return time.process_time() - t0

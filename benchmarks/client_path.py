@@ -18,11 +18,12 @@ import anyio
 import anyio.lowlevel
 import msgpack
 
-from shared.bench.tally import Tally
 from shared.dispatch import Dispatcher
 from shared.frame import FrameDecoder
 from shared.messages import decode_event_fields, encode_event
 from shared.profile import NATIVE
+from shared.tools.bench.peers.rawuds import take_events
+from shared.tools.bench.tally import Tally
 
 
 def frames_chunk(count: int, with_wid: bool) -> bytes:
@@ -70,21 +71,7 @@ def bench_raw(chunk: bytes, rounds: int) -> tuple[float, int]:
     unpack = msgpack.unpackb
     t0 = time.process_time()
     for _ in range(rounds):
-        buf = bytearray(chunk)
-        size = len(buf)
-        pos = 0
-        out = []
-        view = memoryview(buf)
-        while pos + 2 <= size:
-            end = pos + 2 + ((buf[pos] << 8) | buf[pos + 1])
-            if end > size:
-                break
-            msg = unpack(view[pos + 2 : end])
-            out.append((msg["source"], msg["event"], msg["data"]))
-            pos = end
-        view.release()
-        del buf[:pos]
-        tally.take(out)
+        tally.take(take_events(bytearray(chunk), unpack))  # the limit-raw-uds subscriber's own work
     return time.process_time() - t0, tally.count
 
 

@@ -103,6 +103,7 @@ async def _direct_pub(url: str, events: int, rate: float) -> None:
 def _bridge_sub(address: str, expect: int, worker_id: int) -> dict[str, Any]:
     import anyio
 
+    import streambus
     from shared.client import Client
 
     lat: list[float] = []
@@ -126,7 +127,7 @@ def _bridge_sub(address: str, expect: int, worker_id: int) -> dict[str, Any]:
             if len(lat) + state["lost"] >= expect:
                 done.set()
 
-        async with Client(address, transport="stream", worker_id=worker_id, max_queue_len=1_000_000) as bus:
+        async with Client(address, transport=streambus.TRANSPORT, worker_id=worker_id, max_queue_len=1_000_000) as bus:
             bus.subscribe("*", "*", got)
             await bus.wait_ready()
             print(json.dumps({"ready": True}), flush=True)
@@ -140,10 +141,11 @@ def _bridge_sub(address: str, expect: int, worker_id: int) -> dict[str, Any]:
 def _bridge_pub(address: str, events: int, rate: float) -> None:
     import anyio
 
+    import streambus
     from shared.client import Client
 
     async def main() -> None:
-        async with Client(address, transport="stream", worker_id=90) as bus:
+        async with Client(address, transport=streambus.TRANSPORT, worker_id=90) as bus:
             await bus.wait_ready()
             start = time.perf_counter()
             for i in range(events):

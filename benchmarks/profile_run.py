@@ -17,9 +17,9 @@ import pstats
 import sys
 from typing import Any
 
-from shared.bench import worker
-from shared.bench.fanout import run_one
-from shared.bench.peers import base, rawuds, workerbus
+from shared.tools.bench import worker
+from shared.tools.bench.fanout import run_one
+from shared.tools.bench.peers import base, rawuds, workerbus
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import time
 
 import anyio
 
+import streambus
 from shared.client import Client
 from shared.messages import OTHERS
 
@@ -20,7 +21,7 @@ COUNT = 100_000
 
 
 async def bus_publish() -> float:
-    client = Client("unix:/nonexistent.sock", transport="stream", worker_id=1, max_buffer_len=10**9)
+    client = Client("unix:/nonexistent.sock", transport=streambus.TRANSPORT, worker_id=1, max_buffer_len=10**9)
     publish = client.publish
     now = time.monotonic_ns
     t0 = time.process_time()

@@ -23,7 +23,7 @@ from httpbus.handshake import REQUEST
 from shared.frame import encode_frame
 from shared.messages import ALL, encode_event, encode_hello, encode_publish
 from shared.profile import NATIVE
-from shared.statsserver import fetch_stats
+from shared.tools.statsserver import fetch_stats
 
 __all__ = [
     "Broker",
@@ -76,7 +76,7 @@ def start_broker(*extra: str, transport: str = "http") -> Iterator[Broker]:
     path, stats_path = os.path.join(tmp, "bus.sock"), os.path.join(tmp, "stats.sock")
     log = os.path.join(tmp, "broker.log")
     cmd = [
-        sys.executable, "-m", "shared.cli", "broker", "--listen", f"unix:{path}",
+        sys.executable, "-m", "shared.tools.cli", "broker", "--listen", f"unix:{path}",
         "--stats-listen", f"unix:{stats_path}", "--transport", transport, *extra,
     ]
     with open(log, "wb") as logfile:

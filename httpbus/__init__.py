@@ -21,9 +21,14 @@ from .transport import TRANSPORT, HttpTransport
 __all__ = ["TRANSPORT", "Broker", "Client", "HttpTransport", "connect"]
 
 
-def Broker(**options: Any) -> _Broker:
-    """A :class:`shared.broker.Broker` on the HTTP transport."""
-    return _Broker(transport=TRANSPORT, **options)
+def Broker(*, max_header_bytes: int | None = None, **options: Any) -> _Broker:
+    """A :class:`shared.broker.Broker` on the HTTP transport.
+
+    ``max_header_bytes``: the largest upgrade request head accepted (an HTTP-only option,
+    so it lives here and on :class:`HttpTransport`, not in the core broker).
+    """
+    transport = TRANSPORT if max_header_bytes is None else HttpTransport(max_header_bytes=max_header_bytes)
+    return _Broker(transport=transport, **options)
 
 
 @asynccontextmanager

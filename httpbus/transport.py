@@ -10,6 +10,7 @@ from anyio.abc import ByteStream
 
 from shared.errors import HandshakeError
 from shared.sockets import connect_unix
+from shared.transport import register_transport
 
 from .handshake import DEFAULT_MAX_HEADER_BYTES, ClientHandshake, ServerHandshake, plain_response
 
@@ -79,3 +80,4 @@ class HttpTransport:
 
 
 TRANSPORT = HttpTransport()
+register_transport(TRANSPORT)  # makes transport="http" work once this package is imported

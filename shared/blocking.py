@@ -29,6 +29,7 @@ from .client import Client, ClientStatistics
 from .dispatch import Handler
 from .embed import EmbeddedClient, join
 from .messages import Target
+from .transportnames import with_transport
 
 __all__ = ["BlockingClient"]
 
@@ -77,7 +78,7 @@ class BlockingClient:
                         join(self.address, **self._options)
                     )
                 else:
-                    bus_cm = portal.wrap_async_context_manager(Client(self.address, **self._options))
+                    bus_cm = portal.wrap_async_context_manager(Client(self.address, **with_transport(self._options)))
                 bus = bus_cm.__enter__()
             except BaseException:
                 portal_cm.__exit__(None, None, None)

@@ -186,7 +186,9 @@ class Broker:
     """One broker's state and its connection handlers.
 
     Args:
-        transport: ``"http"``, ``"stream"`` or a :class:`Transport`.
+        transport: a :class:`Transport` (``httpbus.TRANSPORT``, ``streambus.TRANSPORT``),
+            or the name of one whose package is imported (``"http"``, ``"stream"``).
+            Required: the core has no default transport (docs/architecture.md).
         profile: ``"native"`` or ``"kong"``.
         expected_workers: pre-create (and keep forever) queues for ids ``0..N-1``.
         max_queue_len: frames held per worker id.
@@ -204,8 +206,6 @@ class Broker:
         overflow: what a full worker queue does.
         allowed_uids: uids whose connections are served (checked with ``SO_PEERCRED``);
             None means the broker's own uid and root.
-        max_header_bytes: largest HTTP request head (http transport only); None keeps
-            the transport's default.
         max_batch_bytes: bytes a writer takes from a queue per ``send``.
         lifecycle_events: also deliver the bus's own events under :data:`LIFECYCLE_SOURCE`:
             ``welcome`` (first frame of every connection, to that worker only), ``joined``
@@ -221,7 +221,7 @@ class Broker:
     def __init__(
         self,
         *,
-        transport: str | Transport = "http",
+        transport: str | Transport | None = None,
         profile: str | Profile = "native",
         expected_workers: int = 0,
         max_queue_len: int = DEFAULT_MAX_QUEUE_LEN,
@@ -236,12 +236,11 @@ class Broker:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         overflow: OverflowPolicy = OverflowPolicy.DROP_NEWEST,
         allowed_uids: Iterable[int] | None = None,
-        max_header_bytes: int | None = None,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         lifecycle_events: bool = False,
         bridge: Bridge | None = None,
     ) -> None:
-        self.transport = get_transport(transport, max_header_bytes=max_header_bytes)
+        self.transport = get_transport(transport)
         self.profile = get_profile(profile)
         limit = self.profile.max_frame_len
         if max_payload_len is None:

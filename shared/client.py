@@ -168,7 +168,9 @@ class Client:
 
     Args:
         address: ``unix:/path/to/bus.sock``.
-        transport: ``"http"`` (default), ``"stream"``, or a :class:`Transport`.
+        transport: a :class:`Transport` (``httpbus.TRANSPORT``, ``streambus.TRANSPORT``),
+            or the name of one whose package is imported (``"http"``, ``"stream"``).
+            Required: the core has no default transport (docs/architecture.md).
         profile: ``"native"`` (default) or ``"kong"``.
         worker_id: the id announced in the hello. Default: native, one derived from the pid
             (:func:`default_worker_id`), so default clients never replace each other; kong,
@@ -197,7 +199,7 @@ class Client:
         self,
         address: str,
         *,
-        transport: str | Transport = "http",
+        transport: str | Transport | None = None,
         profile: str | Profile = "native",
         worker_id: int | None = None,
         pid: int | None = None,

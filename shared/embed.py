@@ -65,6 +65,7 @@ from .messages import (
 )
 from .sequence import BROADCAST_KEY, WORKER_KEY, SequenceIn, SequenceOut
 from .transport import parse_address
+from .transportnames import with_transport
 
 __all__ = [
     "DEFAULT_ID_TIMEOUT",
@@ -137,7 +138,8 @@ class EmbeddedClient(Client):
     ) -> None:
         client_options.setdefault("reconnect_min", EMBED_RECONNECT_MIN)
         client_options.setdefault("reconnect_max", EMBED_RECONNECT_MAX)
-        super().__init__(address, worker_id=worker_id, **client_options)
+        # An edge: a transport name ("http" by default, as join's) becomes an object here.
+        super().__init__(address, worker_id=worker_id, **with_transport(client_options))
         self.workers = workers
         self.max_worker_id = max_worker_id
         self.mode = mode

@@ -21,7 +21,7 @@ from anyio.abc import ByteStream, SocketListener
 from .errors import AddressInUse
 from .unixpath import socket_path
 
-__all__ = ["Transport", "get_transport", "open_unix_listener", "parse_address"]
+__all__ = ["Transport", "get_transport", "open_unix_listener", "parse_address", "register_transport"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,25 +59,39 @@ class Transport(Protocol):
     # the HTTP status that describes the refusal, ``text`` one line for a person.
 
 
-def get_transport(name: str | Transport, *, max_header_bytes: int | None = None) -> Transport:
-    """``"http"`` → :data:`httpbus.TRANSPORT`, ``"stream"`` → :data:`streambus.TRANSPORT`.
+# The names a caller may use instead of a transport object. The core imports no transport:
+# ``httpbus`` and ``streambus`` add themselves here when they are imported (see
+# docs/architecture.md), so ``transport="stream"`` works once ``streambus`` is loaded.
+_REGISTRY: dict[str, Transport] = {}
+_PACKAGE_OF = {"http": "httpbus", "stream": "streambus"}
 
-    ``max_header_bytes`` (http only) sets the largest request head the broker accepts.
+
+def register_transport(transport: Transport) -> None:
+    """Make ``transport.name`` usable as a name for ``transport`` (done by the transports)."""
+    _REGISTRY[transport.name] = transport
+
+
+def get_transport(name: str | Transport | None) -> Transport:
+    """A registered name (``"http"``, ``"stream"``) or a :class:`Transport` → the transport.
+
+    Raises:
+        ValueError: no transport given, or the name is not registered (its package was not
+            imported), with the fix in the message.
     """
-    if max_header_bytes is not None and name != "http":
-        raise ValueError("max_header_bytes applies to the http transport only")
+    if name is None:
+        raise ValueError(
+            "no transport: pass transport=httpbus.TRANSPORT or streambus.TRANSPORT "
+            "(or use httpbus.connect / streambus.connect)"
+        )
     if not isinstance(name, str):
         return name
-    if name == "http":
-        from httpbus.transport import TRANSPORT as http
-        from httpbus.transport import HttpTransport
-
-        return http if max_header_bytes is None else HttpTransport(max_header_bytes=max_header_bytes)
-    if name == "stream":
-        from streambus.transport import TRANSPORT as stream
-
-        return stream
-    raise ValueError(f"unknown transport {name!r}: expected 'http' or 'stream'")
+    found = _REGISTRY.get(name)
+    if found is not None:
+        return found
+    package = _PACKAGE_OF.get(name)
+    if package is None:
+        raise ValueError(f"unknown transport {name!r}: expected 'http' or 'stream'")
+    raise ValueError(f"transport {name!r} is not loaded: import {package} first")
 
 
 def parse_address(address: str) -> str:

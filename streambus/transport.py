@@ -17,6 +17,7 @@ from anyio.abc import ByteStream
 from httpbus.handshake import plain_response
 from shared.errors import HandshakeError
 from shared.sockets import connect_unix
+from shared.transport import register_transport
 
 __all__ = ["HTTP_ON_STREAM", "TRANSPORT", "StreamTransport", "looks_like_http"]
 
@@ -76,3 +77,4 @@ class StreamTransport:
 
 
 TRANSPORT = StreamTransport()
+register_transport(TRANSPORT)  # makes transport="stream" work once this package is imported

@@ -11,10 +11,11 @@ import argparse
 import anyio
 
 from shared.client import Client
+from shared.transportnames import load_transport
 
 
 async def _publish(args: argparse.Namespace) -> None:
-    async with Client(args.address, transport=args.transport, worker_id=args.id) as bus:
+    async with Client(args.address, transport=load_transport(args.transport), worker_id=args.id) as bus:
         with anyio.fail_after(args.timeout):
             await bus.wait_ready()
             pad = "x" * args.pad

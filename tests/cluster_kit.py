@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from shared.statsserver import fetch_stats
+from shared.tools.statsserver import fetch_stats
 
 from .proc import PY, stop, wait_for_socket, workerbus
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 
+import streambus
 from shared.client import Client
 
 
@@ -26,7 +27,7 @@ def record(data: Any, event: str, source: str, wid: int | None) -> None:
 
 
 async def main(address: str, worker_id: int) -> None:
-    async with Client(address, transport="stream", worker_id=worker_id) as bus:
+    async with Client(address, transport=streambus.TRANSPORT, worker_id=worker_id) as bus:
         bus.subscribe("*", "*", record)
         await bus.wait_ready()
         print(json.dumps({"ready": True}), flush=True)

@@ -10,6 +10,11 @@ from collections.abc import AsyncIterator, Iterator
 import anyio
 import pytest
 
+# The tests name transports by string ("http", "stream", the ``transport`` fixture). The
+# core resolves a name only once the transport's package has registered it on import
+# (docs/architecture.md), so the suite imports both, as an application would the one it uses.
+import httpbus  # noqa: F401
+import streambus  # noqa: F401
 from shared.broker import Broker
 
 

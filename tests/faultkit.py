@@ -72,7 +72,7 @@ class BrokerProc(_Proc):
         self.log_path = f"{path}.{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")
         cmd = [
-            PY, "-m", "shared.cli", "broker", "--listen", f"unix:{path}",
+            PY, "-m", "shared.tools.cli", "broker", "--listen", f"unix:{path}",
             "--stats-listen", f"unix:{self.stats_path}", "--backend", backend, "--log-level", "INFO", *args,
         ]
         self.popen = subprocess.Popen(
@@ -90,7 +90,7 @@ class BrokerProc(_Proc):
         wait_for(ready, "broker to serve")
 
     def stats(self) -> Message:
-        from shared.statsserver import fetch_stats
+        from shared.tools.statsserver import fetch_stats
 
         doc: Message = json.loads(fetch_stats(f"unix:{self.stats_path}", as_json=True))
         return doc
@@ -270,10 +270,11 @@ async def _worker(args: argparse.Namespace) -> None:
 
     from shared.client import Client
     from shared.errors import PublishBufferFull
+    from shared.transportnames import load_transport
 
     tally = _Tally()
     async with Client(
-        args.address, transport=args.transport, worker_id=args.id, max_buffer_len=args.buffer,
+        args.address, transport=load_transport(args.transport), worker_id=args.id, max_buffer_len=args.buffer,
         max_queue_len=args.inbox,
     ) as bus:
         bus.subscribe("*", "*", tally)
@@ -337,6 +338,7 @@ async def _worker(args: argparse.Namespace) -> None:
 async def _storm(args: argparse.Namespace) -> None:
     import anyio
 
+    import httpbus
     from shared.client import Client
 
     counts = [0] * args.count
@@ -351,7 +353,7 @@ async def _storm(args: argparse.Namespace) -> None:
     async with contextlib.AsyncExitStack() as stack:
         clients = []
         for i in range(args.count):
-            c = await stack.enter_async_context(Client(args.address, worker_id=args.base + i))
+            c = await stack.enter_async_context(Client(args.address, transport=httpbus.TRANSPORT, worker_id=args.base + i))
             c.subscribe("*", "*", counter(i))
             clients.append(c)
         _emit({"started": args.count})

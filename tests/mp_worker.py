@@ -15,6 +15,7 @@ import anyio
 import anyio.to_thread
 
 from shared.client import Client
+from shared.transportnames import load_transport
 
 
 def emit(obj: object) -> None:
@@ -23,7 +24,7 @@ def emit(obj: object) -> None:
 
 
 async def main(address: str, transport: str, worker_id: int) -> None:
-    async with Client(address, transport=transport, worker_id=worker_id) as bus:
+    async with Client(address, transport=load_transport(transport), worker_id=worker_id) as bus:
 
         def record(data: Any, event: str, source: str, wid: int | None) -> None:
             emit({"ev": [source, event, data, wid]})

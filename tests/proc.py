@@ -15,7 +15,7 @@ PY = sys.executable
 
 
 def workerbus(*args: str) -> list[str]:
-    return [PY, "-m", "shared.cli", *args]
+    return [PY, "-m", "shared.tools.cli", *args]
 
 
 def wait_for_socket(path: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 10.0) -> None:

@@ -68,7 +68,7 @@ async def _refusal(path: str) -> bytes:
 
 @pytest.mark.anyio
 async def test_socket_is_0600_by_default(address: str) -> None:
-    async with serving(address):
+    async with serving(address, transport="http"):
         assert stat.S_IMODE(os.stat(_path(address)).st_mode) == 0o600
     assert _gone(_path(address))
 
@@ -89,7 +89,7 @@ def _other_group() -> grp.struct_group:
 @pytest.mark.parametrize("by", ["name", "gid"])
 async def test_mode_and_group_are_options(address: str, by: str) -> None:
     group = _other_group()
-    async with serving(address, mode=0o660, group=group.gr_name if by == "name" else group.gr_gid):
+    async with serving(address, transport="http", mode=0o660, group=group.gr_name if by == "name" else group.gr_gid):
         st = os.stat(_path(address))
         assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == group.gr_gid
 
@@ -239,7 +239,7 @@ async def test_a_stale_socket_is_replaced(address: str) -> None:
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(_path(address))
     dead.close()  # the file stays, nobody listens: a crashed broker's leftover
-    async with serving(address) as broker:
+    async with serving(address, transport="http") as broker:
         assert not await _refused_quickly(_path(address))
         await _until_seen(broker, refused=1)
 
@@ -262,10 +262,10 @@ async def _refused_quickly(path: str) -> bool:
 
 @pytest.mark.anyio
 async def test_a_live_brokers_socket_is_never_taken_over(address: str) -> None:
-    async with serving(address) as first:
+    async with serving(address, transport="http") as first:
         inode = os.stat(_path(address)).st_ino
         with pytest.raises(AddressInUse, match="already listening"):
-            await Broker().serve(address)
+            await Broker(transport="http").serve(address)
         assert os.stat(_path(address)).st_ino == inode
         # The second broker's liveness probe connected and left at once: counted, no harm.
         await _until_seen(first, refused=1)
@@ -276,8 +276,8 @@ async def test_a_live_brokers_socket_is_never_taken_over(address: str) -> None:
 async def test_shutdown_removes_only_its_own_socket_file(sock_dir: str) -> None:
     path = os.path.join(sock_dir, "bus.sock")
     other = os.path.join(sock_dir, "other.sock")
-    async with serving(f"unix:{other}") as theirs_broker:
-        async with serving(f"unix:{path}"):
+    async with serving(f"unix:{other}", transport="http") as theirs_broker:
+        async with serving(f"unix:{path}", transport="http"):
             # Someone moves another broker's socket over ours while we run.
             os.rename(other, path)
             theirs = os.stat(path).st_ino
@@ -295,7 +295,7 @@ def test_second_broker_on_a_path_exits_with_a_clear_message(sock_dir: str) -> No
         procs.append(first)
         inode = os.stat(path).st_ino
         second = subprocess.run(
-            [PY, "-m", "shared.cli", "broker", "--listen", f"unix:{path}"],
+            [PY, "-m", "shared.tools.cli", "broker", "--listen", f"unix:{path}"],
             cwd=REPO, capture_output=True, text=True, timeout=30,
         )
         assert second.returncode == 1
@@ -304,7 +304,7 @@ def test_second_broker_on_a_path_exits_with_a_clear_message(sock_dir: str) -> No
         # The first one is untouched and still serving.
         assert os.stat(path).st_ino == inode and first.alive()
         done = subprocess.run(
-            [PY, "-m", "shared.cli", "publish", f"unix:{path}", "s", "e"], cwd=REPO, capture_output=True, timeout=30
+            [PY, "-m", "shared.tools.cli", "publish", f"unix:{path}", "s", "e"], cwd=REPO, capture_output=True, timeout=30
         )
         assert done.returncode == 0
         assert first.stats()["router"]["publishes"] == 1
@@ -317,7 +317,7 @@ def test_planted_symlink_makes_the_cli_exit_with_a_clear_message(sock_dir: str) 
     path = os.path.join(sock_dir, "bus.sock")
     os.symlink("/etc/passwd", path)
     done = subprocess.run(
-        [PY, "-m", "shared.cli", "broker", "--listen", f"unix:{path}"], cwd=REPO, capture_output=True, text=True, timeout=30
+        [PY, "-m", "shared.tools.cli", "broker", "--listen", f"unix:{path}"], cwd=REPO, capture_output=True, text=True, timeout=30
     )
     assert done.returncode == 1
     assert "is a symlink; not replacing it" in done.stderr and "Traceback" not in done.stderr

@@ -397,7 +397,7 @@ async def test_a_broker_that_hangs_up_at_once_is_reported_with_a_reason(
     listener = await anyio.create_unix_listener(path)
     async with listener, anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, hang_up)
-        async with Client(f"unix:{path}", worker_id=3, reconnect_min=0.01, reconnect_max=0.02):
+        async with Client(f"unix:{path}", transport="http", worker_id=3, reconnect_min=0.01, reconnect_max=0.02):
             await wait_until(lambda: any("cannot reach" in r.getMessage() for r in caplog.records), 10)
         tg.cancel_scope.cancel()
     (line,) = [r.getMessage() for r in caplog.records if "cannot reach" in r.getMessage()]

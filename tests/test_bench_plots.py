@@ -19,7 +19,7 @@ SAVED = os.path.join(REPO, "benchmarks", "results", "2026-11-27.json")
 
 def _bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", "bench", *args], cwd=REPO,
+        [sys.executable, "-m", "shared.tools.cli", "bench", *args], cwd=REPO,
         capture_output=True, text=True, timeout=timeout, check=False, start_new_session=True,
     )  # fmt: skip
 
@@ -76,7 +76,7 @@ def test_plot_without_matplotlib_says_which_extra(tmp_path: Path) -> None:
     # The same command, in an interpreter where matplotlib cannot be imported.
     code = ("import sys, runpy; sys.modules['matplotlib'] = None; "
             "sys.argv = ['workerbus', 'bench', '--from-json', sys.argv[1], '--plot', sys.argv[2]]; "
-            "runpy.run_module('shared.cli', run_name='__main__')")  # fmt: skip
+            "runpy.run_module('shared.tools.cli', run_name='__main__')")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code, SAVED, str(tmp_path / "img")], cwd=REPO,
                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert done.returncode == 2

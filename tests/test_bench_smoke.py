@@ -25,7 +25,7 @@ SCENARIO = "workerbus-stream-asyncio"
 def _bench(tmp_path: Path, *args: str, timeout: float = 120) -> dict[str, Any]:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "bench", *args, "--json", str(out),
+        [sys.executable, "-m", "shared.tools.cli", "bench", *args, "--json", str(out),
          "--markdown", str(tmp_path / "bench.md"), "--wait-idle", "0", "--retries", "0"],
         capture_output=True, text=True, timeout=timeout, check=False,
         start_new_session=True,
@@ -74,14 +74,14 @@ def test_tiny_fanout_run_counts_every_delivery(tmp_path: Path) -> None:
 
 
 def _targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    from shared.bench.report import evaluate_targets
+    from shared.tools.bench.report import evaluate_targets
 
     return evaluate_targets(result)
 
 
 def test_list_names_every_scenario() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "bench", "--list"],
+        [sys.executable, "-m", "shared.tools.cli", "bench", "--list"],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     names = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]

@@ -117,7 +117,7 @@ def test_make_bridge_refuses_bad_urls_and_names() -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "shared.tools.cli", *args], capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from shared.cli import build_parser
+from shared.tools.cli import build_parser
 
 from .proc import broker, workerbus
 
@@ -129,7 +129,7 @@ def test_library_refuses_relative_and_over_long_socket_paths() -> None:
 
     assert parse_address("unix:/run/app/bus.sock") == "/run/app/bus.sock"
     with pytest.raises(ValueError, match="relative"):
-        Client("unix:bus.sock")
+        Client("unix:bus.sock", transport="http")
     fits = "/" + "f" * 106
     assert parse_address(f"unix:{fits}") == fits
     with pytest.raises(ValueError, match="108 bytes long, over the 107 bytes AF_UNIX allows"):

@@ -291,7 +291,7 @@ async def test_loss_in_a_dead_broker_is_reported(address: str) -> None:
     try:
         async with AsyncExitStack() as stack:
             tg = await stack.enter_async_context(anyio.create_task_group())
-            first = Broker(expected_workers=2, lifecycle_events=True)
+            first = Broker(transport="http", expected_workers=2, lifecycle_events=True)
             first.identity["generation"] = 1
             scope = anyio.CancelScope()
 
@@ -300,8 +300,8 @@ async def test_loss_in_a_dead_broker_is_reported(address: str) -> None:
                     await first.serve(address)
 
             tg.start_soon(run_first)
-            pub = await stack.enter_async_context(EmbeddedClient(address, worker_id=0, workers=2))
-            sub = await stack.enter_async_context(EmbeddedClient(address, worker_id=1, workers=2))
+            pub = await stack.enter_async_context(EmbeddedClient(address, transport="http", worker_id=0, workers=2))
+            sub = await stack.enter_async_context(EmbeddedClient(address, transport="http", worker_id=1, workers=2))
             sub.subscribe("*", "*", lambda d, e, s, w: received.append((s, e, d)))
             with anyio.fail_after(5):
                 await pub.wait_ready()
@@ -317,7 +317,7 @@ async def test_loss_in_a_dead_broker_is_reported(address: str) -> None:
             await anyio.sleep(0.05)
             scope.cancel()
             await wait_until(lambda: not sub.is_ready)
-            second = Broker(expected_workers=2, lifecycle_events=True)
+            second = Broker(transport="http", expected_workers=2, lifecycle_events=True)
             second.identity["generation"] = 2
             await tg.start(serve(second), address)
             await pub.publish("n", "4")

@@ -234,7 +234,7 @@ async def test_the_client_says_broker_full(path: str, caplog: pytest.LogCaptureF
         held = raw(path, "http")
         held.sendall(hello(0))
         wait_for(lambda: broker.stats()["connections"] == 1, "the first worker")
-        async with Client(f"unix:{path}", worker_id=1) as bus:
+        async with Client(f"unix:{path}", transport="http", worker_id=1) as bus:
             await wait_until(lambda: "cannot reach the broker" in caplog.text, DEADLINE)
             assert not bus.is_ready
         line = next(r.getMessage() for r in caplog.records if "cannot reach the broker" in r.getMessage())

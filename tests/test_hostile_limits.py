@@ -18,13 +18,16 @@ import anyio
 import pytest
 from anyio.abc import ByteStream
 
+import httpbus
 from httpbus.handshake import REQUEST
+from httpbus.transport import HttpTransport
 from shared.broker import Broker
 from shared.client import Client
 from shared.frame import encode_frame
 from shared.messages import encode_hello
 from shared.profile import NATIVE
 from shared.stream import FrameStream
+from shared.transportnames import load_transport
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -58,7 +61,7 @@ async def a_client_gets_through(address: str, transport: str) -> None:
 
 async def test_slowloris_is_dropped_at_the_handshake_deadline(address: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "shared.broker")
-    async with serving(address, handshake_timeout=0.5) as broker:
+    async with serving(address, transport="http", handshake_timeout=0.5) as broker:
         with anyio.fail_after(10):
             stream = await anyio.connect_unix(address[len("unix:") :])
             async with stream:
@@ -92,7 +95,7 @@ async def test_a_peer_that_never_says_hello_is_dropped(address: str, transport: 
 
 
 async def test_oversize_request_head_gets_431(address: str) -> None:
-    async with serving(address, transport="http", max_header_bytes=256) as broker:
+    async with serving(address, transport=HttpTransport(max_header_bytes=256)) as broker:
         with anyio.fail_after(10):
             stream = await anyio.connect_unix(address[len("unix:") :])
             async with stream:
@@ -110,8 +113,11 @@ async def test_oversize_request_head_gets_431(address: str) -> None:
 
 
 async def test_max_header_bytes_is_for_http_only() -> None:
+    # An HTTP option lives on the HTTP transport, not in the core broker.
+    assert isinstance(httpbus.Broker(max_header_bytes=100).transport, HttpTransport)
+    assert httpbus.Broker(max_header_bytes=100).transport.max_header_bytes == 100  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="http transport only"):
-        Broker(transport="stream", max_header_bytes=100)
+        load_transport("stream", max_header_bytes=100)
 
 
 @pytest.mark.parametrize("after_hello", [False, True])

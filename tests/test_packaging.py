@@ -35,11 +35,14 @@ def test_wheel_imports_every_package_outside_the_checkout() -> None:
         )
         assert install.returncode == 0, install.stderr.decode()
         code = (
-            "import shared, shared.conformance.cli, shared.bench.cli, shared.embed, shared.luabuf, "
-            "httpbus, streambus, shared.cli; "
+            "import shared, shared.tools.conformance.cli, shared.tools.bench.cli, shared.embed, shared.luabuf, "
+            "httpbus, streambus, shared.tools.cli; "
             f"assert all(m.__file__.startswith({str(target)!r}) for m in "
-            "(shared, shared.conformance.cli, shared.bench.cli, httpbus, streambus)); "
-            "shared.cli.build_parser().parse_args(['conformance', 'broker', 'unix:/x'])"
+            "(shared, shared.tools.conformance.cli, shared.tools.bench.cli, httpbus, streambus)); "
+            "shared.tools.cli.build_parser().parse_args(['conformance', 'broker', 'unix:/x']); "
+            # the demo's ASGI app ships too: `workerbus demo --asgi` needs no checkout
+            "import importlib.util; "
+            f"assert importlib.util.find_spec('shared.tools.asgi_app').origin.startswith({str(target)!r})"
         )
         # Run from the temp dir with only the installed copy on the path, not the checkout.
         done = subprocess.run(

@@ -17,7 +17,7 @@ import tempfile
 
 import pytest
 
-from shared.progress import Progress, format_left
+from shared.tools.progress import Progress, format_left
 from tests.faultkit import PY, REPO, BrokerProc, reap
 from tests.ptykit import PtyProc
 
@@ -112,7 +112,7 @@ _PROGRESS = re.compile(r"\r\x1b\[K\[(\d+)/(\d+)\] case [\w.-]+ … (~\d+ s left|
 @pytest.mark.slow
 def test_conformance_shows_progress_on_a_terminal_only(sock_dir: str) -> None:
     path = os.path.join(sock_dir, "bus.sock")
-    cmd = [PY, "-m", "shared.cli", "conformance", "broker", f"unix:{path}", "--only", "basic",
+    cmd = [PY, "-m", "shared.tools.cli", "conformance", "broker", f"unix:{path}", "--only", "basic",
            "--only", "target.*", "--only", "frame.*"]  # fmt: skip
     with reap() as procs:
         procs.append(BrokerProc(path, "--log-level", "ERROR"))
@@ -140,7 +140,7 @@ def test_conformance_shows_progress_on_a_terminal_only(sock_dir: str) -> None:
 
 @pytest.mark.slow
 def test_bench_shows_progress_on_a_terminal_only(tmp_path: object) -> None:
-    cmd = [PY, "-m", "shared.cli", "bench", "--peers", "workerbus-stream-asyncio", "--tests", "lat,thr",
+    cmd = [PY, "-m", "shared.tools.cli", "bench", "--peers", "workerbus-stream-asyncio", "--tests", "lat,thr",
            "--subs", "2", "--pubs", "1", "--lat-subs", "2", "--events", "2000", "--rate", "2000",
            "--duration", "0.3", "--reps", "1", "--no-seed", "--wait-idle", "0", "--retries", "0"]  # fmt: skip
     piped = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False,

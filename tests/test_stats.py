@@ -20,7 +20,7 @@ from shared.client import Client
 from shared.logutil import LogLimiter
 from shared.messages import ALL
 from shared.stats import broker_metrics, client_metrics, process_memory, statistics_json
-from shared.statsserver import serve_stats
+from shared.tools.statsserver import serve_stats
 from tests.faultkit import PY, REPO, BrokerProc, reap
 from tests.helpers import wait_until
 
@@ -48,7 +48,7 @@ def _parse(text: str) -> dict[str, float]:
 
 
 def _busy_broker() -> Broker:
-    broker = Broker(expected_workers=2, max_queue_len=3)
+    broker = Broker(transport="http", expected_workers=2, max_queue_len=3)
     for i in range(5):
         broker.inject(ALL, f"event {i}".encode())
     return broker
@@ -75,7 +75,7 @@ def test_broker_metrics_cover_every_field() -> None:
 
 
 def test_client_metrics() -> None:
-    stats = Client("unix:/nonexistent", worker_id=3).statistics()
+    stats = Client("unix:/nonexistent", transport="http", worker_id=3).statistics()
     samples = _parse(client_metrics(stats))
     assert samples['workerbus_client_connected{worker_id="3"}'] == 0
     assert samples['workerbus_client_dropped_by_broker_total{worker_id="3"}'] == 0
@@ -146,16 +146,16 @@ def test_workerbus_stats_command(sock_dir: str) -> None:
     with reap() as procs:
         broker = BrokerProc(path, "--workers", "2")
         procs.append(broker)
-        published = subprocess.run([PY, "-m", "shared.cli", "publish", f"unix:{path}", "s", "e"], cwd=REPO, timeout=30)
+        published = subprocess.run([PY, "-m", "shared.tools.cli", "publish", f"unix:{path}", "s", "e"], cwd=REPO, timeout=30)
         assert published.returncode == 0
-        text = subprocess.run([PY, "-m", "shared.cli", "stats", f"unix:{broker.stats_path}"],
+        text = subprocess.run([PY, "-m", "shared.tools.cli", "stats", f"unix:{broker.stats_path}"],
                               cwd=REPO, capture_output=True, text=True, timeout=30)
         assert text.returncode == 0
         assert _parse(text.stdout)["workerbus_router_publishes_total"] == 1
-        doc = subprocess.run([PY, "-m", "shared.cli", "stats", f"unix:{broker.stats_path}", "--json"],
+        doc = subprocess.run([PY, "-m", "shared.tools.cli", "stats", f"unix:{broker.stats_path}", "--json"],
                              cwd=REPO, capture_output=True, text=True, timeout=30)
         assert json.loads(doc.stdout)["accepted"] == 1
-    gone = subprocess.run([PY, "-m", "shared.cli", "stats", f"unix:{path}.stats"],
+    gone = subprocess.run([PY, "-m", "shared.tools.cli", "stats", f"unix:{path}.stats"],
                           cwd=REPO, capture_output=True, text=True, timeout=30)
     assert gone.returncode == 1 and "cannot fetch statistics" in gone.stderr
 
@@ -218,7 +218,7 @@ async def test_client_reconnect_failures_do_not_flood_the_log(
 ) -> None:
     caplog.set_level(logging.DEBUG, "shared.client")
     address = f"unix:{os.path.join(sock_dir, 'nobody-home.sock')}"
-    async with Client(address, worker_id=4, reconnect_min=0.001, reconnect_max=0.002) as bus:
+    async with Client(address, transport="http", worker_id=4, reconnect_min=0.001, reconnect_max=0.002) as bus:
         await wait_until(lambda: bus._reconnect_log.suppressed >= 20, 10)  # many attempts
     warnings = [r for r in caplog.records if "cannot reach the broker" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING

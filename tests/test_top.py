@@ -22,12 +22,12 @@ import pytest
 
 from shared.broker import Broker
 from shared.client import Client
-from shared.top import build_view, render_plain
+from shared.tools.top import build_view, render_plain
 from tests.faultkit import PY, REPO, BrokerProc, Child, reap
 from tests.helpers import wait_until
 from tests.ptykit import PtyProc, strip_escapes
 
-TOP = [PY, "-m", "shared.cli", "top"]
+TOP = [PY, "-m", "shared.tools.cli", "top"]
 
 
 def _top(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -93,10 +93,10 @@ def test_a_restarted_broker_has_no_rate_until_the_next_sample() -> None:
 
 @pytest.mark.anyio
 async def test_statistics_name_each_connected_worker_and_its_pid(address: str) -> None:
-    broker = Broker(expected_workers=3)
+    broker = Broker(transport="http", expected_workers=3)
     async with anyio.create_task_group() as tg:
         await tg.start(broker.serve, address)
-        async with Client(address, worker_id=1) as bus:
+        async with Client(address, transport="http", worker_id=1) as bus:
             await bus.wait_ready()
             await wait_until(lambda: broker.statistics().connections == 1)
             stats = broker.statistics()

@@ -237,21 +237,21 @@ async def _never_route(conn: Any, frames: list[bytes]) -> None:
 
 
 def test_default_ids_differ_per_client_and_kong_stays_minus_one() -> None:
-    a, b = Client("unix:/x"), Client("unix:/x")
+    a, b = Client("unix:/x", transport="stream"), Client("unix:/x", transport="stream")
     assert a.worker_id != b.worker_id
     assert -a.worker_id // 100 == os.getpid()
-    assert Client("unix:/x", profile="kong").worker_id == -1
-    assert Client("unix:/x", worker_id=3).worker_id == 3
+    assert Client("unix:/x", transport="stream", profile="kong").worker_id == -1
+    assert Client("unix:/x", transport="stream", worker_id=3).worker_id == 3
 
 
 # --- real processes ---------------------------------------------------------------------
 
 _LISTENER = """
 import sys, anyio
-from shared.client import Client
+import httpbus
 async def main():
     got = []
-    async with Client(sys.argv[1]) as bus:
+    async with httpbus.connect(sys.argv[1]) as bus:
         bus.subscribe("b", "*", lambda d, e, s, w: got.append(d))
         await bus.wait_ready()
         print("ready", bus.worker_id, flush=True)
@@ -341,7 +341,7 @@ def test_our_client_satisfies_the_kits_strict_serve(sock_dir: str) -> None:
     # serve speaks the extensions too, and reports any byte our client gets wrong.
     path = os.path.join(sock_dir, "serve.sock")
     address = f"unix:{path}"
-    cmd = [PY, "-m", "shared.conformance", "serve", address]
+    cmd = [PY, "-m", "shared.tools.conformance", "serve", address]
     with running(cmd, stdout=subprocess.PIPE) as serve:
         wait_for_socket(path, serve)
         done = _publish(address, "s", "e", '{"k": 1}')

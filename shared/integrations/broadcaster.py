@@ -38,6 +38,7 @@ from broadcaster import BroadcastBackend, Event
 
 from shared.client import Client
 from shared.embed import join
+from shared.transportnames import with_transport
 
 __all__ = ["DEFAULT_SOURCE", "WorkerbusBackend"]
 
@@ -119,7 +120,7 @@ class WorkerbusBackend(BroadcastBackend):
             if self.embedded:
                 bus = await stack.enter_async_context(join(self.address, **self._options))
             else:
-                bus = await stack.enter_async_context(Client(self.address, **self._options))
+                bus = await stack.enter_async_context(Client(self.address, **with_transport(self._options)))
             self._stack = stack
         self._bus = bus
         try:

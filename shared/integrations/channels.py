@@ -49,6 +49,7 @@ from shared.client import Client
 from shared.codec import MsgpackCodec
 from shared.embed import join
 from shared.logutil import LogLimiter
+from shared.transportnames import load_transport
 
 __all__ = ["SOURCE", "ChannelLayerUnavailable", "LayerStatistics", "WorkerbusChannelLayer"]
 
@@ -276,7 +277,7 @@ class WorkerbusChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels
         else:
             wid = os.getpid() if self.fixed_worker_id is None else self.fixed_worker_id
             async with Client(
-                self.address, worker_id=wid, transport=self.transport, **self.bus_options
+                self.address, worker_id=wid, transport=load_transport(self.transport), **self.bus_options
             ) as client:
                 yield client
 
@@ -359,7 +360,7 @@ class WorkerbusChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels
         # temporary loop): a short-lived auxiliary connection that takes no worker id and no
         # part in the election; it returns once the message is written to the broker.
         self._stats.one_shot += 1
-        async with Client(self.address, worker_id=-1, transport=self.transport) as bus:
+        async with Client(self.address, worker_id=-1, transport=load_transport(self.transport)) as bus:
             try:
                 with anyio.fail_after(self.connect_timeout):
                     await bus.wait_ready()
