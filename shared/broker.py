@@ -355,15 +355,22 @@ class Broker:
     async def _housekeeping(self, place: SocketFile, tg: anyio.abc.TaskGroup) -> None:
         while True:
             await anyio.sleep(1.0)
-            for wid in self.router.expire():
-                logger.info("queue of worker %d expired after its grace period", wid)
-                self._released += _TRIM_AFTER_CLOSES
-            self._drop_stalled_frames()
-            if self._released >= _TRIM_AFTER_CLOSES:
-                self._released = 0
-                reclaim_memory()
-            self.log_limiter.flush()
+            self.tick()
             await self._check_socket_file(place, tg)
+
+    def tick(self) -> None:
+        """The broker's timed upkeep, run once a second while serving: queues past their
+        grace expire, peers stuck inside a frame past ``frame_timeout`` are closed, memory
+        is trimmed, suppressed log lines are summed up. A test that moves an injected
+        ``clock`` calls it to see the effect at once."""
+        for wid in self.router.expire():
+            logger.info("queue of worker %d expired after its grace period", wid)
+            self._released += _TRIM_AFTER_CLOSES
+        self._drop_stalled_frames()
+        if self._released >= _TRIM_AFTER_CLOSES:
+            self._released = 0
+            reclaim_memory()
+        self.log_limiter.flush()
 
     def _drop_stalled_frames(self) -> None:
         # A peer inside a frame holds up to max_payload_len bytes of broker memory until it
