@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -19,8 +20,9 @@ import anyio
 from anyio.abc import ByteStream, SocketListener, TaskStatus
 
 from .bridge import Bridge, BridgeStatistics
-from .errors import AddressInUse, HandshakeError, RemoteProtocolError
+from .errors import HandshakeError, RemoteProtocolError
 from .frame import encode_frame
+from .listener import SocketFile, open_unix_listener
 from .logutil import LogLimiter
 from .memtrim import reclaim_memory
 from .messages import (
@@ -54,7 +56,7 @@ from .router import (
 )
 from .sockets import guard
 from .stream import FrameStream
-from .transport import Transport, get_transport, open_unix_listener, parse_address
+from .transport import Transport, get_transport, parse_address
 
 __all__ = [
     "DEFAULT_FRAME_TIMEOUT",
@@ -216,6 +218,10 @@ class Broker:
             that one first, whatever this setting; plain hellos never do.)
         bridge: a cluster :class:`Bridge` (``shared.bridges.make_bridge``): publishes with
             cluster scope also reach the other nodes, and theirs reach this one's workers.
+        clock: monotonic seconds, for every timer of the broker (unique timeout, queue
+            and broadcast grace, frame deadline), so tests can move time instead of
+            waiting for it. None keeps the defaults: :func:`time.monotonic` for the router,
+            :func:`anyio.current_time` for the frame deadline.
     """
 
     def __init__(
@@ -239,6 +245,7 @@ class Broker:
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         lifecycle_events: bool = False,
         bridge: Bridge | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.transport = get_transport(transport)
         self.profile = get_profile(profile)
@@ -270,7 +277,9 @@ class Broker:
             max_departed_queues=max_departed_queues,
             max_unique_keys=max_unique_keys,
             overflow=overflow,
+            clock=time.monotonic if clock is None else clock,
         )
+        self._clock: Callable[[], float] = anyio.current_time if clock is None else clock
         self.expected_workers = expected_workers
         self._connections: dict[int, _Connection] = {}
         self._open = 0
@@ -320,7 +329,7 @@ class Broker:
         """
         path = parse_address(address)
         listener = await open_unix_listener(path, mode=mode, group=group)
-        place = _SocketFile(path, mode, group, os.stat(path).st_ino)
+        place = SocketFile(path, mode, group)
         async with listener:
             try:
                 async with anyio.create_task_group() as tg:
@@ -342,25 +351,32 @@ class Broker:
             finally:
                 place.remove_own()
 
-    async def _housekeeping(self, place: _SocketFile, tg: anyio.abc.TaskGroup) -> None:
+    async def _housekeeping(self, place: SocketFile, tg: anyio.abc.TaskGroup) -> None:
         while True:
             await anyio.sleep(1.0)
-            for wid in self.router.expire():
-                logger.info("queue of worker %d expired after its grace period", wid)
-                self._released += _TRIM_AFTER_CLOSES
-            self._drop_stalled_frames()
-            if self._released >= _TRIM_AFTER_CLOSES:
-                self._released = 0
-                reclaim_memory()
-            self.log_limiter.flush()
+            self.tick()
             await self._check_socket_file(place, tg)
+
+    def tick(self) -> None:
+        """The broker's timed upkeep, run once a second while serving: queues past their
+        grace expire, peers stuck inside a frame past ``frame_timeout`` are closed, memory
+        is trimmed, suppressed log lines are summed up. A test that moves an injected
+        ``clock`` calls it to see the effect at once."""
+        for wid in self.router.expire():
+            logger.info("queue of worker %d expired after its grace period", wid)
+            self._released += _TRIM_AFTER_CLOSES
+        self._drop_stalled_frames()
+        if self._released >= _TRIM_AFTER_CLOSES:
+            self._released = 0
+            reclaim_memory()
+        self.log_limiter.flush()
 
     def _drop_stalled_frames(self) -> None:
         # A peer inside a frame holds up to max_payload_len bytes of broker memory until it
         # finishes; one that stops there is closed. (The hello is covered by the handshake
         # deadline.) Once a second is precise enough for a deadline of seconds, and costs
         # nothing on the read path.
-        limit = anyio.current_time() - self.frame_timeout
+        limit = self._clock() - self.frame_timeout
         for conn in list(self._connections.values()):
             started = conn.frames.frame_started
             if started is None or started > limit or conn.timed_out:
@@ -378,39 +394,12 @@ class Broker:
             )
             self._hang_up(conn)
 
-    async def _check_socket_file(self, place: _SocketFile, tg: anyio.abc.TaskGroup) -> None:
-        # A tmp cleaner or a careless `rm` can delete the socket file: open connections do
-        # not notice, but every worker that reconnects would find no broker. Put it back.
+    async def _check_socket_file(self, place: SocketFile, tg: anyio.abc.TaskGroup) -> None:
         if not self.keep_socket_file:
             return
-        try:
-            st = os.lstat(place.path)
-        except FileNotFoundError:
-            pass
-        else:
-            if st.st_ino not in place.inodes and st.st_ino != place.foreign:
-                place.foreign = st.st_ino
-                logger.error(
-                    "socket path %s was replaced by another file; this broker keeps its %d "
-                    "connections but new workers cannot reach it",
-                    place.path,
-                    len(self._connections),
-                )
-            return
-        logger.warning(
-            "socket file %s was deleted under the running broker; re-creating it "
-            "(open connections are not affected)",
-            place.path,
-        )
-        try:
-            listener = await open_unix_listener(place.path, mode=place.mode, group=place.group)
-            place.inodes.add(os.stat(place.path).st_ino)
-        except (AddressInUse, OSError) as exc:
-            self.log_limiter.log(
-                logging.ERROR, "cannot re-create socket file %s: %s", place.path, exc
-            )
-            return
-        tg.start_soon(self._serve_listener, listener, tg)
+        listener = await place.check(len(self._connections), self.log_limiter)
+        if listener is not None:
+            tg.start_soon(self._serve_listener, listener, tg)
 
     async def _serve_listener(self, listener: SocketListener, tg: anyio.abc.TaskGroup) -> None:
         async with listener:
@@ -477,6 +466,7 @@ class Broker:
                     header_len=profile.header_len,
                     max_frame_len=self.max_payload_len,
                     initial=initial,
+                    clock=self._clock,
                 )
                 first = await frames.receive()
             hello = decode_hello(profile, first[0])
@@ -620,31 +610,29 @@ class Broker:
             logger.info("connection of %s broke: %r", conn, exc)
 
     async def _write_loop(self, conn: _Connection) -> None:
+        # A failed write means the peer is gone: said once here, and the reader is ended
+        # with it. Anything else (a cancel, a bug) propagates.
+        try:
+            await self._write(conn)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            logger.info("write to %s failed: %r", conn, exc)
+            if conn.scope is not None:
+                conn.scope.cancel()
+
+    async def _write(self, conn: _Connection) -> None:
         queue = conn.queue
         send = conn.frames.send
+        control = conn.control
         if self.lifecycle_events:
             # (after the welcome control frame, if one was asked for: it goes first)
-            head, conn.control[:] = b"".join(conn.control), []
-            try:
-                await send(head + self._welcome(conn))
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                logger.info("welcome to %s failed: %r", conn, exc)
-                if conn.scope is not None:
-                    conn.scope.cancel()
-                return
-        control = conn.control
+            head, control[:] = b"".join(control), []
+            await send(head + self._welcome(conn))
         while True:
             if not queue.frames:
                 if control:
                     # Control frames alone (a pong while the queue is empty, the welcome)
                     frames, control[:] = b"".join(control), []
-                    try:
-                        await send(frames)
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                        logger.info("write to %s failed: %r", conn, exc)
-                        if conn.scope is not None:
-                            conn.scope.cancel()
-                        return
+                    await send(frames)
                     continue
                 wakeup = anyio.Event()
                 queue.wakeup = wakeup.set
@@ -662,23 +650,25 @@ class Broker:
                 control.clear()
             try:
                 await send(b"".join(batch))
-            except BaseException as exc:
-                # Retain the batch for the next connection of this worker id; a failed
-                # write must not lose events (lua-resty-events' push_front, 0.3.0).
-                # Unless the disconnect policy cut us off: then it is dropped, counted.
-                unsent = batch[len(batch) - events :]
-                if conn.cut:
-                    queue.discard(unsent)
-                else:
-                    queue.put_back(unsent)
-                queue.dropped_unreported += reported  # the notice did not get through
-                if isinstance(exc, (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)):
-                    logger.info("write to %s failed: %r", conn, exc)
-                    if conn.scope is not None:
-                        conn.scope.cancel()
-                    return
+            except BaseException:
+                # Whatever ended the write (a broken peer, a cancel), the events are not
+                # lost silently; the caller deals with the cause.
+                self._unsent(conn, batch[len(batch) - events :], reported)
                 raise
             queue.mark_sent(events)
+
+    @staticmethod
+    def _unsent(conn: _Connection, events: list[bytes], reported: int) -> None:
+        queue = conn.queue
+        if conn.cut:
+            # The disconnect policy cut this connection off: its batch is dropped, counted.
+            queue.discard(events)
+        else:
+            # Kept for the next connection of this worker id: a failed write must not lose
+            # events (lua-resty-events' push_front, 0.3.0).
+            queue.put_back(events)
+        # The dropped notice in the batch did not get through: report the count again.
+        queue.dropped_unreported += reported
 
     def _dropped_notice(self, conn: _Connection) -> bytes:
         # Tell the worker how many events it missed; counted once, reported once.
@@ -766,24 +756,3 @@ class Broker:
 
 def _by_worker_id(conn: _Connection) -> int:
     return conn.worker_id
-
-
-class _SocketFile:
-    """The socket path and the inodes this broker put there (the only ones it may remove)."""
-
-    __slots__ = ("foreign", "group", "inodes", "mode", "path")
-
-    def __init__(self, path: str, mode: int, group: str | int | None, inode: int) -> None:
-        self.path = path
-        self.mode = mode
-        self.group = group
-        self.inodes = {inode}
-        #: The inode of a file someone else put at the path, once logged.
-        self.foreign: int | None = None
-
-    def remove_own(self) -> None:
-        try:
-            if os.lstat(self.path).st_ino in self.inodes:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass

@@ -75,6 +75,7 @@ __all__ = [
     "DEFAULT_RECONNECT_MAX",
     "DEFAULT_RECONNECT_MIN",
     "Client",
+    "ClientHooks",
     "ClientStatistics",
     "default_worker_id",
 ]
@@ -163,6 +164,56 @@ class ClientStatistics:
     unconfirmed: int = 0
 
 
+class ClientHooks:
+    """The public seam for what a layer above adds to a :class:`Client`: ``Client(hooks=...)``.
+
+    Subclass it and override what you need; the defaults are what a plain client does.
+    :mod:`shared.embed` composes its pieces (sequence numbers and gap checks, the broker
+    watch, the election) through it. Every method runs inside the client's own code paths,
+    the first two on the per-event paths: they must be quick, and none may block or await.
+    """
+
+    def encode_publish(
+        self, client: Client, source: str, event: str, data: object, target: Target
+    ) -> bytes:
+        """The frame of one publish (``current`` excepted: never encoded).
+
+        Called only once the publish has room in the buffer, and the frame goes into the
+        buffer right after with nothing in between: frames are buffered (and sent) in the
+        order of these calls, and a publish that gets here is never refused afterwards.
+        Raise (e.g. :class:`PayloadTooLarge`) to refuse it.
+        """
+        return build_publish_frame(
+            client.profile, client.worker_id, source, event, data, target, client.max_payload_len
+        )
+
+    def decode_batch(
+        self, client: Client, payloads: list[bytes]
+    ) -> tuple[list[Fields], list[RemoteProtocolError]]:
+        """Decode one read's deliveries: the valid events in order, one error per bad one.
+
+        An override may check deliveries and insert events of its own in order (embed:
+        ``lost`` right before the event that revealed the gap). A control frame (a pong)
+        must come back as its :class:`~shared.messages.ControlFrame` error.
+        """
+        return decode_event_batch(client.profile, payloads)
+
+    def session_started(self, client: Client) -> None:
+        """Connected: the hello went out and (native) the welcome came back. May publish."""
+
+    def session_ended(self, client: Client) -> None:
+        """The connection is gone (the client reconnects on its own)."""
+
+    def unreachable_level(self, client: Client, seconds: float) -> int:
+        """Log level of "cannot reach the broker" after ``seconds`` of failed attempts:
+        something is wrong, unless the layer above knows better (embed: a host that is
+        starting or stopping on purpose)."""
+        return logging.WARNING
+
+
+_PLAIN = ClientHooks()
+
+
 class Client:
     """A worker's connection to the bus. Use as an async context manager.
 
@@ -187,6 +238,7 @@ class Client:
             stops reading from the broker until the handlers catch up (backpressure): the
             backlog waits in the broker's bounded queue, whose overflow policy applies
             and which tells this client what it dropped (``dropped_by_broker``).
+        hooks: what a layer above adds (:class:`ClientHooks`); default: a plain client.
 
     Attributes:
         welcome: the broker's welcome of the current or last session (its version, limits,
@@ -209,8 +261,13 @@ class Client:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         reconnect_min: float = DEFAULT_RECONNECT_MIN,
         reconnect_max: float = DEFAULT_RECONNECT_MAX,
+        hooks: ClientHooks | None = None,
     ) -> None:
         self.address = address
+        self.hooks = _PLAIN if hooks is None else hooks
+        # Bound once: these two run per event.
+        self._encode_publish = self.hooks.encode_publish
+        self._decode_batch = self.hooks.decode_batch
         self._path = parse_address(address)
         self.transport = get_transport(transport)
         self.profile = get_profile(profile)
@@ -378,9 +435,7 @@ class Client:
         return encode_frame(payload, self.profile.header_len)
 
     def _encode(self, source: str, event: str, data: object, target: Target) -> bytes:
-        return build_publish_frame(
-            self.profile, self.worker_id, source, event, data, target, self.max_payload_len
-        )
+        return self._encode_publish(self, source, event, data, target)
 
     def publish_nowait(
         self,
@@ -411,13 +466,13 @@ class Client:
         if parsed.kind is _CURRENT:
             self._dispatcher.push(Event(source, event, data, None))
             return
-        frame = self._encode(source, event, data, parsed)
         if len(self._buffer) >= self.max_buffer_len:
             if self._connected:
                 raise anyio.WouldBlock
             self._dropped += 1
             raise PublishBufferFull(f"publish buffer full ({self.max_buffer_len}) while disconnected")
-        self._append(frame)
+        # Encoded once there is room, and buffered at once (ClientHooks.encode_publish).
+        self._append(self._encode_publish(self, source, event, data, parsed))
 
     async def publish(
         self,
@@ -442,7 +497,6 @@ class Client:
             self._dispatcher.push(Event(source, event, data, None))
             await anyio.lowlevel.checkpoint()
             return
-        frame = self._encode(source, event, data, parsed)
         while len(self._buffer) >= self.max_buffer_len:
             if not self._connected:
                 self._dropped += 1
@@ -450,6 +504,9 @@ class Client:
                     f"publish buffer full ({self.max_buffer_len}) while disconnected"
                 )
             await self._progress.wait()
+        # Encoded once there is room, and buffered with no await in between, so frames
+        # enter the buffer in the order they were encoded (ClientHooks.encode_publish).
+        frame = self._encode_publish(self, source, event, data, parsed)
         # _append, inlined: this is the publisher's per-event path.
         self._buffer.append(frame)
         self._published += 1
@@ -557,7 +614,7 @@ class Client:
                 # At most one line per interval while the broker stays away (it retries
                 # every half second); the count of the others comes with the next line.
                 # Quiet (INFO) lines are limited apart, so they never hold back a warning.
-                level = self._unreachable_level(anyio.current_time() - down_since)
+                level = self.hooks.unreachable_level(self, anyio.current_time() - down_since)
                 self._reconnect_log.log(
                     level,
                     "worker %d cannot reach the broker at %s: %s (attempt %d)",
@@ -788,31 +845,17 @@ class Client:
         self._pong_event.set()
         self._pong_event = anyio.Event()
 
-    # Extension points for shared.embed (no-ops here). They run in the connection task and
-    # must not block: ``_session_started`` right after the hello went out,
-    # ``_session_ended`` as soon as the connection is gone.
+    # Where the session hooks are called from (in the connection task): kept as methods
+    # so that a subclass written before ClientHooks still works (shared/cli.py's publish
+    # client overrides _session_ended); new code passes ``hooks=`` instead.
     def _session_started(self) -> None:
-        pass
+        self.hooks.session_started(self)
 
     def _session_ended(self) -> None:
-        pass
-
-    def _unreachable_level(self, seconds: float) -> int:
-        """Log level of "cannot reach the broker" after ``seconds`` of failed attempts:
-        something is wrong, unless a subclass knows better (shared.embed: a host that is
-        starting or stopping on purpose)."""
-        return logging.WARNING
-
-    def _decode_batch(self, payloads: list[bytes]) -> tuple[list[Fields], list[RemoteProtocolError]]:
-        """Decode one read's deliveries: the valid events in order, one error per bad one.
-
-        A subclass may check deliveries itself and insert events of its own in order
-        (shared.embed does, to report events that died with a broker).
-        """
-        return decode_event_batch(self.profile, payloads)
+        self.hooks.session_ended(self)
 
     def _decoded(self, payloads: list[bytes]) -> list[Fields]:
-        batch, errors = self._decode_batch(payloads)
+        batch, errors = self._decode_batch(self, payloads)
         for exc in errors:
             if type(exc) is ControlFrame:
                 # (a pong: found on the decoders' error path, so the delivery path pays

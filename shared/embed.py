@@ -22,6 +22,12 @@ an ASGI lifespan). What happens underneath:
    and finds events that died with the old broker through per-publisher sequence numbers
    (:mod:`shared.sequence`), reported as local ``lost`` events. docs/embedding.md says what
    can and cannot be detected.
+
+The pieces, one job each: :mod:`shared.election` (ids and the lock), :mod:`shared.hosting`
+(the election loop, serving, handing over), :mod:`shared.sequence` (numbers and gaps), and
+here :class:`BrokerWatch` (which broker we are connected to) and the composition: an
+:class:`EmbeddedClient` is a plain :class:`Client` given :class:`ClientHooks` that route
+each hook to the piece whose job it is.
 """
 
 from __future__ import annotations
@@ -29,46 +35,34 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
 from typing import Any
 
 import anyio
-from anyio.abc import TaskStatus
 
-from .bridge import DEFAULT_CLUSTER, Bridge
-from .broker import LIFECYCLE_SOURCE, Broker, BrokerStatistics
-from .client import Client
+from .bridge import DEFAULT_CLUSTER
+from .broker import LIFECYCLE_SOURCE, BrokerStatistics
+from .client import Client, ClientHooks
 from .dispatch import Fields
 from .election import (
     DEFAULT_MAX_WORKER_ID,
     FileLock,
     WorkerIdUnavailable,
     claim_worker_id,
-    held_worker_ids,
-    lock_path,
     workers_from_env,
 )
-from .errors import AddressInUse, PayloadTooLarge, PublishBufferFull, RemoteProtocolError
-from .logutil import LogLimiter
-from .messages import (
-    OTHERS,
-    Event,
-    NodeWid,
-    Target,
-    as_control_frame,
-    decode_event_fields,
-    encode_event,
-    encode_publish,
-    parse_target,
-)
-from .sequence import BROADCAST_KEY, WORKER_KEY, SequenceIn, SequenceOut
+from .errors import PayloadTooLarge, PublishBufferFull
+from .hosting import Hosting
+from .messages import OTHERS
+from .sequence import Sequencer, as_int
 from .transport import parse_address
 from .transportnames import with_transport
 
 __all__ = [
     "DEFAULT_ID_TIMEOUT",
+    "BrokerWatch",
     "EmbeddedClient",
     "WorkerIdUnavailable",
     "join",
@@ -79,15 +73,6 @@ logger = logging.getLogger(__name__)
 #: Seconds ``join(workers=N)`` waits for a free id when all N are held (e.g. during a
 #: gunicorn reload the old workers hold them until they have shut down).
 DEFAULT_ID_TIMEOUT = 30.0
-#: After a lost connection: try the election lock every RAPID_INTERVAL for RAPID_WINDOW.
-RAPID_INTERVAL = 0.005
-RAPID_WINDOW = 0.5
-#: Otherwise try it this often, in case nobody noticed the host leave.
-POLL_INTERVAL = 1.0
-#: Seconds before a host whose broker failed to start tries again (keeping the lock).
-HOST_RETRY = 1.0
-#: Seconds a leaving host waits for its queues to reach the connected workers.
-DRAIN_TIMEOUT = 1.0
 #: Embedded reconnect backoff: a new broker is up within milliseconds of a takeover, and a
 #: failed connect to a Unix socket costs a few microseconds.
 EMBED_RECONNECT_MIN = 0.005
@@ -97,29 +82,99 @@ QUIET_FAILOVER = 1.0
 EMBED_RECONNECT_MAX = 0.02
 
 
-class _Started(TaskStatus[Any]):
-    """A ``task_status`` that runs a callback when the broker is listening."""
+class BrokerWatch:
+    """Which broker this worker is connected to, from the broker's lifecycle events.
 
-    def __init__(self, callback: Callable[[], None]) -> None:
-        self._callback = callback
+    A ``welcome`` from a broker other than the last one (pid and generation) is a move:
+    counted and told to the handlers as a local ``broker-moved`` event. A ``stopping``
+    (its host leaves on purpose) makes losing that broker quiet in the log.
+    """
 
-    def started(self, value: object = None) -> None:
-        self._callback()
+    def __init__(self) -> None:
+        #: The generation of the broker connected to (or last connected to), or None.
+        self.generation: int | None = None
+        self.broker_moves = 0
+        #: ``time.monotonic()`` when the latest ``welcome`` was read (before any handler
+        #: ran): when this worker was last connected to a broker, for measurements.
+        self.welcomed_at: float | None = None
+        #: The broker said it is stopping (its host shuts down): losing it is orderly.
+        self.stopping = False
+        self._identity: dict[Any, Any] | None = None
+
+    def unreachable_level(self, seconds: float) -> int:
+        # A host that said it is stopping, or a broker away for less than a failover takes
+        # (workers starting together: the election's winner is still opening its socket),
+        # is normal operation; a broker that stays away longer is worth a warning.
+        quiet = QUIET_FAILOVER * (10 if self.stopping else 1)
+        return logging.INFO if seconds < quiet else logging.WARNING
+
+    def lifecycle(self, event: str, data: dict[Any, Any], out: list[Fields]) -> None:
+        """A :data:`shared.sequence.LifecycleObserver`."""
+        if event == "stopping":
+            self.stopping = True
+        elif event == "welcome":
+            broker = data.get("broker")
+            if isinstance(broker, dict):
+                self._welcomed(broker, out)
+
+    def _welcomed(self, broker: dict[Any, Any], out: list[Fields]) -> None:
+        self.welcomed_at = time.monotonic()
+        self.stopping = False
+        previous = self._identity
+        self._identity = broker
+        self.generation = as_int(broker.get("generation"))
+        if previous is None:
+            return
+        same = (previous.get("pid"), previous.get("generation")) == (
+            broker.get("pid"),
+            broker.get("generation"),
+        )
+        if same:
+            return
+        self.broker_moves += 1
+        moved = {
+            "generation": broker.get("generation"),
+            "pid": broker.get("pid"),
+            "worker_id": broker.get("worker_id"),
+            "previous": previous,
+        }
+        out.append((LIFECYCLE_SOURCE, "broker-moved", moved, None))
 
 
-def _wid(value: object) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
+class _Embedding(ClientHooks):
+    """The composition: each client hook goes to the piece whose job it is."""
+
+    def __init__(self, sequencer: Sequencer, watch: BrokerWatch) -> None:
+        self.sequencer = sequencer
+        self.watch = watch
+        #: Set once the client exists (the hosting shares its transport and profile).
+        self.hosting: Hosting | None = None
+        # Per event: bound straight to the sequencer, no extra call in between.
+        self.encode_publish = sequencer.encode_publish  # type: ignore[method-assign]
+        self.decode_batch = sequencer.decode_batch  # type: ignore[method-assign]
+
+    def session_started(self, client: Client) -> None:
+        # Tell every other worker our latest numbers, so a gap at the end of our stream
+        # (events that died with the previous broker) shows up now.
+        try:
+            client.publish_nowait(LIFECYCLE_SOURCE, "sync", self.sequencer.marks(), OTHERS)
+        except (anyio.WouldBlock, PublishBufferFull, PayloadTooLarge) as exc:
+            logger.warning("worker %d could not send its sync marker: %r", client.worker_id, exc)
+
+    def session_ended(self, client: Client) -> None:
+        if self.hosting is not None:
+            self.hosting.contend()
+
+    def unreachable_level(self, client: Client, seconds: float) -> int:
+        return self.watch.unreachable_level(seconds)
 
 
 class EmbeddedClient(Client):
     """A :class:`Client` that may also host the broker. Build it with :func:`join`.
 
     Extra attributes: ``workers`` (the expected worker count, or None), ``is_broker``,
-    ``generation`` (of the broker it is connected to), ``broker_moves``, ``lost``.
+    ``generation`` (of the broker it is connected to), ``broker_moves``, ``lost``,
+    ``welcomed_at``.
     """
 
     def __init__(
@@ -138,36 +193,36 @@ class EmbeddedClient(Client):
     ) -> None:
         client_options.setdefault("reconnect_min", EMBED_RECONNECT_MIN)
         client_options.setdefault("reconnect_max", EMBED_RECONNECT_MAX)
+        if "hooks" in client_options:
+            raise TypeError("an embedded client brings its own hooks")
+        self.watch = BrokerWatch()
+        self.sequencer = Sequencer(worker_id, self.watch.lifecycle)
+        hooks = _Embedding(self.sequencer, self.watch)
         # An edge: a transport name ("http" by default, as join's) becomes an object here.
-        super().__init__(address, worker_id=worker_id, **with_transport(client_options))
+        super().__init__(address, worker_id=worker_id, hooks=hooks, **with_transport(client_options))
+        #: The election and the broker while this worker hosts it. The cluster bridge
+        #: (docs/cluster.md) runs with the broker, so it moves with it on failover.
+        self.hosting = Hosting(
+            address,
+            worker_id=worker_id,
+            workers=workers,
+            max_worker_id=max_worker_id,
+            transport=self.transport,
+            profile=self.profile,
+            mode=mode,
+            broker_options=broker_options,
+            bridge_url=bridge,
+            node=node,
+            cluster=cluster,
+        )
+        hooks.hosting = self.hosting
         self.workers = workers
         self.max_worker_id = max_worker_id
         self.mode = mode
-        self._broker_options = dict(broker_options or {})
-        #: The cluster bridge (docs/cluster.md): whichever worker hosts the broker runs it,
-        #: so it moves with the broker on failover.
         self.bridge_url = bridge
         self.node = node
         self.cluster = cluster
-        self._socket_path = parse_address(address)
-        self._out = SequenceOut()
-        self._in = SequenceIn(worker_id)
-        #: While a read's deliveries are decoded: where "lost" notices go, in order.
-        self._batch: list[Fields] | None = None
-        self._broker: Broker | None = None
-        self._socket_inode = -1
-        self._broker_identity: dict[str, Any] | None = None
-        self._rapid_until = 0.0
-        self._poke: anyio.Event | None = None
         self._election: AsyncExitStack | None = None
-        self.generation: int | None = None
-        self.broker_moves = 0
-        #: ``time.monotonic()`` when the latest ``welcome`` was read (before any handler
-        #: ran): when this worker was last connected to a broker, for measurements.
-        self.welcomed_at: float | None = None
-        #: The broker said it is stopping (its host shuts down): losing it is orderly.
-        self._broker_stopping = False
-        self._embed_log = LogLimiter(logger)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -178,7 +233,7 @@ class EmbeddedClient(Client):
         try:
             # The first election round before the client starts: a worker that wins it
             # connects to its own broker at the first attempt.
-            await tg.start(self._elect)
+            await tg.start(self.hosting.run)
             await super().__aenter__()
         except BaseException:
             await stack.aclose()
@@ -197,388 +252,43 @@ class EmbeddedClient(Client):
             # Our own client first (it flushes, and the broker tells the others we left),
             # then what the broker still holds for connected workers, then the broker.
             await super().__aexit__(exc_type, exc, tb)
-            await self._drain()
+            await self.hosting.drain()
         finally:
             if stack is not None:
                 await stack.aclose()
         return None
-
-    async def _drain(self) -> None:
-        """Stop hosting gracefully: deliver what is queued for connected workers, make the
-        socket unreachable, hang up, and let every connection end on EOF."""
-        broker = self._broker
-        if broker is None:
-            return
-        # Tell the others this broker is going away on purpose, so that losing it is no
-        # warning for them (they elect a new host as after a crash, but quietly). Only
-        # the connected ones: the others will not be back to this broker.
-        stopping = encode_event(
-            self.profile,
-            LIFECYCLE_SOURCE,
-            "stopping",
-            {"worker_id": self.worker_id, "pid": os.getpid(), "generation": self.generation},
-            None,
-        )
-        for q in broker.statistics().router.queues:
-            if q.connected:
-                broker.inject(parse_target(q.worker_id), stopping)
-        # Polled: the queues have no "empty" event to wait on, and this runs once at exit.
-        # Our own connection must be gone first, so the others are told we left.
-        for _ in range(int(DRAIN_TIMEOUT / 0.005)):
-            queues = broker.statistics().router.queues
-            if not any(
-                q.connected and (q.depth or q.worker_id == self.worker_id) for q in queues
-            ):
-                break
-            await anyio.sleep(0.005)
-        live = set(held_worker_ids(self._socket_path, self.max_worker_id))
-        stranded = sum(
-            self._published_events(q.frames)
-            for q in broker.router.queues.values()
-            if q.worker_id in live and q.worker_id != self.worker_id
-        )
-        if stranded:
-            logger.warning(
-                "worker %d stops hosting the broker with %d events still queued for live "
-                "workers that are not connected; they are lost (their sequence checks will "
-                "report them)",
-                self.worker_id,
-                stranded,
-            )
-        # Unlink first so nobody reconnects to this broker (and make sure the broker does
-        # not put the file back), then hang up rather than cancel the readers (see
-        # Broker.hang_up_all).
-        broker.keep_socket_file = False
-        try:
-            if os.lstat(self._socket_path).st_ino == self._socket_inode:
-                os.unlink(self._socket_path)
-        except FileNotFoundError:
-            pass
-        broker.hang_up_all()
-        for _ in range(int(DRAIN_TIMEOUT / 0.005)):
-            if not broker.statistics().connections:
-                break
-            await anyio.sleep(0.005)
-
-    def _published_events(self, frames: Iterable[bytes]) -> int:
-        """How many queued frames are published events (what the sequence checks would
-        report lost), not the bus's own notices: a worker that is itself shutting down
-        has "left" and "stopping" in its queue, and missing them is no loss."""
-        skip = self.profile.header_len
-        count = 0
-        for frame in frames:
-            try:
-                source = decode_event_fields(self.profile, frame[skip:])[0]
-            except RemoteProtocolError:
-                source = None
-            count += source != LIFECYCLE_SOURCE
-        return count
 
     # --- introspection -------------------------------------------------------------------
 
     @property
     def is_broker(self) -> bool:
         """True while this process hosts the broker."""
-        return self._broker is not None
+        return self.hosting.broker is not None
 
     @property
     def lost(self) -> int:
         """Events found missing through sequence gaps (not counting reported drops)."""
-        return self._in.lost
+        return self.sequencer.lost
+
+    @property
+    def generation(self) -> int | None:
+        """The generation of the broker this worker is (or was last) connected to."""
+        return self.watch.generation
+
+    @property
+    def broker_moves(self) -> int:
+        """How many times the broker this worker is connected to changed."""
+        return self.watch.broker_moves
+
+    @property
+    def welcomed_at(self) -> float | None:
+        """``time.monotonic()`` when the latest ``welcome`` was read, or None."""
+        return self.watch.welcomed_at
 
     def broker_statistics(self) -> BrokerStatistics | None:
         """The hosted broker's statistics, or None when another worker hosts it."""
-        return None if self._broker is None else self._broker.statistics()
-
-    # --- the election --------------------------------------------------------------------
-
-    def _unreachable_level(self, seconds: float) -> int:
-        # A host that said it is stopping, or a broker away for less than a failover takes
-        # (workers starting together: the election's winner is still opening its socket),
-        # is normal operation; a broker that stays away longer is worth a warning.
-        quiet = QUIET_FAILOVER * (10 if self._broker_stopping else 1)
-        return logging.INFO if seconds < quiet else logging.WARNING
-
-    def _session_ended(self) -> None:
-        # The broker may be gone: contend for the lock now, then often for a short while.
-        self._rapid_until = time.monotonic() + RAPID_WINDOW
-        if self._poke is not None:
-            self._poke.set()
-
-    async def _elect(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        path = lock_path(self._socket_path)
-        announce: Callable[[], None] | None = task_status.started
-        while True:
-            try:
-                lock = FileLock.acquire(path)
-            except OSError as exc:
-                self._embed_log.log(
-                    logging.ERROR,
-                    "worker %d cannot open the election lock %s: %s",
-                    self.worker_id,
-                    path,
-                    exc,
-                )
-                lock = None
-            if lock is not None:
-                try:
-                    await self._host(lock, announce)
-                finally:
-                    lock.release()
-            if announce is not None:
-                announce()
-                announce = None
-            if time.monotonic() < self._rapid_until:
-                await anyio.sleep(RAPID_INTERVAL)
-                continue
-            self._poke = anyio.Event()
-            with anyio.move_on_after(POLL_INTERVAL):
-                await self._poke.wait()
-
-    async def _host(self, lock: FileLock, announce: Callable[[], None] | None) -> None:
-        """Serve as the broker for as long as this process holds the lock (until cancelled)."""
-        previous = lock.read_record()
-        generation = (_wid(previous.get("generation")) or 0) + 1
-        identity = {"pid": os.getpid(), "worker_id": self.worker_id, "generation": generation}
-        lock.write_record(identity)
-        while True:
-            broker = Broker(
-                transport=self.transport,
-                profile=self.profile,
-                expected_workers=self.workers or 0,
-                lifecycle_events=True,
-                bridge=self._make_bridge(),
-                **self._broker_options,
-            )
-            broker.identity.update(identity)
-            if not self.workers:
-                # Unknown N: keep a queue for every id a live worker holds right now, so
-                # what is published before it reconnects waits for it.
-                for wid in held_worker_ids(self._socket_path, self.max_worker_id):
-                    broker.router.detach(broker.router.attach(wid))
-
-            def ready(broker: Broker = broker) -> None:
-                nonlocal announce
-                self._broker = broker
-                self._socket_inode = os.lstat(self._socket_path).st_ino
-                if announce is not None:
-                    announce()
-                    announce = None
-                logger.info(
-                    "worker %d (pid %d) hosts the broker at %s, generation %d (previous host: %s)",
-                    self.worker_id,
-                    os.getpid(),
-                    self.address,
-                    generation,
-                    previous or "none",
-                )
-
-            try:
-                await broker.serve(self.address, mode=self.mode, task_status=_Started(ready))
-            except (AddressInUse, OSError) as exc:
-                if announce is not None:
-                    announce()  # joining must not hang on a broker that cannot start
-                    announce = None
-                self._embed_log.log(
-                    logging.ERROR,
-                    "worker %d holds the election lock but cannot serve %s: %s; retrying in %ss",
-                    self.worker_id,
-                    self.address,
-                    exc,
-                    HOST_RETRY,
-                )
-            finally:
-                self._broker = None
-            await anyio.sleep(HOST_RETRY)
-
-    def _make_bridge(self) -> Bridge | None:
-        if not self.bridge_url:
-            return None
-        from .bridges import make_bridge  # engines are optional extras
-
-        return make_bridge(self.bridge_url, node=self.node, cluster=self.cluster or DEFAULT_CLUSTER)
-
-    # --- numbered publishes --------------------------------------------------------------
-
-    def _encode(self, source: str, event: str, data: object, target: Target) -> bytes:
-        numbered = None if source == LIFECYCLE_SOURCE else self._out.assign(target)
-        if numbered is None:
-            return super()._encode(source, event, data, target)
-        try:
-            if not isinstance(source, str) or not source or not isinstance(event, str) or not event:
-                raise ValueError("source and event must be non-empty strings")
-            msg: dict[str, object] = {"source": source, "event": event}
-            if data is not None:
-                msg["data"] = data
-            msg["wid"] = self.worker_id
-            msg[numbered[0]] = numbered[1]
-            outer = encode_publish(self.profile, target, self.profile.codec.dumps(msg))
-            if len(outer) > self.max_payload_len:
-                raise PayloadTooLarge(len(outer), self.max_payload_len)
-        except BaseException:
-            self._out.rollback()
-            raise
-        return self._frame(outer)
-
-    def publish_nowait(
-        self,
-        source: str,
-        event: str,
-        data: object = None,
-        target: str | int | Target = "all",
-        *,
-        scope: str = "local",
-    ) -> None:
-        self._out.commit()
-        try:
-            super().publish_nowait(source, event, data, target, scope=scope)
-        except (anyio.WouldBlock, PublishBufferFull):
-            self._out.rollback()  # refused after numbering: take the number back
-            raise
-        self._out.commit()
-
-    async def publish(
-        self,
-        source: str,
-        event: str,
-        data: object = None,
-        target: str | int | Target = "all",
-        *,
-        scope: str = "local",
-    ) -> None:
-        # Wait for room *before* numbering, so numbers enter the buffer in order.
-        parse_target(target)
-        while len(self._buffer) >= self.max_buffer_len and self._connected:
-            await self._progress.wait()
-        self._out.commit()
-        try:
-            await super().publish(source, event, data, target, scope=scope)
-        except PublishBufferFull:
-            self._out.rollback()
-            raise
-        self._out.commit()
-
-    def _session_started(self) -> None:
-        # Tell every other worker our latest numbers, so a gap at the end of our stream
-        # (events that died with the previous broker) shows up now.
-        try:
-            super().publish_nowait(LIFECYCLE_SOURCE, "sync", self._out.marks(), OTHERS)
-        except (anyio.WouldBlock, PublishBufferFull, PayloadTooLarge) as exc:
-            logger.warning("worker %d could not send its sync marker: %r", self.worker_id, exc)
-
-    # --- checked deliveries --------------------------------------------------------------
-
-    def _decode_batch(self, payloads: list[bytes]) -> tuple[list[Fields], list[RemoteProtocolError]]:
-        # One delivery at a time, so that a "lost" notice lands right before the event
-        # that revealed the gap.
-        out: list[Fields] = []
-        errors: list[RemoteProtocolError] = []
-        self._batch = out
-        try:
-            for payload in payloads:
-                try:
-                    ev = self._decode_event(payload)
-                except RemoteProtocolError as exc:
-                    errors.append(exc)
-                    continue
-                out.append((ev.source, ev.event, ev.data, ev.wid))
-        finally:
-            self._batch = None
-        return out, errors
-
-    def _decode_event(self, payload: bytes) -> Event:
-        msg = self.profile.codec.loads(payload)
-        if not isinstance(msg, dict):
-            raise RemoteProtocolError(f"event must be a map, got {type(msg).__name__}")
-        source = msg.get("source")
-        event = msg.get("event")
-        if not isinstance(source, str) or not isinstance(event, str):
-            control = as_control_frame(msg)  # (a pong: the client's read loop takes it)
-            if control is not None:
-                raise control
-            raise RemoteProtocolError("event needs string 'source' and 'event'")
-        raw_wid = msg.get("wid")
-        wid = _wid(raw_wid)
-        if raw_wid is not None and wid is None:
-            raise RemoteProtocolError("wid must be an integer")
-        data = msg.get("data")
-        node = msg.get("node")
-        if isinstance(node, str) and wid is not None:
-            # From another node (docs/cluster.md): its numbers are not ours to check.
-            return Event(source, event, data, NodeWid(wid, node), node)
-        ev = Event(source, event, data, wid)
-        lost = 0
-        if wid is not None:
-            for key in (BROADCAST_KEY, WORKER_KEY):
-                number = msg.get(key)
-                if isinstance(number, int) and not isinstance(number, bool):
-                    lost += self._in.event(wid, key, number)
-            if source == LIFECYCLE_SOURCE and event == "sync":
-                lost += self._in.sync(wid, data)
-            if lost:
-                self._report_lost(lost, wid)
-        elif source == LIFECYCLE_SOURCE and isinstance(data, dict):
-            self._lifecycle(event, data)
-        return ev
-
-    def _report_lost(self, count: int, wid: int) -> None:
-        self._embed_log.log(
-            logging.WARNING,
-            "worker %d: %d events from worker %d never arrived (lost with a broker)",
-            self.worker_id,
-            count,
-            wid,
-        )
-        notice = (LIFECYCLE_SOURCE, "lost", {"count": count, "wid": wid, "total": self._in.lost}, None)
-        if self._batch is not None:
-            self._batch.append(notice)
-        else:
-            self._dispatcher.push(Event(*notice))
-
-    def _lifecycle(self, event: str, data: dict[Any, Any]) -> None:
-        if event == "dropped":
-            count = _wid(data.get("count"))
-            if count:
-                self._in.dropped(count)
-        elif event == "stopping":
-            self._broker_stopping = True
-        elif event == "joined":
-            wid, pid = _wid(data.get("worker_id")), _wid(data.get("pid"))
-            if wid is not None and pid is not None:
-                self._in.joined(wid, pid)
-        elif event == "welcome":
-            broker = data.get("broker")
-            if isinstance(broker, dict):
-                self._welcomed(broker)
-
-    def _welcomed(self, broker: dict[Any, Any]) -> None:
-        self.welcomed_at = time.monotonic()
-        self._broker_stopping = False
-        previous = self._broker_identity
-        self._broker_identity = broker
-        self.generation = _wid(broker.get("generation"))
-        if previous is None:
-            return
-        same = (previous.get("pid"), previous.get("generation")) == (
-            broker.get("pid"),
-            broker.get("generation"),
-        )
-        if same:
-            return
-        self.broker_moves += 1
-        self._dispatcher.push(
-            Event(
-                LIFECYCLE_SOURCE,
-                "broker-moved",
-                {
-                    "generation": broker.get("generation"),
-                    "pid": broker.get("pid"),
-                    "worker_id": broker.get("worker_id"),
-                    "previous": previous,
-                },
-                None,
-            )
-        )
+        broker = self.hosting.broker
+        return None if broker is None else broker.statistics()
 
 
 async def _claim_id(path: str, limit: int, *, wait: bool, patience: float) -> tuple[int, FileLock]:

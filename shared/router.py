@@ -238,7 +238,9 @@ class WorkerQueue:
         # frame. Each frame that finds the queue full is dropped (newest) or pops the oldest.
         count = len(frames)
         queued = self.frames
-        room = max(0, self.max_len - len(queued))
+        # No room at all is not the floor: a put_back may leave the queue over max_len for
+        # a while (see put_back), and then every frame of the run finds it full.
+        room = self.max_len - len(queued) if len(queued) < self.max_len else 0
         lost = count - room
         self.routed += count
         self.dropped += lost
@@ -271,9 +273,14 @@ class WorkerQueue:
         callback()
 
     def take_all(self) -> list[bytes]:
-        """Remove and return every queued frame (one write's worth)."""
+        """Remove and return every queued frame (one write's worth).
+
+        Like :meth:`take_batch`, they count as in flight until :meth:`mark_sent` or
+        :meth:`put_back`.
+        """
         batch = list(self.frames)
         self.frames.clear()
+        self.in_flight += len(batch)
         return batch
 
     def take_batch(self, max_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> list[bytes]:
@@ -308,14 +315,14 @@ class WorkerQueue:
 
     def discard(self, batch: list[bytes]) -> None:
         """Drop, and count, an unsent batch (its connection was cut: disconnect policy)."""
-        self.in_flight = max(0, self.in_flight - len(batch))
+        self._land(len(batch))
         self.dropped += len(batch)
         self.dropped_unreported += len(batch)
 
     def mark_sent(self, count: int) -> None:
         """``count`` frames taken by :meth:`take_batch` were written."""
+        self._land(count)
         self.sent += count
-        self.in_flight = max(0, self.in_flight - count)
 
     def put_back(self, batch: list[bytes]) -> None:
         """Return an unsent batch to the front, in order (the send failed).
@@ -323,11 +330,17 @@ class WorkerQueue:
         Like lua-resty-events' ``push_front`` this may exceed ``max_len`` for a moment:
         dropping frames that were already accepted would be a silent loss.
         """
-        self.in_flight = max(0, self.in_flight - len(batch))
+        self._land(len(batch))
         self.frames.extendleft(reversed(batch))
         if self.wakeup is not None:
             self.wakeup()
             self.wakeup = None
+
+    def _land(self, count: int) -> None:
+        # Frames leave flight only after take_batch/take_all put them there: more would
+        # mean a batch reported twice, and the accounting identity is broken.
+        assert count <= self.in_flight, f"{count} frames landed, {self.in_flight} in flight"
+        self.in_flight -= count
 
     def statistics(self) -> QueueStatistics:
         return QueueStatistics(

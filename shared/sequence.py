@@ -15,16 +15,32 @@ Nobody is left who knows what was lost, so the receivers work it out themselves:
 A gap is reported as a ``lost`` event unless a ``dropped`` notice from the broker (a full
 queue) already accounted for it. Receivers never check their own streams.
 
-Everything here is pure bookkeeping, driven by :class:`shared.embed.EmbeddedClient`.
+:class:`SequenceOut` and :class:`SequenceIn` are pure bookkeeping; :class:`Sequencer` puts
+them on the wire: it numbers publishes and checks deliveries through the client's public
+seam (:class:`shared.client.ClientHooks`), composed by :mod:`shared.embed`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from .messages import Target, TargetKind
+from .dispatch import Fields
+from .errors import PayloadTooLarge, RemoteProtocolError
+from .frame import encode_frame
+from .logutil import LogLimiter
+from .messages import NodeWid, Target, TargetKind, as_control_frame, encode_publish
 
-__all__ = ["BROADCAST_KEY", "WORKER_KEY", "SequenceIn", "SequenceOut"]
+if TYPE_CHECKING:
+    from .client import Client
+
+__all__ = ["BROADCAST_KEY", "LIFECYCLE_SOURCE", "WORKER_KEY", "SequenceIn", "SequenceOut", "Sequencer"]
+
+logger = logging.getLogger(__name__)
+
+#: The bus's own events (the broker's ``LIFECYCLE_SOURCE``): never numbered.
+LIFECYCLE_SOURCE = "workerbus"
 
 #: Event-map key of the broadcast counter (targets all and others).
 BROADCAST_KEY = "sb"
@@ -152,3 +168,145 @@ class SequenceIn:
         self.unexplained_drops -= explained
         self.lost += gap - explained
         return gap - explained
+
+
+def as_int(value: object) -> int | None:
+    """An integer from the wire (msgpack may carry 3.0 for 3), else None; never a bool."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+#: Called for each of the broker's lifecycle events met while a read is decoded:
+#: ``(event, data, out)``; notices appended to ``out`` reach handlers in order, right before
+#: that event.
+LifecycleObserver = Callable[[str, dict[Any, Any], list[Fields]], None]
+
+
+class Sequencer:
+    """One embedded client's numbering of its publishes and checks of everybody else's.
+
+    Its :meth:`encode_publish` and :meth:`decode_batch` have the signatures of the
+    :class:`~shared.client.ClientHooks` methods of the same names. ``on_lifecycle`` sees the
+    broker's lifecycle events other than those this class uses itself (it still sees
+    ``dropped`` and ``joined``).
+    """
+
+    def __init__(self, worker_id: int, on_lifecycle: LifecycleObserver | None = None) -> None:
+        self.worker_id = worker_id
+        self.out = SequenceOut()
+        self.seen = SequenceIn(worker_id)
+        self._on_lifecycle = on_lifecycle
+        self._log = LogLimiter(logger)
+
+    @property
+    def lost(self) -> int:
+        """Events found missing through gaps (not counting drops the broker reported)."""
+        return self.seen.lost
+
+    def marks(self) -> dict[str, object]:
+        """The data of the ``sync`` marker sent after every (re)connect."""
+        return self.out.marks()
+
+    # --- numbered publishes --------------------------------------------------------------
+
+    def encode_publish(
+        self, client: Client, source: str, event: str, data: object, target: Target
+    ) -> bytes:
+        numbered = None if source == LIFECYCLE_SOURCE else self.out.assign(target)
+        try:
+            if not isinstance(source, str) or not source or not isinstance(event, str) or not event:
+                raise ValueError("source and event must be non-empty strings")
+            msg: dict[str, object] = {"source": source, "event": event}
+            if data is not None:
+                msg["data"] = data
+            msg["wid"] = client.worker_id
+            if numbered is not None:
+                msg[numbered[0]] = numbered[1]
+            profile = client.profile
+            outer = encode_publish(profile, target, profile.codec.dumps(msg))
+            if len(outer) > client.max_payload_len:
+                raise PayloadTooLarge(len(outer), client.max_payload_len)
+        except BaseException:
+            # Refused: take the number back, so refusals leave no gaps. (Once encoded, the
+            # client buffers the frame at once: ClientHooks.encode_publish.)
+            self.out.rollback()
+            raise
+        self.out.commit()
+        return encode_frame(outer, profile.header_len)
+
+    # --- checked deliveries --------------------------------------------------------------
+
+    def decode_batch(
+        self, client: Client, payloads: list[bytes]
+    ) -> tuple[list[Fields], list[RemoteProtocolError]]:
+        # One delivery at a time, so that a "lost" notice lands right before the event
+        # that revealed the gap.
+        out: list[Fields] = []
+        errors: list[RemoteProtocolError] = []
+        loads = client.profile.codec.loads
+        for payload in payloads:
+            try:
+                fields = self._check(loads(payload), out)
+            except RemoteProtocolError as exc:
+                errors.append(exc)
+                continue
+            out.append(fields)
+        return out, errors
+
+    def _check(self, msg: object, out: list[Fields]) -> Fields:
+        if not isinstance(msg, dict):
+            raise RemoteProtocolError(f"event must be a map, got {type(msg).__name__}")
+        source = msg.get("source")
+        event = msg.get("event")
+        if not isinstance(source, str) or not isinstance(event, str):
+            control = as_control_frame(msg)  # (a pong: the client's read loop takes it)
+            if control is not None:
+                raise control
+            raise RemoteProtocolError("event needs string 'source' and 'event'")
+        raw_wid = msg.get("wid")
+        wid = as_int(raw_wid)
+        if raw_wid is not None and wid is None:
+            raise RemoteProtocolError("wid must be an integer")
+        data = msg.get("data")
+        node = msg.get("node")
+        if isinstance(node, str) and wid is not None:
+            # From another node (docs/cluster.md): its numbers are not ours to check.
+            return source, event, data, NodeWid(wid, node)
+        if wid is not None:
+            lost = 0
+            for key in (BROADCAST_KEY, WORKER_KEY):
+                number = msg.get(key)
+                if isinstance(number, int) and not isinstance(number, bool):
+                    lost += self.seen.event(wid, key, number)
+            if source == LIFECYCLE_SOURCE and event == "sync":
+                lost += self.seen.sync(wid, data)
+            if lost:
+                self._report_lost(lost, wid, out)
+        elif source == LIFECYCLE_SOURCE and isinstance(data, dict):
+            self._lifecycle(event, data, out)
+        return source, event, data, wid
+
+    def _report_lost(self, count: int, wid: int, out: list[Fields]) -> None:
+        self._log.log(
+            logging.WARNING,
+            "worker %d: %d events from worker %d never arrived (lost with a broker)",
+            self.worker_id,
+            count,
+            wid,
+        )
+        out.append((LIFECYCLE_SOURCE, "lost", {"count": count, "wid": wid, "total": self.seen.lost}, None))
+
+    def _lifecycle(self, event: str, data: dict[Any, Any], out: list[Fields]) -> None:
+        if event == "dropped":
+            count = as_int(data.get("count"))
+            if count:
+                self.seen.dropped(count)
+        elif event == "joined":
+            wid, pid = as_int(data.get("worker_id")), as_int(data.get("pid"))
+            if wid is not None and pid is not None:
+                self.seen.joined(wid, pid)
+        if self._on_lifecycle is not None:
+            self._on_lifecycle(event, data, out)

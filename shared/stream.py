@@ -8,6 +8,8 @@ parsed before the socket is read again, so nothing pipelined is lost.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anyio
 from anyio.abc import ByteStream
 
@@ -27,13 +29,14 @@ class FrameStream:
         header_len: frame header width of the profile (2 or 3).
         max_frame_len: the largest payload accepted from the peer.
         initial: bytes already read from ``stream`` that belong to the frame stream.
+        clock: what ``frame_started`` is read from (the broker's injected clock, if any).
 
     ``frame_started`` is when the incomplete frame now buffered began to arrive (on
-    :func:`anyio.current_time`'s clock), or None between frames: the broker uses it to drop
+    ``clock``, by default :func:`anyio.current_time`), or None between frames: the broker uses it to drop
     a peer that stops in the middle of a frame (``frame_timeout``).
     """
 
-    __slots__ = ("_decoder", "_initial", "frame_started", "stream")
+    __slots__ = ("_clock", "_decoder", "_initial", "frame_started", "stream")
 
     def __init__(
         self,
@@ -42,8 +45,10 @@ class FrameStream:
         header_len: int,
         max_frame_len: int | None = None,
         initial: bytes = b"",
+        clock: Callable[[], float] = anyio.current_time,
     ) -> None:
         self.stream = stream
+        self._clock = clock
         self._decoder = FrameDecoder(header_len, max_frame_len)
         self._initial = initial
         self.frame_started: float | None = None
@@ -94,7 +99,7 @@ class FrameStream:
         # A read that completed frames and left a tail started a new frame just now.
         if self._decoder.buffered:
             if frames or self.frame_started is None:
-                self.frame_started = anyio.current_time()
+                self.frame_started = self._clock()
         else:
             self.frame_started = None
 

@@ -88,7 +88,7 @@ class LocalBus:
             while taken < len(events):
                 await dispatcher.wait_room()
                 taken += dispatcher.push_many(events[taken:])
-            queue.sent += len(batch)
+            queue.mark_sent(len(batch))
             self._pumping = 0
             await anyio.lowlevel.checkpoint()
 

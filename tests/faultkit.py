@@ -392,6 +392,8 @@ def _raw(args: argparse.Namespace) -> None:
     whole = encode_frame(encode_publish(NATIVE, OTHERS, event))
     sock.sendall(encode_frame(encode_hello(NATIVE, args.id, os.getpid())) + whole + whole[: len(whole) // 2])
     _emit({"mid_frame": True})
+    # On purpose: the peer stays alive, stopped inside its frame, until the test kills it
+    # (the kill is the fault under test; the bound only reaps a peer a test forgot).
     time.sleep(DEADLINE * 3)
 
 

@@ -12,6 +12,20 @@ import anyio
 Record = tuple[str, str, Any, "int | None"]
 
 
+class ManualClock:
+    """A broker clock (``Broker(clock=...)``) that moves only when a test moves it, so a
+    timer case (unique timeout, queue grace, frame deadline) takes no real time."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 class Recorder:
     """A handler that records (source, event, data, wid) and lets tests wait for counts."""
 

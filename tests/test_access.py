@@ -26,10 +26,10 @@ import pytest
 from shared.broker import Broker
 from shared.errors import AddressInUse
 from shared.frame import encode_frame
+from shared.listener import open_unix_listener
 from shared.messages import encode_hello
 from shared.peercred import PEERCRED_SUPPORTED, default_trusted_uids
 from shared.profile import NATIVE
-from shared.transport import open_unix_listener
 from tests.faultkit import PY, REPO, BrokerProc, reap
 from tests.helpers import wait_until
 

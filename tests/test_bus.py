@@ -23,7 +23,7 @@ from shared.client import Client
 from shared.errors import LocalProtocolError, PayloadTooLarge, PublishBufferFull, UpgradeRejected
 from shared.transport import Transport, get_transport, parse_address
 
-from .helpers import Recorder, wait_until
+from .helpers import ManualClock, Recorder, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -79,23 +79,37 @@ async def test_publish_before_the_broker_exists_is_buffered(address: str, transp
             tg.cancel_scope.cancel()
 
 
-async def test_unique_is_handled_once_then_again_after_timeout(broker: Broker, address: str, transport: str) -> None:
-    async with clients(address, transport, 0, 1, 2) as cs:
-        recs = [Recorder() for _ in cs]
-        for c, r in zip(cs, recs, strict=True):
-            c.subscribe("s", "*", r)
-        await cs[0].publish("s", "u1", target="unique:key")
-        await cs[1].publish("s", "u2", target="unique:key")
-        # Only each publisher's own events are ordered: let the broker route both first.
-        await wait_until(lambda: broker.statistics().router.publishes == 2)
-        await cs[2].publish("s", "marker")
-        await wait_until(lambda: all(r.events and r.events[-1][1] == "marker" for r in recs))
-        handled = [e[1] for r in recs for e in r.events if e[1].startswith("u")]
-        assert len(handled) == 1  # u1 or u2: whichever reached the broker first
-        await anyio.sleep(broker.router.unique_timeout + 0.05)
-        await cs[1].publish("s", "u3", target="unique:key")
-        await wait_until(lambda: sum(e[1] == "u3" for r in recs for e in r.events) == 1)
-        assert broker.router.unique_duplicates == 1
+async def test_unique_is_handled_once_then_again_after_timeout(address: str, transport: str) -> None:
+    clock = ManualClock()
+    broker = Broker(transport=transport, expected_workers=4, unique_timeout=30.0, clock=clock)
+    async with anyio.create_task_group() as tg:
+        await tg.start(broker.serve, address)
+        async with clients(address, transport, 0, 1, 2) as cs:
+            await _unique_case(broker, clock, cs)
+        tg.cancel_scope.cancel()
+
+
+async def _unique_case(broker: Broker, clock: ManualClock, cs: list[Client]) -> None:
+    recs = [Recorder() for _ in cs]
+    for c, r in zip(cs, recs, strict=True):
+        c.subscribe("s", "*", r)
+    await cs[0].publish("s", "u1", target="unique:key")
+    await cs[1].publish("s", "u2", target="unique:key")
+    # Only each publisher's own events are ordered: let the broker route both first.
+    await wait_until(lambda: broker.statistics().router.publishes == 2)
+    await cs[2].publish("s", "marker")
+    await wait_until(lambda: all(r.events and r.events[-1][1] == "marker" for r in recs))
+    handled = [e[1] for r in recs for e in r.events if e[1].startswith("u")]
+    assert len(handled) == 1  # u1 or u2: whichever reached the broker first
+    clock.advance(29.0)  # still within the timeout: suppressed
+    await cs[1].publish("s", "u3", target="unique:key")
+    await cs[1].publish("s", "marker2")
+    await wait_until(lambda: all(r.events and r.events[-1][1] == "marker2" for r in recs))
+    assert not any(e[1] == "u3" for r in recs for e in r.events)
+    clock.advance(1.0)  # the 30 s have passed, without waiting for them
+    await cs[1].publish("s", "u4", target="unique:key")
+    await wait_until(lambda: sum(e[1] == "u4" for r in recs for e in r.events) == 1)
+    assert broker.router.unique_duplicates == 2
 
 
 async def test_worker_and_others_targets(broker: Broker, address: str, transport: str) -> None:

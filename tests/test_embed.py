@@ -313,8 +313,7 @@ async def test_loss_in_a_dead_broker_is_reported(address: str) -> None:
             first.router.queues[1] = _BlackHole(1, 16, expected=True, now=0.0)
             await pub.publish("n", "2")
             await pub.publish("n", "3")
-            await pub.flush()
-            await anyio.sleep(0.05)
+            await pub.flush()  # the barrier: both are routed (into the black hole) now
             scope.cancel()
             await wait_until(lambda: not sub.is_ready)
             second = Broker(transport="http", expected_workers=2, lifecycle_events=True)

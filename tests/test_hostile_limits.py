@@ -188,8 +188,9 @@ async def test_a_stalled_frame_is_held_once(address: str) -> None:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(frames.receive)
                     await peer.send(payload)
+                    # The reader fed the last chunk and went straight back to waiting for
+                    # more (no await in between): what it holds now is what it keeps.
                     await wait_until(lambda: frames.buffered == len(payload))
-                    await anyio.sleep(0.05)  # the reader is back waiting for more
                     held = tracemalloc.get_traced_memory()[0] - before
                     tg.cancel_scope.cancel()
             finally:

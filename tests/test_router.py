@@ -246,7 +246,9 @@ def _history_router(grace: float, policy: OverflowPolicy) -> tuple[Router, Clock
     policy=st.sampled_from(list(OverflowPolicy)),
     ops=st.lists(
         st.tuples(
-            st.sampled_from(["all", "others", "worker", "attach", "detach", "tick", "take", "stats"]),
+            st.sampled_from(
+                ["all", "others", "worker", "attach", "detach", "tick", "take", "retry", "cut", "stats"]
+            ),
             st.integers(0, 7),
             st.integers(1, 5),
         ),
@@ -276,10 +278,18 @@ def test_muting_only_counts_what_a_slow_path_would_have_copied(policy: OverflowP
                 q = r.queues.get(wid) or r.muted.get(wid)
                 if q is not None and q.frames:
                     q.mark_sent(len(q.take_batch(n)))
+            elif op in ("retry", "cut"):
+                # A failed write: the batch goes back (and may leave the queue over
+                # max_len, which the next runs must handle), or is dropped when cut off.
+                q = r.queues.get(wid) or r.muted.get(wid)
+                if q is not None and q.frames:
+                    batch = q.take_all() if n == 5 else q.take_batch(n)
+                    (q.put_back if op == "retry" else q.discard)(batch)
             elif op == "stats":
                 r.statistics()
         for q in muting.queues.values():
             assert q.connected or q.expected or clock.now - q.idle_since < 1.0
+            assert q.in_flight == 0  # every batch taken above has landed (sent, back, cut)
     a, b = muting.statistics(), never.statistics()
     assert a.routed == a.sent + a.dropped + a.queued + a.in_flight
     assert [(q.worker_id, q.routed) for q in a.queues] == [(q.worker_id, q.routed) for q in b.queues]
@@ -287,3 +297,51 @@ def test_muting_only_counts_what_a_slow_path_would_have_copied(policy: OverflowP
     for q in [*muting.queues.values(), *muting.muted.values()]:
         assert q.routed == q.sent + q.dropped + len(q.frames) + q.in_flight
         assert q.dropped_unreported <= q.dropped
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    policy=st.sampled_from([OverflowPolicy.DROP_NEWEST, OverflowPolicy.DROP_OLDEST]),
+    ops=st.lists(
+        st.tuples(st.sampled_from(["push", "take", "send", "retry", "cut"]), st.integers(1, 7)),
+        max_size=60,
+    ),
+)
+def test_queue_accounting_under_failed_writes(policy: OverflowPolicy, ops: list[tuple[str, int]]) -> None:
+    """One queue's writer life (take, then send, retry or cut) with runs pushed in between:
+    ``push_many`` leaves exactly what one ``push`` at a time leaves, also when a put_back
+    left the queue over ``max_len``; nothing lands that was not in flight (the queue
+    asserts it); and ``routed == sent + dropped + queued + in_flight`` after every step."""
+    fast = Router(max_queue_len=4).attach(0)
+    slow = Router(max_queue_len=4).attach(0)
+    batches: list[tuple[list[bytes], list[bytes]]] = []
+    tag = 0
+    for op, n in ops:
+        if op == "push":
+            run = [b"%d" % (tag + i) for i in range(n)]
+            tag += n
+            assert fast.push_many(run, policy) == sum(slow.push(f, policy) for f in run)
+        elif op == "take" and fast.frames:
+            batches.append((fast.take_batch(n), slow.take_batch(n)))  # n bytes: 1+ frames
+        elif batches and op in ("send", "retry", "cut"):
+            a, b = batches.pop()
+            for q, batch in ((fast, a), (slow, b)):
+                if op == "send":
+                    q.mark_sent(len(batch))
+                elif op == "retry":
+                    q.put_back(batch)
+                else:
+                    q.discard(batch)
+        for q in (fast, slow):
+            assert q.routed == q.sent + q.dropped + len(q.frames) + q.in_flight
+            assert 0 <= q.in_flight and q.dropped_unreported <= q.dropped
+        assert list(fast.frames) == list(slow.frames) and fast.dropped == slow.dropped
+
+
+def test_landing_more_than_is_in_flight_is_a_bug_not_a_clamp() -> None:
+    q = Router(max_queue_len=4).attach(0)
+    q.push(b"a", OverflowPolicy.DROP_NEWEST)
+    batch = q.take_batch()
+    q.mark_sent(len(batch))
+    with pytest.raises(AssertionError, match="in flight"):
+        q.put_back(batch)  # the same batch reported twice

@@ -30,9 +30,8 @@ __all__ = ["REGISTRY", "Case", "CaseFailed", "CaseSkipped", "Ctx", "KitConfig", 
 SOURCE = "conformance"
 #: How many frames a reader skips (foreign traffic, stale queue entries) before giving up.
 MAX_SKIPPED_FRAMES = 50_000
-#: A disconnect is invisible to the kit; the broker gets this long to notice one before the
-#: next step relies on it (used only where the protocol offers no signal to wait for).
-SETTLE = 0.2
+#: Probe round trips of :meth:`Ctx.settle`.
+SETTLE_ROUND_TRIPS = 2
 
 
 class CaseFailed(Exception):
@@ -112,8 +111,21 @@ class Ctx:
         for conn in self.conns:
             conn.close()
 
-    def settle(self) -> None:
-        time.sleep(SETTLE)
+    def settle(self, conn: Conn, wid: int) -> None:
+        """Let the broker catch up with what this case did before (e.g. a close) by round
+        trips instead of a sleep: ``conn`` publishes a probe to all and reads until it is
+        back, so the broker has read and routed everything sent before it. A close on
+        another connection is read by the broker no later than the probe that was sent
+        after it, and acted on in the loop turns a round trip takes; two make that margin
+        wide. The probe carries no case marker, so every reader of the case skips it as
+        foreign traffic (:meth:`ours`)."""
+        for _ in range(SETTLE_ROUND_TRIPS):
+            self._counter += 1
+            probe = self.profile.encode(
+                {"source": SOURCE, "event": f"{self.cfg.nonce}/settle/{self._counter}", "wid": wid}
+            )
+            self.publish(conn, {}, probe)
+            self.collect(conn, probe, f"worker {wid} (settling)")
 
     def describe(self, frames: Iterable[bytes]) -> str:
         """Frames as event labels where we know them, hex otherwise."""

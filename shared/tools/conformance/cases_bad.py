@@ -106,6 +106,6 @@ def truncated(ctx: Ctx) -> None:
     offender = ctx.worker(ctx.id0)
     offender.send(ctx.profile.header(100) + b"\x00" * 10)
     offender.close()
-    ctx.settle()
+    ctx.settle(bystander, ctx.id0 + 1)
     ctx.check_bystander(bystander, ctx.id0 + 1)
 
