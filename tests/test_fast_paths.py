@@ -644,13 +644,12 @@ def test_embed_encoder_is_the_reference(publishes: list[Any]) -> None:
     per_worker: dict[int, int] = {}
     for source, event, data, target in publishes:
         try:
-            frame = client._encode(source, event, data, target)
+            frame = client.sequencer.encode_publish(client, source, event, data, target)
         except (ValueError, LocalProtocolError, PayloadTooLarge) as exc:
             # refused exactly when the reference refuses (and the number is taken back)
             with pytest.raises(type(exc)):
                 _reference_publish_frame(NATIVE, 1, source, event, data, target, client.max_payload_len)
             continue
-        client._out.commit()
         (payload,), outcome = reference.parse_frames(frame, 2, 65535)
         assert outcome == "ok"
         got_target, inner = reference.decode_publish(NATIVE, payload)
@@ -675,12 +674,14 @@ def test_embed_decoder_is_the_reference(payloads: list[bytes]) -> None:
     expected = [_ref_or_error(reference.decode_event, NATIVE, p) for p in payloads]
 
     def decode(payload: bytes) -> Any:
-        ev = client._decode_event(payload)
-        assert ev.node == getattr(ev.wid, "node", None)
-        return (ev.source, ev.event, ev.data, ev.wid)
+        events, errors = client.sequencer.decode_batch(client, [payload])
+        if errors:
+            raise errors[0]
+        (fields,) = events
+        return fields
 
     assert [_or_error(decode, p) for p in payloads] == expected
-    events, errors = client._decode_batch(payloads)
+    events, errors = client.sequencer.decode_batch(client, payloads)
     assert events == [e for e in expected if isinstance(e, tuple) and e[0] != "control"]
     assert len(errors) == len(payloads) - len(events)
 

@@ -23,15 +23,15 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # (the package entry) runs nothing: its public names load on first use (PEP 562).
     ("pure", ("shared", "shared.frame", "shared.codec", "shared.profile", "shared.luabuf", "shared.messages",
               "shared.router", "shared.stream", "shared.errors", "shared.logutil", "shared.unixpath",
-              "shared.stats", "shared.sequence", "shared.peercred", "shared.sockets", "shared.memtrim")),
+              "shared.stats", "shared.peercred", "shared.sockets", "shared.memtrim")),
     # the core: broker and client over any transport object, and the seams they offer
-    ("core", ("shared.transport", "shared.broker", "shared.client", "shared.dispatch",
-              "shared.testing", "shared.bridge")),
+    ("core", ("shared.transport", "shared.listener", "shared.broker", "shared.client", "shared.dispatch",
+              "shared.testing", "shared.bridge", "shared.sequence")),
     # the transports: how a connection starts
     ("transports", ("httpbus", "httpbus.handshake", "httpbus.transport",
                     "streambus", "streambus.transport")),
     # the edges a program meets: names -> transports, embedding, integrations, cluster engines
-    ("edges", ("shared.transportnames", "shared.embed", "shared.election", "shared.blocking",
+    ("edges", ("shared.transportnames", "shared.embed", "shared.hosting", "shared.election", "shared.blocking",
                "shared.integrations", "shared.integrations.*", "shared.bridges", "shared.bridges.*")),
     # the tools: command line, demos, stats server, live view, bench suite, conformance kit
     ("tools", ("shared.tools", "shared.tools.*")),
