@@ -26,6 +26,7 @@ from .memtrim import reclaim_memory
 from .messages import (
     ALL,
     CAP_BARRIER,
+    CAP_CLUSTER,
     CAP_WELCOME,
     PROTOCOL_VERSION,
     Target,
@@ -86,7 +87,7 @@ LIFECYCLE_SOURCE = "workerbus"
 #: kernel instead of staying resident (shared/memtrim.py says why that is needed).
 _TRIM_AFTER_CLOSES = 64
 #: The capabilities this broker grants when a native hello asks for them (protocol.md §8).
-SUPPORTED_CAPS = frozenset({CAP_WELCOME, CAP_BARRIER})
+SUPPORTED_CAPS = frozenset({CAP_WELCOME, CAP_BARRIER, CAP_CLUSTER})
 
 
 def _version() -> str:
@@ -586,6 +587,7 @@ class Broker:
         route_many = self.router.route_many
         wid = conn.worker_id
         barrier = CAP_BARRIER in conn.caps
+        cluster = CAP_CLUSTER in conn.caps
         try:
             while True:
                 # Consecutive publishes with the same target are routed as one run, so each
@@ -593,6 +595,11 @@ class Broker:
                 # after everything before it was routed.
                 runs, error = decode_publish_batch(profile, frames)
                 for target, run in runs:
+                    if target.cluster and not cluster:
+                        # (what came before it is routed: like any bad frame)
+                        raise RemoteProtocolError(
+                            "a publish with scope 'cluster' without the 'cluster' capability in the hello"
+                        )
                     route_many(wid, target, run)
                 if error is not None:
                     if not barrier:
