@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -65,6 +66,8 @@ DEFAULT_MAX_BUFFER = 10000
 #: soon the other nodes find out that the last events before an outage never came.
 SYNC_INTERVAL = 1.0
 _LIFECYCLE_SOURCE = "workerbus"
+#: The GIL switch interval while the engine runs on a thread of its own (trio brokers).
+THREAD_SWITCH_INTERVAL = 0.0005
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,6 +370,12 @@ class Bridge:
                     await self._pump(rsock)
             else:
                 thread = threading.Thread(target=host.run, name=f"workerbus-bridge-{self.node}", daemon=True)
+                # Two busy threads hand the GIL over every switch interval (5 ms by default):
+                # a message the engine thread has read waits that long while the broker's
+                # thread routes a burst. A shorter interval bounds that wait (measured in
+                # docs/cluster.md); restored when the bridge stops.
+                interval = sys.getswitchinterval()
+                sys.setswitchinterval(min(interval, THREAD_SWITCH_INTERVAL))
                 thread.start()
                 try:
                     task_status.started()
@@ -375,6 +384,7 @@ class Bridge:
                     host.stop()
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(thread.join, 5.0)
+                    sys.setswitchinterval(interval)
         finally:
             rsock.close()
             self._wsock.close()
