@@ -436,10 +436,9 @@ class Bridge:
                 self._report_lost(broker, lost, env.node)
             fresh = env.events[seen:] if seen else env.events
             self.received += len(fresh)
-            inject = broker.inject
-            for event in fresh:
+            if fresh:
                 # "others" excludes the publisher, who is not on this node: all of ours.
-                inject(ALL, event)
+                broker.inject_many(ALL, fresh)
             return
         lost = self._gaps.step(env.node, env.generation, env.seq, marker=env.kind == "s")
         if lost < 0:
