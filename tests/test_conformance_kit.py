@@ -176,6 +176,7 @@ def test_kit_passes_serve_and_serve_reports_the_kits_bad_input(
         ("die-on-bad-input", "bad.hello-schema"),
         ("no-welcome", "native.welcome"),
         ("early-pong", "native.barrier"),
+        ("scope-for-anyone", "cluster.not-asked"),
     ],
 )
 def test_kit_catches_broken_broker(kit_dir: str, flaw: str, case: str) -> None:
