@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -51,6 +52,7 @@ __all__ = [
     "GapCheck",
     "decode_envelope",
     "encode_envelope",
+    "tag_node",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ DEFAULT_MAX_BUFFER = 10000
 #: soon the other nodes find out that the last events before an outage never came.
 SYNC_INTERVAL = 1.0
 _LIFECYCLE_SOURCE = "workerbus"
+#: The GIL switch interval while the engine runs on a thread of its own (trio brokers).
+THREAD_SWITCH_INTERVAL = 0.0005
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +96,8 @@ class BridgeStatistics:
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """One message on the engine. ``kind``: ``"e"`` an event, ``"s"`` a sync marker."""
+    """One message on the engine. ``kind``: ``"b"`` a run of events numbered ``seq``,
+    ``seq + 1``, … (what bridges send), ``"e"`` one event, ``"s"`` a sync marker."""
 
     kind: str
     node: str
@@ -100,6 +105,7 @@ class Envelope:
     seq: int
     target: str = "all"
     event: bytes = b""
+    events: tuple[bytes, ...] = ()
 
 
 def encode_envelope(env: Envelope) -> bytes:
@@ -107,7 +113,38 @@ def encode_envelope(env: Envelope) -> bytes:
     if env.kind == "e":
         msg["t"] = env.target
         msg["e"] = env.event
+    elif env.kind == "b":
+        msg["e"] = list(env.events)
     return bytes(msgpack.packb(msg, use_bin_type=True))
+
+
+def tag_node(event: bytes, node: str) -> bytes:
+    """``event`` (a MessagePack map) with ``"node": node`` added, and the embedded mode's
+    per-host sequence numbers removed (they do not cross).
+
+    The common case costs no decoding: when the map has none of those keys, the map's
+    length in its header goes up by one and the pair is appended. Anything else (one of
+    the keys present, a map header this does not patch) is decoded and re-encoded.
+    """
+    first = event[:1]
+    if first and b"\xa4node" not in event and b"\xa2sb" not in event and b"\xa2sw" not in event:
+        b0 = first[0]
+        if 0x80 <= b0 < 0x8F:  # fixmap with fewer than 15 pairs
+            return bytes((b0 + 1,)) + event[1:] + b"\xa4node" + bytes(msgpack.packb(node))
+        if b0 == 0xDE and len(event) >= 3:  # map 16
+            n = int.from_bytes(event[1:3], "big")
+            if n < 0xFFFF:
+                return b"\xde" + (n + 1).to_bytes(2, "big") + event[3:] + b"\xa4node" + bytes(msgpack.packb(node))
+    try:
+        msg = msgpack.unpackb(event, raw=False)
+    except Exception:  # noqa: BLE001 - forward what we cannot read unchanged
+        return event
+    if isinstance(msg, dict):
+        msg.pop(BROADCAST_KEY, None)
+        msg.pop(WORKER_KEY, None)
+        msg["node"] = node
+        return bytes(msgpack.packb(msg, use_bin_type=True))
+    return event
 
 
 def decode_envelope(payload: bytes) -> Envelope | None:
@@ -119,12 +156,17 @@ def decode_envelope(payload: bytes) -> Envelope | None:
     if not isinstance(msg, dict):
         return None
     kind, node, gen, seq = msg.get("k"), msg.get("n"), msg.get("g"), msg.get("s")
-    if kind not in ("e", "s") or not isinstance(node, str) or not isinstance(gen, str):
+    if kind not in ("b", "e", "s") or not isinstance(node, str) or not isinstance(gen, str):
         return None
     if not isinstance(seq, int) or isinstance(seq, bool):
         return None
     if kind == "s":
         return Envelope("s", node, gen, seq)
+    if kind == "b":
+        events = msg.get("e")
+        if not isinstance(events, list) or not events or not all(isinstance(e, bytes) for e in events):
+            return None
+        return Envelope("b", node, gen, seq, events=tuple(events))
     target, event = msg.get("t"), msg.get("e")
     if target not in ("all", "others") or not isinstance(event, bytes):
         return None
@@ -160,6 +202,24 @@ class GapCheck:
             self.lost += gap
             return gap
         return 0
+
+
+    def step_run(self, node: str, generation: str, first: int, count: int) -> tuple[int, int]:
+        """Events numbered ``first`` … ``first + count - 1`` arrived together: returns
+        (newly lost before them, how many of them at the start were already seen)."""
+        last_new = first + count - 1
+        previous = self._last.get(node)
+        if previous is None or previous[0] != generation:
+            self._last[node] = (generation, last_new)
+            return 0, 0  # first sight of this stream: the baseline
+        last = previous[1]
+        if last_new <= last:
+            return 0, count  # all seen already
+        self._last[node] = (generation, last_new)
+        seen = max(0, last - first + 1)
+        gap = max(0, first - last - 1)
+        self.lost += gap
+        return gap, seen
 
 
 class Engine(Protocol):
@@ -229,6 +289,9 @@ class Bridge:
         # engine thread -> broker: raw engine messages and won unique events
         self._inbox: deque[tuple[str, Any]] = deque()
         self._wake_pending = False
+        #: True while the engine runs in the broker's own loop (asyncio): what it receives
+        #: is handed over by a plain call, no wake-up socket
+        self._same_thread = False
         # (made by run: a bridge that never runs holds no sockets)
         self._wsock: socket.socket | None = None
         self._gaps = GapCheck()
@@ -300,12 +363,19 @@ class Bridge:
         host = EngineHost(self)
         try:
             if sniffio.current_async_library() == "asyncio":
+                self._same_thread = True
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(host.run_here)
                     task_status.started()
                     await self._pump(rsock)
             else:
                 thread = threading.Thread(target=host.run, name=f"workerbus-bridge-{self.node}", daemon=True)
+                # Two busy threads hand the GIL over every switch interval (5 ms by default):
+                # a message the engine thread has read waits that long while the broker's
+                # thread routes a burst. A shorter interval bounds that wait (measured in
+                # docs/cluster.md); restored when the bridge stops.
+                interval = sys.getswitchinterval()
+                sys.setswitchinterval(min(interval, THREAD_SWITCH_INTERVAL))
                 thread.start()
                 try:
                     task_status.started()
@@ -314,6 +384,7 @@ class Bridge:
                     host.stop()
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(thread.join, 5.0)
+                    sys.setswitchinterval(interval)
         finally:
             rsock.close()
             self._wsock.close()
@@ -339,7 +410,7 @@ class Bridge:
                 self._receive(broker, value)
             else:  # "u": a unique key this node won: handle it here, once
                 key, event = value
-                broker.inject(Target(TargetKind.UNIQUE, key=key), self._with_node(event, self.node))
+                broker.inject(Target(TargetKind.UNIQUE, key=key), tag_node(event, self.node))
 
     def _receive(self, broker: Broker, payload: bytes) -> None:
         env = decode_envelope(payload)
@@ -356,49 +427,52 @@ class Bridge:
                     self.node,
                 )
             return
+        if env.kind == "b":
+            # A run of events, already tagged with their node by the sender (tag_node):
+            # nothing is decoded per event on this side.
+            lost, seen = self._gaps.step_run(env.node, env.generation, env.seq, len(env.events))
+            self.duplicates += seen
+            if lost:
+                self._report_lost(broker, lost, env.node)
+            fresh = env.events[seen:] if seen else env.events
+            self.received += len(fresh)
+            if fresh:
+                # "others" excludes the publisher, who is not on this node: all of ours.
+                broker.inject_many(ALL, fresh)
+            return
         lost = self._gaps.step(env.node, env.generation, env.seq, marker=env.kind == "s")
         if lost < 0:
             self.duplicates += 1
             return
         if lost:
-            broker.log_limiter.log(
-                logging.WARNING,
-                "bridge: %d cluster events from node %s never arrived", lost, env.node
-            )
-            notice = msgpack.packb(
-                {
-                    "source": _LIFECYCLE_SOURCE,
-                    "event": "lost",
-                    "data": {"count": lost, "node": env.node, "total": self._gaps.lost},
-                },
-                use_bin_type=True,
-            )
-            broker.inject(ALL, notice)
+            self._report_lost(broker, lost, env.node)
         if env.kind == "e":
             self.received += 1
-            # "others" excludes the publisher, who is not on this node: all of ours.
-            broker.inject(ALL, self._with_node(env.event, env.node))
+            broker.inject(ALL, tag_node(env.event, env.node))
 
-    @staticmethod
-    def _with_node(event: bytes, node: str) -> bytes:
-        # Handlers tell where an event came from by its "node" key (docs/cluster.md).
-        try:
-            msg = msgpack.unpackb(event, raw=False)
-        except Exception:  # noqa: BLE001 - forward what we cannot read unchanged
-            return event
-        if isinstance(msg, dict):
-            # The embedded mode's sequence numbers are per host: they do not cross.
-            msg.pop(BROADCAST_KEY, None)
-            msg.pop(WORKER_KEY, None)
-            msg["node"] = node
-            return bytes(msgpack.packb(msg, use_bin_type=True))
-        return event
+    def _report_lost(self, broker: Broker, lost: int, node: str) -> None:
+        broker.log_limiter.log(
+            logging.WARNING, "bridge: %d cluster events from node %s never arrived", lost, node
+        )
+        notice = msgpack.packb(
+            {
+                "source": _LIFECYCLE_SOURCE,
+                "event": "lost",
+                "data": {"count": lost, "node": node, "total": self._gaps.lost},
+            },
+            use_bin_type=True,
+        )
+        broker.inject(ALL, notice)
 
     # --- called from the engine thread ---------------------------------------------------
 
     def from_engine(self, kind: str, value: Any) -> None:
         """Hand a message (``"m"``) or a won unique event (``"u"``) to the broker side."""
         self._inbox.append((kind, value))
+        if self._same_thread:
+            if self._broker is not None:
+                self._drain()
+            return
         if not self._wake_pending:
             self._wake_pending = True
             try:

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -28,6 +28,7 @@ from .memtrim import reclaim_memory
 from .messages import (
     ALL,
     CAP_BARRIER,
+    CAP_CLUSTER,
     CAP_WELCOME,
     PROTOCOL_VERSION,
     Target,
@@ -88,7 +89,7 @@ LIFECYCLE_SOURCE = "workerbus"
 #: kernel instead of staying resident (shared/memtrim.py says why that is needed).
 _TRIM_AFTER_CLOSES = 64
 #: The capabilities this broker grants when a native hello asks for them (protocol.md §8).
-SUPPORTED_CAPS = frozenset({CAP_WELCOME, CAP_BARRIER})
+SUPPORTED_CAPS = frozenset({CAP_WELCOME, CAP_BARRIER, CAP_CLUSTER})
 
 
 def _version() -> str:
@@ -575,6 +576,7 @@ class Broker:
         route_many = self.router.route_many
         wid = conn.worker_id
         barrier = CAP_BARRIER in conn.caps
+        cluster = CAP_CLUSTER in conn.caps
         try:
             while True:
                 # Consecutive publishes with the same target are routed as one run, so each
@@ -582,6 +584,11 @@ class Broker:
                 # after everything before it was routed.
                 runs, error = decode_publish_batch(profile, frames)
                 for target, run in runs:
+                    if target.cluster and not cluster:
+                        # (what came before it is routed: like any bad frame)
+                        raise RemoteProtocolError(
+                            "a publish with scope 'cluster' without the 'cluster' capability in the hello"
+                        )
                     route_many(wid, target, run)
                 if error is not None:
                     if not barrier:
@@ -731,6 +738,12 @@ class Broker:
     def inject(self, target: Target, event_bytes: bytes) -> int:
         """Route an already encoded event that came from outside this broker."""
         return self.router.route(None, target, self._frame(event_bytes))
+
+    def inject_many(self, target: Target, events: Sequence[bytes]) -> int:
+        """:meth:`inject` for a run of events with one target, in order (each queue takes
+        the whole run at once, as for a read's worth of publishes)."""
+        frame = self._frame
+        return self.router.route_many(None, target, [frame(e) for e in events])
 
     def statistics(self) -> BrokerStatistics:
         return BrokerStatistics(

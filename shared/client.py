@@ -46,12 +46,14 @@ from .errors import (
     NoWelcome,
     PublishBufferFull,
     RemoteProtocolError,
+    ScopeNotGranted,
     UpgradeRejected,
 )
 from .frame import encode_frame
 from .logutil import LogLimiter
 from .messages import (
     CAP_BARRIER,
+    CAP_CLUSTER,
     CAP_WELCOME,
     ControlFrame,
     Event,
@@ -60,6 +62,7 @@ from .messages import (
     Welcome,
     build_publish_frame,
     decode_event_batch,
+    decode_publish,
     decode_welcome,
     encode_hello,
     encode_ping,
@@ -273,8 +276,10 @@ class Client:
         self.profile = get_profile(profile)
         #: The native extensions asked for in the hello (none in the kong profile).
         self._caps: tuple[str, ...] = (
-            (CAP_WELCOME, CAP_BARRIER) if self.profile.extended_targets else ()
+            (CAP_WELCOME, CAP_BARRIER, CAP_CLUSTER) if self.profile.extended_targets else ()
         )
+        #: Whether the broker's welcome granted the cluster scope (None: no welcome yet).
+        self._cluster: bool | None = None
         self.pid = os.getpid() if pid is None else pid
         if worker_id is None:
             worker_id = default_worker_id(self.pid) if self._caps else -1
@@ -462,7 +467,7 @@ class Client:
         """
         parsed = parse_target(target)
         if scope != "local":
-            parsed = parsed.with_scope(scope)
+            parsed = self._scoped(parsed, scope)
         if parsed.kind is _CURRENT:
             self._dispatcher.push(Event(source, event, data, None))
             return
@@ -490,7 +495,7 @@ class Client:
         """
         parsed = parse_target(target)
         if scope != "local":
-            parsed = parsed.with_scope(scope)
+            parsed = self._scoped(parsed, scope)
         if parsed.kind is _CURRENT:
             # Never waits for room (a handler publishing to itself would wait for itself,
             # docs/hardening.md); yields, so that a loop of these lets the handlers run.
@@ -513,6 +518,15 @@ class Client:
         if self._writer_wakeup is not None:
             self._writer_wakeup.set()
             self._writer_wakeup = None
+
+    def _scoped(self, target: Target, scope: str) -> Target:
+        scoped = target.with_scope(scope)
+        if scoped.cluster and self._cluster is False:
+            raise ScopeNotGranted(
+                f"the broker at {self.address} did not grant the 'cluster' capability (a broker "
+                "older than the cluster scope): scope='cluster' refused, nothing was sent"
+            )
+        return scoped
 
     def _append(self, frame: bytes) -> None:
         self._buffer.append(frame)
@@ -744,6 +758,9 @@ class Client:
         self.welcome = welcome
         self._handshake_error = None
         self._barrier = CAP_BARRIER in welcome.caps
+        self._cluster = CAP_CLUSTER in welcome.caps
+        if not self._cluster:
+            self._drop_cluster_publishes()
         limit = min(self._own_max_payload_len, welcome.max_payload_len)
         if limit < self.max_payload_len:
             logger.info("worker %d: the broker accepts publishes up to %d bytes", self.worker_id, limit)
@@ -760,6 +777,29 @@ class Client:
                 self.worker_id,
                 len(too_big),
                 limit,
+            )
+
+    def _drop_cluster_publishes(self) -> None:
+        # Publishes with cluster scope buffered before we knew the broker does not take
+        # them: it would close the connection on each (and again after every reconnect).
+        header_len = self.profile.header_len
+
+        def cluster(frame: bytes) -> bool:
+            try:
+                return decode_publish(self.profile, frame[header_len:])[0].cluster
+            except RemoteProtocolError:
+                return False
+
+        refused = [f for f in self._buffer if cluster(f)]
+        if refused:
+            for frame in refused:
+                self._buffer.remove(frame)
+            self._dropped += len(refused)
+            logger.error(
+                "worker %d: dropped %d buffered publishes with scope 'cluster': the broker did "
+                "not grant the 'cluster' capability",
+                self.worker_id,
+                len(refused),
             )
 
     async def _session(self, stream: ByteStream, initial: bytes) -> NoWelcome | None:

@@ -22,6 +22,7 @@ __all__ = [
     "ProtocolError",
     "PublishBufferFull",
     "RemoteProtocolError",
+    "ScopeNotGranted",
     "UpgradeRejected",
 ]
 
@@ -109,6 +110,15 @@ class PublishBufferFull(BusError):
     """The client is disconnected and its bounded publish buffer is full.
 
     The event was not buffered; it is counted in the client's ``dropped`` statistics.
+    """
+
+
+class ScopeNotGranted(BusError):
+    """A publish with ``scope="cluster"`` to a broker that did not grant the ``cluster``
+    capability in its welcome (one older than the cluster scope, docs/cluster.md).
+
+    Raised before anything is sent or queued; publishes with that scope buffered before
+    the welcome arrived are dropped, counted and logged at ERROR.
     """
 
 

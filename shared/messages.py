@@ -27,6 +27,7 @@ from .profile import NATIVE, Profile
 __all__ = [
     "ALL",
     "CAP_BARRIER",
+    "CAP_CLUSTER",
     "CAP_WELCOME",
     "CURRENT",
     "MAX_CAPS",
@@ -258,6 +259,9 @@ PROTOCOL_VERSION = 1
 CAP_WELCOME = "welcome"
 #: The client may send ping frames; the broker answers each with a pong.
 CAP_BARRIER = "barrier"
+#: The client may publish with ``"scope": "cluster"`` (docs/cluster.md); a broker accepts
+#: the scope only from clients it granted this.
+CAP_CLUSTER = "cluster"
 #: Limits on the hello's capability list: more names, or a longer name, is a protocol error
 #: (a hello is read before anything is known of the peer; it must stay small).
 MAX_CAPS = 32

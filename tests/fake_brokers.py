@@ -15,6 +15,8 @@ Flaws (each should make at least one named kit case fail):
 - ``early-pong``: answers a ping at once, and routes the publishes read with it later.
 - ``late-to-worker-1``: every 50th delivery to worker id 1 arrives one place late (after
   the next one); every other id is served in order.
+- ``scope-for-anyone``: takes a publish's ``"scope": "cluster"`` from any client (as a
+  one-node cluster), though none was granted the ``cluster`` capability.
 
 Without a flaw it implements the negotiated native extensions (welcome, ping/pong).
 """
@@ -35,7 +37,7 @@ UPGRADE = b"kong-worker-events/1"
 SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
              b"Upgrade: Kong-Worker-Events/1\r\n\r\n")
 FLAWS = ("none", "reencode", "drop-after-head", "no-dedup", "die-on-bad-input", "no-welcome",
-         "early-pong", "late-to-worker-1")
+         "early-pong", "late-to-worker-1", "scope-for-anyone")
 #: Said in the welcome. The fake's queues are unbounded and it writes inline, so it says
 #: "too large to overflow" (native.pong-overflow skips) rather than deadlock that case.
 MAX_QUEUE_LEN = 1_000_000
@@ -229,6 +231,8 @@ class FakeBroker:
 
     def route(self, publisher: int, spec: dict[str, object], data: bytes) -> None:
         everyone = set(self.peers) | set(self.queues)
+        if self.flaw == "scope-for-anyone" and spec.get("scope") == "cluster":
+            spec = {k: v for k, v in spec.items() if k != "scope"}
         if "unique" in spec:
             now = time.monotonic()
             if self.flaw != "no-dedup" and self.uniques.get(str(spec["unique"]), 0) > now:

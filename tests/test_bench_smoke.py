@@ -107,3 +107,52 @@ def test_tiny_seed_experiment(tmp_path: Path) -> None:
         # 2 workers × 20 events per 0.1 s, every worker handles every event
         assert row["published_per_s"] > 0
         assert row["received_per_s"] > 0
+
+
+CLUSTER = ("cluster-nats-direct", "cluster-nats-bridge", "cluster-redis-direct", "cluster-redis-bridge")
+
+
+@pytest.mark.skipif(
+    shutil.which("nats-server") is None or shutil.which("redis-server") is None,
+    reason="needs Debian's nats-server and redis-server",
+)
+def test_tiny_cluster_run_counts_every_delivery(tmp_path: Path) -> None:
+    # Two nodes bridged through each engine, and the engine alone, in one run: every
+    # event reaches every subscriber on the other node, the fixed-rate test runs at the
+    # cluster rate (5 000/s) whatever --rate says, and the targets name both sides.
+    n_subs, events = 4, 2000
+    result = _bench(
+        tmp_path,
+        "--peers", ",".join(CLUSTER), "--tests", "lat,thr", "--subs", str(n_subs), "--pubs", "1",
+        "--lat-subs", str(n_subs), "--lat-pubs", "1", "--events", str(events), "--rate", "2000",
+        "--duration", "0.4", "--reps", "1", "--no-seed", timeout=240,
+    )  # fmt: skip
+    for name in CLUSTER:
+        assert result["scenarios"][name]["unavailable"] is None, name
+    medians = {(m["scenario"], m["test"]): m for m in result["fanout"]["medians"]}
+    assert set(medians) == {(s, t) for s in CLUSTER for t in ("thr", "lat")}
+    for name in CLUSTER:
+        thr, lat = medians[(name, "thr")], medians[(name, "lat")]
+        assert thr["runs_ok"] == 1 and lat["runs_ok"] == 1, (thr.get("error"), lat.get("error"))
+        assert thr["delivered"] == thr["expected"] == n_subs * events, name
+        assert lat["events"] == 2000  # 5 000 events/s for 0.4 s
+        assert lat["delivered"] == lat["expected"] == n_subs * 2000, name
+        assert lat["lat_samples"] == lat["delivered"]
+        assert 0 < lat["lat_p50_us"] <= lat["lat_p99_us"]
+    # the bridge scenarios run an engine and two brokers: three processes measured
+    bridge_runs = [r for r in result["fanout"]["runs"] if r["scenario"].endswith("-bridge")]
+    assert all(r["ok"] and r["broker_cpu_s"] >= 0 for r in bridge_runs)
+    targets = [t for t in _targets(result) if t["scenario"].startswith("cluster-")]
+    assert {(t["scenario"], t["unit"]) for t in targets} == {
+        (f"cluster-{e}-bridge", u) for e in ("nats", "redis") for u in ("×", "µs")
+    }
+    assert all(isinstance(t["value"], float) for t in targets)
+
+
+def test_list_names_the_cluster_scenarios() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared.tools.cli", "bench", "--list"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    names = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+    assert set(CLUSTER) | {"cluster-nats-bridge-trio"} <= set(names)

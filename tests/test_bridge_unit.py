@@ -139,3 +139,42 @@ def test_broker_bridge_errors_are_one_line(args: tuple[str, ...], message: str, 
 def test_publish_refuses_a_cluster_scope_for_one_worker(sock_dir: str) -> None:
     out = _cli("publish", f"unix:{sock_dir}/none.sock", "s", "e", "--scope", "cluster", "--target", "worker:1", "--timeout", "1")
     assert out.returncode == 2 and "no cluster scope" in out.stderr and "reach" not in out.stderr
+
+
+def test_runs_of_events_travel_in_one_envelope() -> None:
+    events = (b"\x81\xa1a\x01", b"\x81\xa1a\x02")
+    env = Envelope("b", "n1", "g", 11, events=events)
+    assert decode_envelope(encode_envelope(env)) == env
+    for junk in ({"k": "b", "n": "x", "g": "g", "s": 1, "e": []}, {"k": "b", "n": "x", "g": "g", "s": 1, "e": [1]}):
+        assert decode_envelope(MsgpackCodec().dumps(junk)) is None
+
+
+def test_runs_count_gaps_and_skip_what_was_seen() -> None:
+    g = GapCheck()
+    assert g.step_run("a", "g1", 1, 3) == (0, 0)  # baseline: 1..3
+    assert g.step_run("a", "g1", 4, 2) == (0, 0)  # 4, 5
+    assert g.step_run("a", "g1", 4, 4) == (0, 2)  # a retried run: 4, 5 again, 6, 7 new
+    assert g.step_run("a", "g1", 10, 1) == (2, 0)  # 8, 9 missing
+    assert g.step_run("a", "g1", 9, 2) == (0, 2)  # nothing new
+    assert g.step(("a"), "g1", 12, marker=True) == 2  # 11, 12 missing
+    assert g.step_run("a", "g2", 1, 1) == (0, 0)  # a restarted broker: new baseline
+    assert g.lost == 4
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"source": "s", "event": "e", "data": {"x": [1, 2]}, "wid": 3},
+        {"source": "s", "event": "e", "data": None, "wid": 3, "sb": 7},  # embedded numbers go
+        {"source": "s", "event": "e", "wid": 3, "node": "forged"},  # the bridge's name wins
+        {f"k{i}": i for i in range(20)},  # a map 16 header
+    ],
+)
+def test_the_node_is_added_without_decoding_in_the_common_case(event: dict[str, object]) -> None:
+    from shared.bridge import tag_node
+
+    codec = MsgpackCodec()
+    tagged = codec.loads(tag_node(codec.dumps(event), "n2"))
+    want = {k: v for k, v in event.items() if k not in ("sb", "sw")}
+    want["node"] = "n2"
+    assert tagged == want

@@ -125,7 +125,8 @@ def test_kit_passes_correct_reference_broker(kit_dir: str, transport: str) -> No
         report, text = kit(path, transport)
     assert failures(report) == {}, text
     skipped = {c.name for c in report.cases if c.status == "skip"}
-    expected = {"frame.oversize", "queue.pre-created", "native.pong-overflow", "order.pre-created-ids"}
+    expected = {"frame.oversize", "queue.pre-created", "native.pong-overflow", "order.pre-created-ids",
+                "cluster.granted"}
     assert skipped == (expected | HANDSHAKE_ONLY if transport == "stream" else expected)
     assert text.splitlines()[-1] == report.totals_line()
 
@@ -174,6 +175,7 @@ def test_kit_passes_serve_and_serve_reports_the_kits_bad_input(
         ("die-on-bad-input", "bad.hello-schema"),
         ("no-welcome", "native.welcome"),
         ("early-pong", "native.barrier"),
+        ("scope-for-anyone", "cluster.not-asked"),
     ],
 )
 def test_kit_catches_broken_broker(kit_dir: str, flaw: str, case: str) -> None:

@@ -23,7 +23,7 @@ import random
 import time
 from typing import Any
 
-from shared.bridge import SYNC_INTERVAL, Bridge, Envelope, encode_envelope
+from shared.bridge import SYNC_INTERVAL, Bridge, Envelope, encode_envelope, tag_node
 
 __all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "EngineHost"]
 
@@ -32,8 +32,11 @@ logger = logging.getLogger("shared.bridge")
 #: Reconnect delays: the first retry is quick (a restarted server), then doubling to 2 s.
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
-#: Items sent per engine call batch before yielding.
+#: Items taken from the outbox at a time (one engine call for a run of events).
 _BATCH = 512
+#: Event bytes per engine message at most (NATS refuses messages above its max_payload,
+#: 1 MiB by default); a run of events longer than that goes out in several messages.
+_MAX_MESSAGE = 256 * 1024
 
 
 class EngineHost:
@@ -44,6 +47,7 @@ class EngineHost:
         self._main: asyncio.Task[None] | None = None
         self._stopping = False
         self._wake_pending = False
+        self._same_thread = False
 
     # --- thread entry and stop -----------------------------------------------------------
 
@@ -63,6 +67,7 @@ class EngineHost:
     async def run_here(self) -> None:
         """Drive the engine in the running asyncio loop (the broker's own, on asyncio)."""
         self._loop = asyncio.get_running_loop()
+        self._same_thread = True
         await self._drive()
 
     def stop(self) -> None:
@@ -76,6 +81,10 @@ class EngineHost:
     def _wake(self) -> None:
         # Called by the broker's tap for every cluster publish: one cross-thread call per
         # burst, not per event (the loop's self-pipe write is the expensive part).
+        if self._same_thread:
+            if self._wakeup is not None:
+                self._wakeup.set()  # the broker's own loop: no self-pipe write needed
+            return
         if self._wake_pending:
             return
         loop = self._loop
@@ -217,18 +226,15 @@ class EngineHost:
             item = items[index]
             try:
                 if item[0] == "e":
-                    # A run of events goes out in one engine call (one round trip for
-                    # Redis); if it fails, the whole run is retried: receivers drop the
-                    # numbers they already have.
+                    # A run of events goes out as few engine messages as it can: each one
+                    # carries consecutive numbers, the events already tagged with this
+                    # node (the receivers inject them as they are). One engine call for
+                    # the run (one round trip for Redis); if it fails, the whole run is
+                    # retried: receivers drop the numbers they already have.
                     end = index
                     while end < len(items) and items[end][0] == "e":
                         end += 1
-                    await engine.publish_many(
-                        [
-                            encode_envelope(Envelope("e", bridge.node, bridge.generation, seq, target, event))
-                            for _, seq, target, event in items[index:end]
-                        ]
-                    )
+                    await engine.publish_many(self._batches(items[index:end]))
                     bridge.sent += end - index
                     index = end
                     continue
@@ -243,3 +249,24 @@ class EngineHost:
             except BaseException:
                 bridge.put_back(items[index:])
                 raise
+
+    def _batches(self, run: list[tuple[Any, ...]]) -> list[bytes]:
+        bridge = self.bridge
+        node, generation = bridge.node, bridge.generation
+        out: list[bytes] = []
+        events: list[bytes] = []
+        first = expect = size = 0
+        for _, seq, _target, event in run:
+            # A number dropped from a full outbox is a gap the receivers must see: a new
+            # message starts there (and where the size bound is reached).
+            if events and (seq != expect or size + len(event) > _MAX_MESSAGE):
+                out.append(encode_envelope(Envelope("b", node, generation, first, events=tuple(events))))
+                events = []
+            if not events:
+                first, size = seq, 0
+            events.append(tag_node(event, node))
+            size += len(event)
+            expect = seq + 1
+        if events:
+            out.append(encode_envelope(Envelope("b", node, generation, first, events=tuple(events))))
+        return out

@@ -14,14 +14,14 @@ from typing import Any
 from shared.tools.cliargs import non_negative_float, non_negative_int, positive_float, positive_int
 from shared.tools.progress import Progress
 
-from .peers import BASELINES, PEERS, WORKERBUS, make_peer
+from .peers import BASELINES, CLUSTER, PEERS, WORKERBUS, make_peer
 from .report import markdown, text_report
 from .runner import Settings, estimate_seconds, plan_runs, run_benchmark
 from .seed import SeedSettings, estimate_seed_seconds, parse_storms, run_seed
 
 __all__ = ["add_parser", "settings_from_args"]
 
-_GROUPS = {"all": list(PEERS), "workerbus": list(WORKERBUS), "baselines": list(BASELINES)}
+_GROUPS = {"all": list(PEERS), "workerbus": list(WORKERBUS), "baselines": list(BASELINES), "cluster": list(CLUSTER)}
 
 
 def _ints(text: str) -> list[int]:
@@ -67,7 +67,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     d = Settings()
     p.add_argument("--peers", type=_names, default=d.scenarios, metavar="LIST",
-                   help="scenarios or groups (all, workerbus, baselines), comma-separated; default all")
+                   help="scenarios or groups (all, workerbus, baselines, cluster), comma-separated; default all")
     p.add_argument("--list", action="store_true", help="list the scenarios and whether they can run here")
     p.add_argument("--tests", type=_tests, default=d.tests, help="lat (fixed rate) and/or thr (flood); default lat,thr")
     p.add_argument("--subs", type=_ints, default=d.subs, metavar="N,..", help="subscriber counts of the floods (default 1,4,16)")

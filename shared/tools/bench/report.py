@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from .clustertargets import cluster_targets
+
 __all__ = ["evaluate_targets", "markdown", "text_report"]
 
 Table = tuple[list[str], list[list[str]]]
@@ -93,6 +95,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             add(s, f"{label} vs {raw}", ratio, limit, at_most=True, unit="×")
         p99 = _get(idx, (s, "lat", 4, 1), "lat_p99_us")
         add(s, "p99 publish→handler, 10k ev/s, N=4", p99, 1000.0, at_most=True, unit="µs")
+    out.extend(cluster_targets(result["fanout"]["medians"]))
     seed = result.get("seed") or {}
     for storm in seed.get("storms", []):
         if storm.get("name") != seed.get("heavy"):
@@ -249,7 +252,7 @@ def text_report(result: dict[str, Any]) -> str:
     parts: list[str] = []
     if result["fanout"]["medians"]:
         parts += ["Fan-out (deliveries/s, median of runs; latency at "
-                  f"{result['settings']['rate']:,.0f} events/s)", _text(_summary(result))]  # fmt: skip
+                  f"{result['settings']['rate']:,.0f} events/s, cluster-* at 5,000)", _text(_summary(result))]  # fmt: skip
     if result.get("seed"):
         parts += ["", "Seed experiment (uvicorn + wrk under an event storm)", _text(_seed_table(result["seed"]))]
     targets = evaluate_targets(result)

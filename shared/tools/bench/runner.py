@@ -63,14 +63,15 @@ def plan_runs(s: Settings) -> list[Run]:
         subs = s.subs if test == "thr" else s.lat_subs
         pubs = s.pubs if test == "thr" else s.lat_pubs
         for name in s.scenarios:
-            scale = make_peer(name).events_scale
+            peer = make_peer(name)
+            scale = peer.events_scale
             for p in pubs:
                 for n in subs:
                     if test == "thr":
                         events = int(min(s.events, s.max_deliveries // n) * scale)
                         events = max(events, 100 * p)
                     else:
-                        events = int(s.rate * s.duration)
+                        events = int((peer.lat_rate or s.rate) * s.duration)
                     runs.append((name, test, n, p, events))
     return runs
 
@@ -96,13 +97,14 @@ def _log(line: str, progress: Progress | None = None) -> None:
 
 def _measure(s: Settings, run: Run, started: float, raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
     name, test, n, p, events = run
+    rate = make_peer(name).lat_rate or s.rate
     used: list[dict[str, Any]] = []
     for rep in range(s.reps):
         best: dict[str, Any] | None = None
         for attempt in range(1 + s.retries):
             if time.monotonic() - started > s.budget:
                 break
-            r = run_one(name, test=test, n_subs=n, n_pubs=p, events=events, rate=s.rate, timeout=s.timeout)
+            r = run_one(name, test=test, n_subs=n, n_pubs=p, events=events, rate=rate, timeout=s.timeout)
             r.update(rep=rep, attempt=attempt, used=False)
             raw.append(r)
             if r.get("unavailable"):

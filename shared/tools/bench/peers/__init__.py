@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from .base import Peer
 
-__all__ = ["BASELINES", "PEERS", "WORKERBUS", "make_peer"]
+__all__ = ["BASELINES", "CLUSTER", "PEERS", "WORKERBUS", "make_peer"]
 
 
 def _workerbus(transport: str, backend: str) -> Callable[[], Peer]:
@@ -71,8 +71,26 @@ BASELINES: dict[str, Callable[[], Peer]] = {
     "shm-poll-10ms": _shm,
 }
 
+def _cluster(kind: str, engine: str, backend: str = "asyncio") -> Callable[[], Peer]:
+    def make() -> Peer:
+        from .cluster import ClusterBridgePeer, ClusterDirectPeer
+
+        return ClusterDirectPeer(engine) if kind == "direct" else ClusterBridgePeer(engine, backend)
+
+    return make
+
+
+#: Cross-node fan-out: the cluster bridge and its engine used directly (docs/cluster.md).
+CLUSTER: dict[str, Callable[[], Peer]] = {
+    "cluster-nats-direct": _cluster("direct", "nats"),
+    "cluster-nats-bridge": _cluster("bridge", "nats"),
+    "cluster-nats-bridge-trio": _cluster("bridge", "nats", "trio"),
+    "cluster-redis-direct": _cluster("direct", "redis"),
+    "cluster-redis-bridge": _cluster("bridge", "redis"),
+}
+
 #: Every scenario, in report order.
-PEERS: dict[str, Callable[[], Peer]] = {**WORKERBUS, **BASELINES}
+PEERS: dict[str, Callable[[], Peer]] = {**WORKERBUS, **BASELINES, **CLUSTER}
 
 
 def make_peer(name: str) -> Peer:

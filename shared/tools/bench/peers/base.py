@@ -108,6 +108,8 @@ class Peer(abc.ABC):
     events_scale: float = 1.0
     #: No broker process (e.g. shared memory): broker columns stay empty.
     has_broker: bool = True
+    #: events/s of this peer's latency test when it is fixed by its target (else ``--rate``)
+    lat_rate: float | None = None
 
     def unavailable(self) -> str | None:
         """Why this peer cannot run here (a missing package or program), or None."""
