@@ -334,7 +334,7 @@ class ClusterBridgePeer(Peer):
                 path = os.path.join(setup.workdir, f"{node}.sock")
                 setup.state[node] = f"unix:{path}"
                 argv = [
-                    sys.executable, "-m", "shared.cli", "broker",
+                    sys.executable, "-m", "shared.tools.cli", "broker",
                     "--listen", f"unix:{path}",
                     "--transport", "stream", "--backend", self.broker_backend,
                     "--max-queue-len", str(BENCH_QUEUE_LEN),
