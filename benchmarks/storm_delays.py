@@ -104,7 +104,8 @@ def main() -> None:
                 if not r.get("ok"):
                     sys.exit(f"storm_delays: {route} failed: {r.get('error')}")
                 print(
-                    f"{route}: {r['requests_per_s']:,.0f} req/s, background CPU {r['background_cpu_pct']} %"
+                    f"{route}: {r['requests_per_s']:,.0f} req/s, HTTP p99 {r.get('latency_p99_ms')} ms, "
+                    f"background CPU {r['background_cpu_pct']} %"
                 )
                 tables[route] = analyse(directory)
         finally:
