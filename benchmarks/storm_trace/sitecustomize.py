@@ -1,0 +1,88 @@
+"""Timestamps along an event's path, for benchmarks/storm_delays.py (not imported otherwise).
+
+Python imports a ``sitecustomize`` module from ``PYTHONPATH`` at start-up; storm_delays.py
+puts this directory there for the processes of one seed-experiment window, with
+``WB_STORM_TRACE`` naming a directory. Each process then wraps, without changing the
+library, three places of the event path and writes ``trace-<pid>.json`` when it ends:
+
+- the broker's read (``shared.broker.decode_publish_batch``): when, how many frames, and
+  the post times of the first and last event in it;
+- each decode chunk of a client (``Client._decoded``): when, how many, first/last post time;
+- each handler call (a wrapper around every ``Client.subscribe`` handler): post time, now.
+"""
+
+from __future__ import annotations
+
+import os
+
+if os.environ.get("WB_STORM_TRACE"):
+    import atexit
+    import json
+    import signal
+    import time
+    from typing import Any
+
+    import msgpack
+
+    import shared.broker as _broker
+    import shared.client as _client
+
+    _now = time.monotonic_ns
+    _out = os.environ["WB_STORM_TRACE"]
+    _rec: dict[str, list[tuple[int, ...]]] = {
+        "broker_reads": [],
+        "client_chunks": [],
+        "handled": [],
+    }
+
+    def _dump() -> None:
+        with open(os.path.join(_out, f"trace-{os.getpid()}.json"), "w") as f:
+            json.dump(_rec, f)
+
+    def _on_term(*_: Any) -> None:
+        # uvicorn re-raises SIGTERM after its graceful shutdown, which skips atexit
+        _dump()
+        os._exit(0)
+
+    atexit.register(_dump)
+    signal.signal(signal.SIGTERM, _on_term)
+
+    _decode_publish_batch = getattr(_broker, "decode_publish_batch")  # noqa: B009
+
+    def _traced_decode_publish_batch(profile: Any, payloads: list[bytes]) -> Any:
+        runs, error = _decode_publish_batch(profile, payloads)
+        t = _now()
+        if runs:
+            h = profile.header_len
+            first, last = msgpack.unpackb(runs[0][1][0][h:]), msgpack.unpackb(runs[-1][1][-1][h:])
+            if isinstance(first, dict) and first.get("event") == "tick":
+                _rec["broker_reads"].append(
+                    (t, len(payloads), first["data"]["ts"], last["data"]["ts"])
+                )
+        return runs, error
+
+    setattr(_broker, "decode_publish_batch", _traced_decode_publish_batch)  # noqa: B010
+
+    _decoded = _client.Client._decoded
+
+    def _traced_decoded(self: Any, payloads: list[bytes]) -> Any:
+        t = _now()
+        batch = _decoded(self, payloads)
+        ticks = [fields[2]["ts"] for fields in batch if fields[1] == "tick"]
+        if ticks:
+            _rec["client_chunks"].append((t, len(payloads), ticks[0], ticks[-1]))
+        return batch
+
+    _client.Client._decoded = _traced_decoded  # type: ignore[method-assign]
+
+    _subscribe = _client.Client.subscribe
+
+    def _traced_subscribe(self: Any, source: str, event: str, handler: Any) -> str:
+        def traced(data: Any, ev: str, src: str, wid: Any) -> Any:
+            if ev == "tick":
+                _rec["handled"].append((data["ts"], _now()))
+            return handler(data, ev, src, wid)
+
+        return _subscribe(self, source, event, traced)
+
+    _client.Client.subscribe = _traced_subscribe  # type: ignore[method-assign]
