@@ -4,7 +4,7 @@
 
 The same deliveries (a numbered broadcast from another worker, as an embedded publisher
 sends them) through ``Client._decode_batch`` (one ``decode_event_batch`` loop) and
-``EmbeddedClient._decode_batch`` (one ``_decode_event`` per delivery, with the sequence
+``Sequencer.decode_batch`` of an EmbeddedClient (one check per delivery, with the sequence
 check). Process CPU per event, best of 20; the clients are built but never connected.
 """
 
@@ -18,6 +18,7 @@ import msgpack
 
 from shared.client import Client
 from shared.embed import EmbeddedClient
+from shared.transportnames import load_transport
 
 
 def main() -> None:
@@ -54,10 +55,10 @@ def main() -> None:
         return best / count * 1e9
 
     address = "unix:/tmp/workerbus-embedded-decode-bench.sock"  # never connected
-    plain = Client(address, worker_id=1)
+    plain = Client(address, transport=load_transport("http"), worker_id=1)
     embedded = EmbeddedClient(address, worker_id=1, workers=2)
-    print(f"Client._decode_batch          {best_ns(plain._decode_batch):6.0f} ns/event")
-    print(f"EmbeddedClient._decode_batch  {best_ns(embedded._decode_batch):6.0f} ns/event")
+    print(f"Client (ClientHooks)          {best_ns(lambda p: plain.hooks.decode_batch(plain, p)):6.0f} ns/event")
+    print(f"EmbeddedClient (Sequencer)    {best_ns(lambda p: embedded.sequencer.decode_batch(embedded, p)):6.0f} ns/event")
 
 
 if __name__ == "__main__":

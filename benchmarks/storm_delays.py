@@ -20,7 +20,7 @@ import sys
 import tempfile
 from typing import Any
 
-from shared.bench import seed
+from shared.tools.bench import seed
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -3,7 +3,7 @@
     python benchmarks/storm_profile.py [--routes none,shm-poll,workerbus,workerbus-embedded]
         [--storm 1000/0.1] [--out /tmp/wbstorm] [--rate 200]
 
-Runs one measured window of the seed experiment (:func:`shared.bench.seed.run_once`) per
+Runs one measured window of the seed experiment (:func:`shared.tools.bench.seed.run_once`) per
 route and, while ``wrk`` loads the servers, samples every uvicorn worker and the broker
 process with ``py-spy record --nonblocking`` (the sampler does not pause the process it
 measures). Then prints, per route, each worker's share of samples per function group (a
@@ -23,7 +23,7 @@ import subprocess
 import sys
 from typing import Any
 
-from shared.bench import seed
+from shared.tools.bench import seed
 
 #: (group, text on the stack); the first match wins, so the most specific come first.
 GROUPS = [
@@ -90,7 +90,7 @@ def profile_routes(
         spies = []
         for pid in _children():  # only this process's own servers and broker
             cmd = _cmdline(pid)
-            role = "broker" if "shared.cli" in cmd else "server" if "seedserve" in cmd else None
+            role = "broker" if "shared.tools.cli" in cmd else "server" if "seedserve" in cmd else None
             if role is None:
                 continue
             path = os.path.join(out, f"{current['route']}-{role}-{pid}.txt")
