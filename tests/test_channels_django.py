@@ -20,7 +20,10 @@ from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection, unix_connect
+from websockets.sync.client import unix_connect
+
+# (the base class: websockets 16, the last for Python 3.10, types connect() with it)
+from websockets.sync.connection import Connection
 
 from tests.servers import ROOT, Server, running
 from tests.test_integration_asgi import _tool
@@ -36,7 +39,7 @@ MAX_CLIENTS = 40
 
 
 class Chat:
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(self, ws: Connection) -> None:
         self.ws = ws
         hello = self.next()["hello"]
         self.worker: int = hello["worker"]

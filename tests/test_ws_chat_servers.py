@@ -12,7 +12,10 @@ import time
 from contextlib import ExitStack
 
 import pytest
-from websockets.sync.client import ClientConnection, connect
+from websockets.sync.client import connect
+
+# (the base class: websockets 16, the last for Python 3.10, types connect() with it)
+from websockets.sync.connection import Connection
 
 from tests.browser import chat_server
 
@@ -31,8 +34,8 @@ WORKERS = 2
 )
 def test_a_message_reaches_the_clients_of_every_worker(server: str, app: str) -> None:
     with chat_server(WORKERS, app, server) as url, ExitStack() as stack:
-        conns: list[ClientConnection] = []
-        senders: dict[int, ClientConnection] = {}  # the first client of each worker
+        conns: list[Connection] = []
+        senders: dict[int, Connection] = {}  # the first client of each worker
         pids: dict[int, int] = {}
         deadline = time.monotonic() + 30
         # Connect until every worker holds a websocket (bounded). Paced: connections made
@@ -55,8 +58,8 @@ def test_a_message_reaches_the_clients_of_every_worker(server: str, app: str) ->
         for worker, sender in senders.items():
             text = f"from a client of worker {worker}"
             sender.send(text)
-            for ws in conns:
-                got = json.loads(ws.recv(timeout=10))
+            for conn in conns:
+                got = json.loads(conn.recv(timeout=10))
                 assert got == {"type": "message", "text": text, "worker": worker}
 
 
