@@ -77,8 +77,8 @@ def test_keyed_publish_recognised_as_the_general_decoder_reads_it(target: str, s
     inner = encode_event(NATIVE, names[0], names[1], b"x" * size, 1)
     keyed = encode_publish_keyed(NATIVE, t, inner, *names)
     # the same map through the general codec: the fast path and the decoder agree
-    general = NATIVE.codec.dumps({"spec": NATIVE.codec.loads(encode_publish(NATIVE, t, inner))["spec"],
-                                  "data": inner, "src": names[0], "ev": names[1]})
+    plain: dict[str, Any] = NATIVE.codec.loads(encode_publish(NATIVE, t, inner))
+    general = NATIVE.codec.dumps({"spec": plain["spec"], "data": inner, "src": names[0], "ev": names[1]})
     for payload in (keyed, general):
         keys: list[tuple[str, str] | None] = []
         runs, error = decode_publish_batch(NATIVE, [payload, encode_publish(NATIVE, t, inner)], keys)
