@@ -13,7 +13,7 @@ import itertools
 import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -77,7 +77,7 @@ def test_keyed_publish_recognised_as_the_general_decoder_reads_it(target: str, s
     inner = encode_event(NATIVE, names[0], names[1], b"x" * size, 1)
     keyed = encode_publish_keyed(NATIVE, t, inner, *names)
     # the same map through the general codec: the fast path and the decoder agree
-    plain: dict[str, Any] = NATIVE.codec.loads(encode_publish(NATIVE, t, inner))
+    plain = cast("dict[str, Any]", NATIVE.codec.loads(encode_publish(NATIVE, t, inner)))
     general = NATIVE.codec.dumps({"spec": plain["spec"], "data": inner, "src": names[0], "ev": names[1]})
     for payload in (keyed, general):
         keys: list[tuple[str, str] | None] = []
