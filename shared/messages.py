@@ -5,8 +5,10 @@
 - event, encoded once by the publisher: ``{"source", "event", "data"?, "wid"}``
 - delivery, broker → client: the publish's inner ``data`` bytes, unchanged.
 - native extensions, negotiated by ``caps`` in the hello (§8): welcome (broker → client,
-  first frame), ping (client → broker), pong (broker → client). Control frames from the
-  broker are maps without a ``"source"`` key, so they can never be taken for an event.
+  first frame), ping (client → broker), pong (broker → client); with ``filter``: sub
+  (client → broker, its pattern set) and the keyed publish (``src``/``ev`` beside
+  ``spec``/``data``). Control frames from the broker are maps without a ``"source"`` key,
+  so they can never be taken for an event.
 
 Validation of what a peer sent raises :class:`RemoteProtocolError`; refusing to build a bad
 message raises :class:`LocalProtocolError`. The codec comes from the profile, so the same
