@@ -462,7 +462,7 @@ class Router:
         self.queues_evicted = 0
         #: Per (source, event): the queues (of ``queues``) whose filter takes it, and those
         #: whose filter skips it. Emptied whenever a filter or the set of queues changes.
-        self._matching: dict[tuple[str, str], tuple[tuple[WorkerQueue, ...], tuple[WorkerQueue, ...]]] = {}
+        self._matching: dict[tuple[str, str], _Split] = {}
         self._retired_filtered = 0
         #: Counters of queues that were retired by expire(), so totals never go down.
         self._retired_dropped = 0
@@ -485,7 +485,7 @@ class Router:
             else:
                 self._unmute(queue)
             self.queues[worker_id] = queue
-            self._matching.clear()
+            self._invalidate()
         self._departed.pop(worker_id, None)
         queue.connected = True
         return queue
@@ -496,7 +496,7 @@ class Router:
         Takes effect for every frame routed from now on; frames already queued stay.
         """
         queue.filter = patterns
-        self._matching.clear()
+        self._invalidate()
 
     def detach(self, queue: WorkerQueue) -> list[int]:
         """The connection of ``queue`` ended; the queue waits for the worker to come back.
@@ -511,7 +511,7 @@ class Router:
             # The filter belonged to the connection: what waits for the next one (perhaps
             # another process with other handlers) is everything, as without filters.
             queue.filter = None
-            self._matching.clear()
+            self._invalidate()
         queue.idle_since = self._clock()
         if queue.expected:
             return []
@@ -545,7 +545,7 @@ class Router:
                 gone.append(queue.worker_id)
             elif queue.muted_at < 0:
                 del self.queues[queue.worker_id]
-                self._matching.clear()
+                self._invalidate()
                 self.muted[queue.worker_id] = queue
                 queue.muted_at = self._broadcasts
                 queue.muted_skips = 0
@@ -572,7 +572,7 @@ class Router:
             del self.muted[wid]
         else:
             del self.queues[wid]
-            self._matching.clear()
+            self._invalidate()
         self._departed.pop(wid, None)
         queue.dropped += len(queue.frames) + queue.in_flight
         queue.frames.clear()
@@ -584,7 +584,7 @@ class Router:
 
     # --- routing -------------------------------------------------------------------------
 
-    def _split(self, key: tuple[str, str]) -> tuple[tuple[WorkerQueue, ...], tuple[WorkerQueue, ...]]:
+    def _split(self, key: tuple[str, str]) -> _Split:
         """The queues whose filter takes ``key``, and those whose filter skips it (cached)."""
         split = self._matching.get(key)
         if split is None:
@@ -593,19 +593,25 @@ class Router:
             skip: list[WorkerQueue] = []
             for queue in self.queues.values():
                 (take if matches(queue.filter, source, event) else skip).append(queue)
-            split = self._matching[key] = (tuple(take), tuple(skip))
+            split = self._matching[key] = _Split(tuple(take), tuple(skip))
         return split
 
     def _targets(self, key: tuple[str, str] | None, count: int) -> Iterable[WorkerQueue]:
         # The queues a broadcast of ``count`` frames with this key goes to; the others
-        # count them as filtered.
+        # count them as filtered (once per key, added to each skipped queue later).
         if key is None:
             return self.queues.values()
-        take, skip = self._split(key)
-        if skip:
-            for queue in skip:
-                queue.filtered += count
-        return take
+        split = self._split(key)
+        split.skipped += count
+        return split.take
+
+    def _invalidate(self) -> None:
+        # A filter or the set of queues changed: settle the filtered counts, forget splits.
+        for split in self._matching.values():
+            if split.skipped:
+                for queue in split.skip:
+                    queue.filtered += split.skipped
+        self._matching.clear()
 
     def route(
         self, publisher: int | None, target: Target, frame: bytes, key: tuple[str, str] | None = None
@@ -711,7 +717,7 @@ class Router:
         uniques[key] = now + self.unique_timeout
         # Only workers that handle the event are candidates; none that does: unroutable
         # (without filters it would reach a worker with no handler for it: lost as well).
-        queue = self._pick_one(self.queues.values() if match is None else self._split(match)[0])
+        queue = self._pick_one(self.queues.values() if match is None else self._split(match).take)
         if queue is None:
             self.unroutable += 1
             return 0
@@ -734,6 +740,7 @@ class Router:
     # --- introspection -------------------------------------------------------------------
 
     def statistics(self) -> RouterStatistics:
+        self._invalidate()  # (settles the filtered counts of every queue)
         for queue in self.muted.values():
             self._settle(queue)  # so that the identity holds in every snapshot
         every = [*self.queues.values(), *self.muted.values()]
@@ -758,6 +765,18 @@ class Router:
             queues_evicted=self.queues_evicted,
             filtered=self._retired_filtered + sum(q.filtered for q in queues),
         )
+
+
+class _Split:
+    """One (source, event) of the router's cache: the queues that take it, those that
+    skip it, and the frames skipped since the split was made (not yet added to each)."""
+
+    __slots__ = ("skip", "skipped", "take")
+
+    def __init__(self, take: tuple[WorkerQueue, ...], skip: tuple[WorkerQueue, ...]) -> None:
+        self.take = take
+        self.skip = skip
+        self.skipped = 0
 
 
 def _by_id(queue: WorkerQueue) -> int:
