@@ -9,8 +9,10 @@ handler saw, step by step (flush() barriers and marker events between steps).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, cast
@@ -357,3 +359,43 @@ async def test_filtered_and_unfiltered_buses_deliver_the_same(sock_dir: str, tra
             sf = bf.statistics().router
             assert sf.routed == sf.sent + sf.dropped + sf.queued + sf.in_flight
             assert sf.dropped == 0 and bp.statistics().router.filtered == 0
+
+
+@pytest.mark.anyio
+async def test_buffered_keyed_publishes_lose_their_keys_for_a_broker_without_filter(
+    address: str, transport: str
+) -> None:
+    # Published keyed while a filter broker was gone; the next broker (the conformance
+    # kit's reference fake, a real process) does not grant "filter": the same publishes
+    # must reach it without src/ev (it would close the connection on them).
+    got = Recorder()
+    async with Client(address, transport=transport, worker_id=3) as c:
+        c.subscribe("s", "*", got)
+        b = Broker(transport=transport)
+        async with anyio.create_task_group() as tg:
+            await tg.start(b.serve, address)
+            with anyio.fail_after(5):
+                await c.wait_ready()
+            assert c.welcome is not None and "filter" in c.welcome.caps
+            tg.cancel_scope.cancel()
+        with anyio.fail_after(5):
+            while c.is_ready:  # noqa: ASYNC110 - bounded by the deadline
+                await anyio.sleep(0.01)
+        for i in range(3):
+            c.publish_nowait("s", "while-away", i)
+        path = parse_address(address)
+        _remove(path)
+        fake = os.path.join(os.path.dirname(__file__), "fake_brokers.py")
+        async with await anyio.open_process([sys.executable, fake, path, "--transport", transport]) as proc:
+            try:
+                with anyio.fail_after(10):
+                    await got.wait_for(3, timeout=10)
+                assert c.welcome is not None and "filter" not in c.welcome.caps
+                assert [e[2] for e in got.events] == [0, 1, 2]
+            finally:
+                proc.kill()
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
