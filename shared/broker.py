@@ -29,6 +29,7 @@ from .messages import (
     ALL,
     CAP_BARRIER,
     CAP_CLUSTER,
+    CAP_FILTER,
     CAP_WELCOME,
     PROTOCOL_VERSION,
     Target,
@@ -36,6 +37,7 @@ from .messages import (
     decode_hello,
     decode_ping,
     decode_publish_batch,
+    decode_sub,
     encode_event,
     encode_pong,
     encode_welcome,
@@ -89,7 +91,7 @@ LIFECYCLE_SOURCE = "workerbus"
 #: kernel instead of staying resident (shared/memtrim.py says why that is needed).
 _TRIM_AFTER_CLOSES = 64
 #: The capabilities this broker grants when a native hello asks for them (protocol.md §8).
-SUPPORTED_CAPS = frozenset({CAP_WELCOME, CAP_BARRIER, CAP_CLUSTER})
+SUPPORTED_CAPS = frozenset({CAP_WELCOME, CAP_BARRIER, CAP_CLUSTER, CAP_FILTER})
 
 
 def _version() -> str:
@@ -573,35 +575,47 @@ class Broker:
 
     async def _read_loop(self, conn: _Connection, frames: list[bytes]) -> None:
         profile = self.profile
-        route_many = self.router.route_many
+        router = self.router
+        route_many = router.route_many
         wid = conn.worker_id
         barrier = CAP_BARRIER in conn.caps
         cluster = CAP_CLUSTER in conn.caps
+        filtering = CAP_FILTER in conn.caps
+        keys: list[tuple[str, str] | None] | None = [] if filtering else None
         try:
             while True:
                 # Consecutive publishes with the same target are routed as one run, so each
                 # queue takes a whole read's worth at once. A bad frame ends the connection
                 # after everything before it was routed.
-                runs, error = decode_publish_batch(profile, frames)
-                for target, run in runs:
-                    if target.cluster and not cluster:
-                        # (what came before it is routed: like any bad frame)
-                        raise RemoteProtocolError(
-                            "a publish with scope 'cluster' without the 'cluster' capability in the hello"
-                        )
-                    route_many(wid, target, run)
+                if keys is None:
+                    runs, error = decode_publish_batch(profile, frames)
+                    for target, run in runs:
+                        if target.cluster and not cluster:
+                            # (what came before it is routed: like any bad frame)
+                            raise RemoteProtocolError(
+                                "a publish with scope 'cluster' without the 'cluster' capability in the hello"
+                            )
+                        route_many(wid, target, run)
+                else:
+                    # "filter" granted: runs also end where (src, ev) changes (§8).
+                    keys.clear()
+                    runs, error = decode_publish_batch(profile, frames, keys)
+                    for (target, run), key in zip(runs, keys, strict=True):
+                        if target.cluster and not cluster:
+                            # (what came before it is routed: like any bad frame)
+                            raise RemoteProtocolError(
+                                "a publish with scope 'cluster' without the 'cluster' capability in the hello"
+                            )
+                        route_many(wid, target, run, key)
                 if error is not None:
-                    if not barrier:
+                    if not barrier and not filtering:
                         raise error
-                    # Not a publish: a ping is the only other thing a granted client may
-                    # send. Recognised only here, off the publish fast path. Everything
-                    # before it is routed (above), so the pong is the barrier.
+                    # Not a publish: a ping or a sub is the only other thing a granted
+                    # client may send. Recognised only here, off the publish fast path.
+                    # Everything before it is routed (above), so the pong is the barrier
+                    # and a sub applies to what this client publishes after it.
                     done = sum(len(run) for _, run in runs)
-                    try:
-                        n = decode_ping(profile, frames[done])
-                    except RemoteProtocolError:
-                        raise error from None
-                    conn.send_control(self._frame(encode_pong(profile, n)))
+                    self._control_from(conn, frames[done], error, barrier, filtering)
                     frames = frames[done + 1 :]
                     if frames:
                         continue
@@ -615,6 +629,29 @@ class Broker:
             self.log_limiter.log(logging.WARNING, "closing %s: protocol error: %s", conn, exc)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             logger.info("connection of %s broke: %r", conn, exc)
+
+    def _control_from(
+        self, conn: _Connection, payload: bytes, error: RemoteProtocolError, barrier: bool, filtering: bool
+    ) -> None:
+        # A ping (barrier granted) or a sub (filter granted); anything else raises the
+        # publish's own error, as without the extensions.
+        profile = self.profile
+        if filtering and payload[:5] == b"\x81\xa3sub":
+            # (told by its bytes: one key "sub"; then checked in full, limits first)
+            try:
+                patterns = decode_sub(profile, payload)
+            except RemoteProtocolError as exc:
+                raise RemoteProtocolError(f"bad sub: {exc}") from None
+            self.router.set_filter(conn.queue, patterns)
+            return
+        if barrier:
+            try:
+                n = decode_ping(profile, payload)
+            except RemoteProtocolError:
+                raise error from None
+            conn.send_control(self._frame(encode_pong(profile, n)))
+            return
+        raise error
 
     async def _write_loop(self, conn: _Connection) -> None:
         # A failed write means the peer is gone: said once here, and the reader is ended

@@ -54,6 +54,7 @@ from .logutil import LogLimiter
 from .messages import (
     CAP_BARRIER,
     CAP_CLUSTER,
+    CAP_FILTER,
     CAP_WELCOME,
     ControlFrame,
     Event,
@@ -66,6 +67,7 @@ from .messages import (
     decode_welcome,
     encode_hello,
     encode_ping,
+    encode_sub,
     parse_target,
 )
 from .profile import Profile, get_profile
@@ -187,7 +189,14 @@ class ClientHooks:
         Raise (e.g. :class:`PayloadTooLarge`) to refuse it.
         """
         return build_publish_frame(
-            client.profile, client.worker_id, source, event, data, target, client.max_payload_len
+            client.profile,
+            client.worker_id,
+            source,
+            event,
+            data,
+            target,
+            client.max_payload_len,
+            client._filtering,
         )
 
     def decode_batch(
@@ -217,6 +226,17 @@ class ClientHooks:
 _PLAIN = ClientHooks()
 
 
+def _unkeyed(profile: Profile, frame: bytes) -> bytes:
+    # A publish frame without its src/ev (a broker that did not grant the filter).
+    header = profile.header_len
+    msg = profile.codec.loads(frame[header:])
+    if isinstance(msg, dict) and "src" in msg:
+        msg.pop("src", None)
+        msg.pop("ev", None)
+        return encode_frame(profile.codec.dumps(msg), header)
+    return frame
+
+
 class Client:
     """A worker's connection to the bus. Use as an async context manager.
 
@@ -242,6 +262,9 @@ class Client:
             backlog waits in the broker's bounded queue, whose overflow policy applies
             and which tells this client what it dropped (``dropped_by_broker``).
         hooks: what a layer above adds (:class:`ClientHooks`); default: a plain client.
+        filtered: native: ask the broker to send only the events this client's handlers
+            and iterators take (capability ``filter``, docs/protocol.md §8); handlers see
+            the same events either way. False: receive everything, as before.
 
     Attributes:
         welcome: the broker's welcome of the current or last session (its version, limits,
@@ -265,6 +288,7 @@ class Client:
         reconnect_min: float = DEFAULT_RECONNECT_MIN,
         reconnect_max: float = DEFAULT_RECONNECT_MAX,
         hooks: ClientHooks | None = None,
+        filtered: bool = True,
     ) -> None:
         self.address = address
         self.hooks = _PLAIN if hooks is None else hooks
@@ -275,9 +299,10 @@ class Client:
         self.transport = get_transport(transport)
         self.profile = get_profile(profile)
         #: The native extensions asked for in the hello (none in the kong profile).
-        self._caps: tuple[str, ...] = (
-            (CAP_WELCOME, CAP_BARRIER, CAP_CLUSTER) if self.profile.extended_targets else ()
-        )
+        caps: tuple[str, ...] = (CAP_WELCOME, CAP_BARRIER, CAP_CLUSTER)
+        if filtered:
+            caps += (CAP_FILTER,)
+        self._caps: tuple[str, ...] = caps if self.profile.extended_targets else ()
         #: Whether the broker's welcome granted the cluster scope (None: no welcome yet).
         self._cluster: bool | None = None
         self.pid = os.getpid() if pid is None else pid
@@ -305,6 +330,16 @@ class Client:
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
         self._dispatcher = Dispatcher(max_queue_len)
+        self._dispatcher.on_change = self._subscriptions_changed
+        self._dispatcher.on_unwanted = self._unwanted_event
+        # The filter (docs/protocol.md §8): granted by this session's welcome; publishes
+        # then carry src/ev. The broker starts each session sending everything
+        # (_sub_sent None); the first event no handler takes makes the client send its
+        # pattern set (narrowing is lazy, so "connect, then subscribe" races nothing), and
+        # from then on every change is sent before the next batch (one pending at most).
+        self._filtering = False
+        self._sub_pending = False
+        self._sub_sent: frozenset[tuple[str, str]] | None = None
         self._hello = self._frame(encode_hello(self.profile, worker_id, self.pid, self._caps))
         #: The last connection attempt reached a peer that did not welcome us.
         self._handshake_error: HandshakeError | None = None
@@ -761,6 +796,17 @@ class Client:
         self._cluster = CAP_CLUSTER in welcome.caps
         if not self._cluster:
             self._drop_cluster_publishes()
+        filtering = CAP_FILTER in welcome.caps
+        if self._filtering and not filtering and self._buffer:
+            # Encoded with src/ev for a broker that granted the filter; this one did not
+            # and would close the connection on them: the same publishes without them.
+            plain = [_unkeyed(self.profile, f) for f in self._buffer]
+            self._buffer.clear()
+            self._buffer.extend(plain)
+        self._filtering = filtering
+        # A new connection has no filter: the broker sends everything until we narrow it.
+        self._sub_pending = False
+        self._sub_sent = None
         limit = min(self._own_max_payload_len, welcome.max_payload_len)
         if limit < self.max_payload_len:
             logger.info("worker %d: the broker accepts publishes up to %d bytes", self.worker_id, limit)
@@ -786,7 +832,8 @@ class Client:
 
         def cluster(frame: bytes) -> bool:
             try:
-                return decode_publish(self.profile, frame[header_len:])[0].cluster
+                plain = _unkeyed(self.profile, frame)  # (src/ev are no part of the check)
+                return decode_publish(self.profile, plain[header_len:])[0].cluster
             except RemoteProtocolError:
                 return False
 
@@ -1000,6 +1047,40 @@ class Client:
                 self._dropped_by_broker,
             )
 
+    def _subscriptions_changed(self) -> None:
+        # A handler or iterator came or went: once the broker has a set, it gets the new
+        # one before the next batch (coalesced), so this client's publishes made after
+        # this call are routed after it.
+        if self._sub_sent is not None:
+            self._want_sub()
+
+    def _unwanted_event(self) -> None:
+        # An event no handler takes while the broker sends everything: narrow it.
+        if self._sub_sent is None:
+            self._want_sub()
+
+    def _want_sub(self) -> None:
+        if self._filtering and self._connected and not self._sub_pending:
+            self._sub_pending = True
+            if self._writer_wakeup is not None:
+                self._writer_wakeup.set()
+                self._writer_wakeup = None
+
+    def _sub_frame(self) -> bytes:
+        # The current set, once per change (b"" if the broker already has it).
+        self._sub_pending = False
+        patterns = self._dispatcher.patterns()
+        if patterns == self._sub_sent:
+            return b""
+        self._sub_sent = patterns
+        try:
+            payload = encode_sub(self.profile, patterns)
+        except ValueError as exc:
+            # Over the broker's limits: take everything rather than lose events.
+            self._log.log(logging.INFO, "worker %d: %s; receiving every event", self.worker_id, exc)
+            payload = encode_sub(self.profile, frozenset({("*", "*")}))
+        return self._frame(payload)
+
     async def _write_loop(self, frames: FrameStream, scope: anyio.CancelScope) -> None:
         buffer = self._buffer
         barrier = self._barrier
@@ -1008,7 +1089,16 @@ class Client:
             if self._closing:
                 await self._half_close(frames)
                 return
+            sub = self._sub_frame() if self._sub_pending else b""
             if not buffer and not pings:
+                if sub:
+                    try:
+                        await frames.send(sub)
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                        logger.info("worker %d: write failed: %r", self.worker_id, exc)
+                        scope.cancel()
+                        return
+                    continue
                 self._writer_wakeup = wakeup = anyio.Event()
                 await wakeup.wait()
                 continue
@@ -1038,6 +1128,8 @@ class Client:
                 self._written = end
             else:
                 data = b"".join(batch)
+            if sub:
+                data = sub + data  # before the batch: it applies to what follows
             try:
                 await frames.send(data)
             except BaseException as exc:

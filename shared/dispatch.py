@@ -91,6 +91,11 @@ class Dispatcher:
         self.waits_for_iterator = 0
         #: True while an event's handlers are running.
         self.busy = False
+        #: Called after every (un)subscribe (the client tells the broker, §8 filter).
+        self.on_change: Callable[[], None] | None = None
+        #: Called for an event no handler takes (not the bus's own): the client may then
+        #: ask the broker for less (§8 filter).
+        self.on_unwanted: Callable[[], None] | None = None
 
     @property
     def depth(self) -> int:
@@ -120,6 +125,12 @@ class Dispatcher:
     def _changed(self) -> None:
         self._routes.clear()
         self._version += 1
+        if self.on_change is not None:
+            self.on_change()
+
+    def patterns(self) -> frozenset[tuple[str, str]]:
+        """The (source, event) patterns with at least one handler or iterator now."""
+        return frozenset(self._subscriptions)
 
     def unsubscribe(self, sub_id: str) -> bool:
         """Remove a subscription; False if the id is unknown."""
@@ -256,6 +267,8 @@ class Dispatcher:
                     self.delivered += 1
                     version = self._version
                     handlers, levels = route
+                    if not handlers and source != "workerbus" and self.on_unwanted is not None:
+                        self.on_unwanted()
                     for done, handler in enumerate(handlers, 1):
                         try:
                             result = handler(data, event, source, wid)

@@ -5,8 +5,10 @@
 - event, encoded once by the publisher: ``{"source", "event", "data"?, "wid"}``
 - delivery, broker → client: the publish's inner ``data`` bytes, unchanged.
 - native extensions, negotiated by ``caps`` in the hello (§8): welcome (broker → client,
-  first frame), ping (client → broker), pong (broker → client). Control frames from the
-  broker are maps without a ``"source"`` key, so they can never be taken for an event.
+  first frame), ping (client → broker), pong (broker → client); with ``filter``: sub
+  (client → broker, its pattern set) and the keyed publish (``src``/``ev`` beside
+  ``spec``/``data``). Control frames from the broker are maps without a ``"source"`` key,
+  so they can never be taken for an event.
 
 Validation of what a peer sent raises :class:`RemoteProtocolError`; refusing to build a bad
 message raises :class:`LocalProtocolError`. The codec comes from the profile, so the same
@@ -28,10 +30,13 @@ __all__ = [
     "ALL",
     "CAP_BARRIER",
     "CAP_CLUSTER",
+    "CAP_FILTER",
     "CAP_WELCOME",
     "CURRENT",
     "MAX_CAPS",
     "MAX_CAP_LEN",
+    "MAX_SUB_NAME_LEN",
+    "MAX_SUB_PATTERNS",
     "OTHERS",
     "PROTOCOL_VERSION",
     "ControlFrame",
@@ -50,6 +55,7 @@ __all__ = [
     "decode_hello",
     "decode_ping",
     "decode_pong",
+    "decode_sub",
     "decode_welcome",
     "decode_publish",
     "decode_publish_batch",
@@ -57,9 +63,11 @@ __all__ = [
     "encode_hello",
     "encode_ping",
     "encode_pong",
+    "encode_sub",
     "encode_welcome",
     "event_fields",
     "encode_publish",
+    "encode_publish_keyed",
     "parse_target",
 ]
 
@@ -266,6 +274,13 @@ CAP_CLUSTER = "cluster"
 #: (a hello is read before anything is known of the peer; it must stay small).
 MAX_CAPS = 32
 MAX_CAP_LEN = 32
+#: The client may send ``sub`` frames (its handlers' (source, event) patterns) and its
+#: publishes carry ``src``/``ev``; the broker then sends it only the events it handles.
+CAP_FILTER = "filter"
+#: Limits on a ``sub`` frame: patterns in one set, and bytes in one source or event name.
+#: Checked before anything is kept; over them is a protocol error (docs/protocol.md §8).
+MAX_SUB_PATTERNS = 1024
+MAX_SUB_NAME_LEN = 256
 
 
 def encode_hello(
@@ -379,6 +394,51 @@ def decode_pong(profile: Profile, payload: bytes) -> int:
     return _decode_counter(profile, payload, "pong")
 
 
+#: A set of (source, event) patterns as the broker keeps it for one connection.
+SubPatterns = frozenset[tuple[str, str]]
+
+
+def encode_sub(profile: Profile, patterns: SubPatterns) -> bytes:
+    """A ``sub`` frame: the client's whole current pattern set (sorted: one set, one byte
+    string). Raises: ValueError over the limits, so a client never sends one the broker
+    would close the connection for."""
+    if len(patterns) > MAX_SUB_PATTERNS:
+        raise ValueError(f"{len(patterns)} subscription patterns, over the limit of {MAX_SUB_PATTERNS}")
+    for source, event in patterns:
+        if len(source.encode("utf-8")) > MAX_SUB_NAME_LEN or len(event.encode("utf-8")) > MAX_SUB_NAME_LEN:
+            raise ValueError(f"a subscription name is over the limit of {MAX_SUB_NAME_LEN} bytes")
+    return profile.codec.dumps({"sub": [list(p) for p in sorted(patterns)]})
+
+
+def decode_sub(profile: Profile, payload: bytes) -> SubPatterns:
+    """The pattern set of a ``sub`` frame.
+
+    Raises:
+        RemoteProtocolError: not a sub, the wrong shape (each pattern a list of two
+        non-empty strings, ``"*"`` as the source only with ``"*"`` as the event), or over
+        :data:`MAX_SUB_PATTERNS` / :data:`MAX_SUB_NAME_LEN`.
+    """
+    msg = _as_map(profile.codec.loads(payload), "sub")
+    if len(msg) != 1 or "sub" not in msg:
+        raise RemoteProtocolError(f"not a sub: keys {sorted(map(str, msg))[:8]}")
+    value = msg["sub"]
+    if not isinstance(value, list):
+        raise RemoteProtocolError(f"sub must be a list of [source, event], got {type(value).__name__}")
+    if len(value) > MAX_SUB_PATTERNS:
+        raise RemoteProtocolError(f"sub lists {len(value)} patterns, over the limit of {MAX_SUB_PATTERNS}")
+    patterns: set[tuple[str, str]] = set()
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2 and all(type(x) is str and x for x in item)):
+            raise RemoteProtocolError(f"a sub pattern must be [source, event] (non-empty strings), got {item!r:.80}")
+        source, event = item
+        if len(source.encode("utf-8")) > MAX_SUB_NAME_LEN or len(event.encode("utf-8")) > MAX_SUB_NAME_LEN:
+            raise RemoteProtocolError(f"a sub pattern name is over the limit of {MAX_SUB_NAME_LEN} bytes")
+        if source == "*" and event != "*":
+            raise RemoteProtocolError(f"sub pattern ['*', {event!r:.40}] never matches: use ['*', '*']")
+        patterns.add((source, event))
+    return frozenset(patterns)
+
+
 # --- publish -----------------------------------------------------------------------------
 
 
@@ -446,6 +506,55 @@ def encode_publish(profile: Profile, target: Target, event_bytes: bytes) -> byte
     return profile.codec.dumps({"spec": spec, "data": event_bytes})
 
 
+def encode_publish_keyed(profile: Profile, target: Target, event_bytes: bytes, source: str, event: str) -> bytes:
+    """:func:`encode_publish` plus the event's ``src``/``ev`` (a client granted
+    ``filter``): ``{"spec", "data", "src", "ev"}`` in that order, so the broker routes it
+    by pattern without decoding the event."""
+    head = _publish_head(profile, target, len(event_bytes))
+    if head is not None:
+        return b"\x84" + head[1:] + event_bytes + _KEY_SRC + _msgpack_str(source) + _KEY_EV + _msgpack_str(event)
+    plain = _as_map(profile.codec.loads(encode_publish(profile, target, event_bytes)), "publish")
+    plain["src"], plain["ev"] = source, event
+    return profile.codec.dumps(plain)
+
+
+def _msgpack_str(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    n = len(raw)
+    if n < 32:
+        return bytes((0xA0 | n,)) + raw
+    if n < 0x100:
+        return b"\xd9" + bytes((n,)) + raw
+    if n < 0x10000:
+        return b"\xda" + n.to_bytes(2, "big") + raw
+    return b"\xdb" + n.to_bytes(4, "big") + raw
+
+
+_KEY_SRC = b"\xa3src"
+_KEY_EV = b"\xa2ev"
+
+
+def _read_str(payload: bytes, pos: int) -> tuple[str, int] | None:
+    # A fixstr or str8 at pos: (text, end), or None (not one of those, or cut short).
+    size = len(payload)
+    if pos >= size:
+        return None
+    tag = payload[pos]
+    if 0xA0 <= tag <= 0xBF:
+        start, n = pos + 1, tag & 0x1F
+    elif tag == 0xD9 and pos + 1 < size:
+        start, n = pos + 2, payload[pos + 1]
+    else:
+        return None
+    end = start + n
+    if end > size:
+        return None
+    try:
+        return bytes(payload[start:end]).decode("utf-8"), end
+    except UnicodeDecodeError:
+        return None
+
+
 def decode_publish(profile: Profile, payload: bytes) -> tuple[Target, bytes]:
     """Return the target and the inner event bytes (never decoded here).
 
@@ -455,20 +564,35 @@ def decode_publish(profile: Profile, payload: bytes) -> tuple[Target, bytes]:
     Raises:
         RemoteProtocolError: not a valid publish message.
     """
+    target, data, _ = _decode_publish(profile, payload, keyed=False)
+    return target, data
+
+
+def _decode_publish(profile: Profile, payload: bytes, *, keyed: bool) -> tuple[Target, bytes, tuple[str, str] | None]:
+    # decode_publish; with ``keyed`` (a connection granted "filter") also the optional
+    # src/ev pair, both or neither.
     msg = _as_map(profile.codec.loads(payload), "publish")
     try:
         spec = _as_map(msg["spec"], "publish spec")
         data = _as_bytes(profile, msg["data"], "publish data")
     except KeyError as exc:
         raise RemoteProtocolError(f"publish is missing {exc.args[0]!r}") from None
-    if len(msg) != 2:
+    key: tuple[str, str] | None = None
+    if keyed and len(msg) == 4 and "src" in msg and "ev" in msg:
+        src, ev = msg["src"], msg["ev"]
+        if type(src) is not str or type(ev) is not str or not src or not ev:
+            raise RemoteProtocolError("publish src and ev must be non-empty strings")
+        key = (src, ev)
+    elif len(msg) != 2:
         extra = sorted(str(k) for k in msg if k not in ("spec", "data"))
         raise RemoteProtocolError(f"publish has unknown keys {extra}")
-    return _decode_spec(profile, spec), data
+    return _decode_spec(profile, spec), data, key
 
 
 def decode_publish_batch(
-    profile: Profile, payloads: list[bytes]
+    profile: Profile,
+    payloads: list[bytes],
+    keys: list[tuple[str, str] | None] | None = None,
 ) -> tuple[list[tuple[Target, list[bytes]]], RemoteProtocolError | None]:
     """The broker's read path: every publish of one read, made into delivery frames.
 
@@ -477,45 +601,82 @@ def decode_publish_batch(
     invalid publish, if any: the broker routes what came before it, then closes the
     connection. Each publish is what :func:`decode_publish` makes of it.
 
+    ``keys``, given for a connection granted ``filter`` (docs/protocol.md §8): publishes
+    may then carry ``src``/``ev``, and a run also ends where that pair changes; one entry
+    per run is appended to ``keys``, the run's ``(source, event)`` or None (a publish
+    without them: routed to every worker, as without the extension).
+
     This loop is the one recogniser of the usual publish: a native publish to all or
-    others exactly as :func:`encode_publish` makes it (either length encoding a native
-    frame can hold) is known by its bytes, without unpacking; anything else (another
-    target, key order or length encoding, a length that does not match) goes through
-    :func:`decode_publish`, which accepts or rejects it with a reason. It is written out
-    here, not called, because it runs once per publish.
+    others exactly as :func:`encode_publish` (or :func:`encode_publish_keyed`) makes it
+    (either length encoding a native frame can hold; src/ev as fixstr or str8) is known by
+    its bytes, without unpacking; anything else (another target, key order or length
+    encoding, a length that does not match) goes through the general decoder, which accepts
+    or rejects it with a reason. It is written out here, not called, because it runs once
+    per publish.
     """
     runs: list[tuple[Target, list[bytes]]] = []
     run: list[bytes] = []
     run_target: Target | None = None
+    run_key: tuple[str, str] | None = None
+    keyed = keys is not None
     header_len = profile.header_len
     native = profile is NATIVE
     all_head, others_head = _MSGPACK_ALL_HEAD, _MSGPACK_OTHERS_HEAD
     all_pos, others_pos = len(all_head), len(others_head)
+    kall_head, kothers_head = b"\x84" + all_head[1:], b"\x84" + others_head[1:]
     for payload in payloads:
         target: Target | None = None
+        key: tuple[str, str] | None = None
         if native:  # (a bytearray payload too: its event is framed into bytes below)
+            four = False
             if payload.startswith(all_head):
                 target, pos = ALL, all_pos
             elif payload.startswith(others_head):
                 target, pos = OTHERS, others_pos
+            elif keyed and payload.startswith(kall_head):
+                target, pos, four = ALL, all_pos, True
+            elif keyed and payload.startswith(kothers_head):
+                target, pos, four = OTHERS, others_pos, True
             if target is not None:
                 size = len(payload)
                 tag = payload[pos] if size > pos + 1 else 0
-                if tag == 0xC4 and payload[pos + 1] + pos + 2 == size:
-                    data = payload[pos + 2 :]
-                elif tag == 0xC5 and size > pos + 2 and ((payload[pos + 1] << 8) | payload[pos + 2]) + pos + 3 == size:
-                    data = payload[pos + 3 :]
+                if tag == 0xC4:
+                    start = pos + 2
+                    end = payload[pos + 1] + start
+                elif tag == 0xC5 and size > pos + 2:
+                    start = pos + 3
+                    end = ((payload[pos + 1] << 8) | payload[pos + 2]) + start
+                else:
+                    end = -1
+                if not four:
+                    if end == size:
+                        data = payload[start:]
+                    else:
+                        target = None
+                elif 0 < end <= size and payload[end : end + 4] == _KEY_SRC:
+                    src = _read_str(payload, end + 4)
+                    ev = None
+                    if src is not None and payload[src[1] : src[1] + 3] == _KEY_EV:
+                        ev = _read_str(payload, src[1] + 3)
+                    if src is not None and ev is not None and ev[1] == size and src[0] and ev[0]:
+                        data = payload[start:end]
+                        key = (src[0], ev[0])
+                    else:
+                        target = None
                 else:
                     target = None
         if target is None:
             try:
-                target, data = decode_publish(profile, payload)
+                target, data, key = _decode_publish(profile, payload, keyed=keyed)
             except RemoteProtocolError as exc:
                 return runs, exc
-        if target is not run_target:
+        if target is not run_target or key != run_key:
             run = []
             runs.append((target, run))
             run_target = target
+            run_key = key
+            if keys is not None:
+                keys.append(key)
         # (the event came inside a frame of this header width, so it fits one)
         run.append(encode_frame(data, header_len))
     return runs, None
@@ -582,14 +743,24 @@ def build_publish_frame(
     data: object,
     target: Target,
     max_payload_len: int,
+    keyed: bool = False,
 ) -> bytes:
     """:func:`build_publish`, framed: the bytes a client writes for one publish.
+
+    ``keyed`` (a client granted ``filter``): the publish also carries ``src``/``ev``
+    (:func:`encode_publish_keyed`).
 
     Same checks and errors, and the same bytes: this runs for every publish, and each
     layer of calls costs about as much as the checks, so the usual case (a native publish
     to all or others) is :func:`encode_event` and :func:`encode_publish` fused here, made
     of their parts (test_fast_paths holds it to the reference encoder).
     """
+    if keyed:
+        inner, _ = build_publish(profile, wid, source, event, data, target, max_payload_len)
+        outer = encode_publish_keyed(profile, target, inner, source, event)
+        if len(outer) > max_payload_len:
+            raise PayloadTooLarge(len(outer), max_payload_len)
+        return encode_frame(outer, profile.header_len)
     if (
         (target is ALL or target is OTHERS)
         and profile is NATIVE

@@ -29,7 +29,7 @@ import random
 import time
 from bisect import bisect_right
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import accumulate, islice, repeat
 
@@ -47,7 +47,9 @@ __all__ = [
     "QueueStatistics",
     "Router",
     "RouterStatistics",
+    "Patterns",
     "WorkerQueue",
+    "matches",
 ]
 
 #: Same as lua-resty-events' ``max_queue_len`` default (1024 * 10).
@@ -113,6 +115,9 @@ class QueueStatistics:
     in_flight: int = 0
     #: connections closed by the disconnect overflow policy
     overflow_disconnects: int = 0
+    #: frames not offered to this queue because its worker's filter does not match them
+    #: (docs/protocol.md §8): not routed, so outside the identity, and never a drop
+    filtered: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +145,25 @@ class RouterStatistics:
     queues_expired: int = 0
     #: queues retired early because ``max_departed_queues`` were kept, in all
     queues_evicted: int = 0
+    #: deliveries skipped by worker filters (docs/protocol.md §8), in all; never drops
+    filtered: int = 0
+
+
+#: A worker's filter: its (source, event) patterns, "*" as in the dispatcher's levels.
+Patterns = frozenset[tuple[str, str]]
+#: Events of the bus itself pass every filter (docs/protocol.md §8).
+_BUS_SOURCE = "workerbus"
+
+
+def matches(patterns: Patterns | None, source: str, event: str) -> bool:
+    """Whether a worker with this filter (None: no filter) handles ``(source, event)``."""
+    return (
+        patterns is None
+        or source == _BUS_SOURCE
+        or ("*", "*") in patterns
+        or (source, "*") in patterns
+        or (source, event) in patterns
+    )
 
 
 class WorkerQueue:
@@ -156,6 +180,8 @@ class WorkerQueue:
         "dropped_unreported",
         "enqueued",
         "expected",
+        "filter",
+        "filtered",
         "frames",
         "idle_since",
         "in_flight",
@@ -191,6 +217,9 @@ class WorkerQueue:
         #: the broadcasts since then that this id itself published to ``others``.
         self.muted_at = -1
         self.muted_skips = 0
+        #: The connected worker's patterns (None: everything), see Router.set_filter.
+        self.filter: Patterns | None = None
+        self.filtered = 0
 
     def push(self, frame: bytes, policy: OverflowPolicy) -> bool:
         frames = self.frames
@@ -353,6 +382,7 @@ class WorkerQueue:
             self.routed,
             self.in_flight,
             self.disconnects,
+            self.filtered,
         )
 
 
@@ -430,6 +460,10 @@ class Router:
         self.unroutable = 0
         self.queues_expired = 0
         self.queues_evicted = 0
+        #: Per (source, event): the queues (of ``queues``) whose filter takes it, and those
+        #: whose filter skips it. Emptied whenever a filter or the set of queues changes.
+        self._matching: dict[tuple[str, str], _Split] = {}
+        self._retired_filtered = 0
         #: Counters of queues that were retired by expire(), so totals never go down.
         self._retired_dropped = 0
         self._retired_routed = 0
@@ -451,9 +485,18 @@ class Router:
             else:
                 self._unmute(queue)
             self.queues[worker_id] = queue
+            self._invalidate()
         self._departed.pop(worker_id, None)
         queue.connected = True
         return queue
+
+    def set_filter(self, queue: WorkerQueue, patterns: Patterns | None) -> None:
+        """The connected worker of ``queue`` handles only ``patterns`` (None: everything).
+
+        Takes effect for every frame routed from now on; frames already queued stay.
+        """
+        queue.filter = patterns
+        self._invalidate()
 
     def detach(self, queue: WorkerQueue) -> list[int]:
         """The connection of ``queue`` ended; the queue waits for the worker to come back.
@@ -464,6 +507,11 @@ class Router:
         queue.connected = False
         queue.wakeup = None
         queue.on_overflow = None
+        if queue.filter is not None:
+            # The filter belonged to the connection: what waits for the next one (perhaps
+            # another process with other handlers) is everything, as without filters.
+            queue.filter = None
+            self._invalidate()
         queue.idle_since = self._clock()
         if queue.expected:
             return []
@@ -497,6 +545,7 @@ class Router:
                 gone.append(queue.worker_id)
             elif queue.muted_at < 0:
                 del self.queues[queue.worker_id]
+                self._invalidate()
                 self.muted[queue.worker_id] = queue
                 queue.muted_at = self._broadcasts
                 queue.muted_skips = 0
@@ -523,6 +572,7 @@ class Router:
             del self.muted[wid]
         else:
             del self.queues[wid]
+            self._invalidate()
         self._departed.pop(wid, None)
         queue.dropped += len(queue.frames) + queue.in_flight
         queue.frames.clear()
@@ -530,14 +580,49 @@ class Router:
         self._retired_routed += queue.routed
         self._retired_sent += queue.sent
         self._retired_disconnects += queue.disconnects
+        self._retired_filtered += queue.filtered
 
     # --- routing -------------------------------------------------------------------------
 
-    def route(self, publisher: int | None, target: Target, frame: bytes) -> int:
+    def _split(self, key: tuple[str, str]) -> _Split:
+        """The queues whose filter takes ``key``, and those whose filter skips it (cached)."""
+        split = self._matching.get(key)
+        if split is None:
+            source, event = key
+            take: list[WorkerQueue] = []
+            skip: list[WorkerQueue] = []
+            for queue in self.queues.values():
+                (take if matches(queue.filter, source, event) else skip).append(queue)
+            split = self._matching[key] = _Split(tuple(take), tuple(skip))
+        return split
+
+    def _targets(self, key: tuple[str, str] | None, count: int) -> Iterable[WorkerQueue]:
+        # The queues a broadcast of ``count`` frames with this key goes to; the others
+        # count them as filtered (once per key, added to each skipped queue later).
+        if key is None:
+            return self.queues.values()
+        split = self._split(key)
+        split.skipped += count
+        return split.take
+
+    def _invalidate(self) -> None:
+        # A filter or the set of queues changed: settle the filtered counts, forget splits.
+        for split in self._matching.values():
+            if split.skipped:
+                for queue in split.skip:
+                    queue.filtered += split.skipped
+        self._matching.clear()
+
+    def route(
+        self, publisher: int | None, target: Target, frame: bytes, key: tuple[str, str] | None = None
+    ) -> int:
         """Queue ``frame`` (a whole delivery frame) for the workers ``target`` names.
 
         ``publisher`` is the publishing worker's id, or None for an event injected from
-        outside this broker. Returns the number of queues the frame landed in.
+        outside this broker. ``key`` is the event's ``(source, event)`` when the publisher
+        said it (docs/protocol.md §8): workers whose filter does not take it are skipped
+        (counted as filtered); None reaches every worker the target names. Returns the
+        number of queues the frame landed in.
         """
         self.publishes += 1
         kind = target.kind
@@ -545,13 +630,13 @@ class Router:
         landed = 0
         if kind is TargetKind.ALL:
             self._broadcasts += 1
-            for queue in self.queues.values():
+            for queue in self._targets(key, 1):
                 landed += queue.push(frame, policy)
         elif kind is TargetKind.OTHERS:
             self._broadcasts += 1
             if self.muted:
                 self._others_from_muted(publisher, 1)
-            for queue in self.queues.values():
+            for queue in self._targets(key, 1):
                 if queue.worker_id != publisher:
                     landed += queue.push(frame, policy)
         elif kind is TargetKind.WORKER:
@@ -559,13 +644,15 @@ class Router:
             one = self.queues.get(wid) or self.muted.get(wid)
             if one is None:
                 self.unroutable += 1
+            elif key is not None and not matches(one.filter, *key):
+                one.filtered += 1  # the worker does not handle it: not a drop
             else:
                 landed = one.push(frame, policy)
         elif kind is TargetKind.UNIQUE:
             if target.cluster and self.defer_cluster_unique and publisher is not None:
                 landed = 0
             else:
-                landed = self._route_unique(target.key or "", frame)
+                landed = self._route_unique(target.key or "", frame, key)
         else:
             raise ValueError(f"target {target} is never routed by a broker")
         self.deliveries += landed
@@ -574,26 +661,28 @@ class Router:
                 tap(publisher, target, frame)
         return landed
 
-    def route_many(self, publisher: int | None, target: Target, frames: list[bytes]) -> int:
-        """:meth:`route` for several frames with one target, in order.
+    def route_many(
+        self, publisher: int | None, target: Target, frames: list[bytes], key: tuple[str, str] | None = None
+    ) -> int:
+        """:meth:`route` for several frames with one target (and one key), in order.
 
         For ``all`` and ``others`` every queue takes the whole run in one go, which is what
         keeps the broker's cost per delivery low; other targets go frame by frame.
         """
         kind = target.kind
         if len(frames) == 1 or (kind is not TargetKind.ALL and kind is not TargetKind.OTHERS):
-            return sum(self.route(publisher, target, frame) for frame in frames)
+            return sum(self.route(publisher, target, frame, key) for frame in frames)
         self.publishes += len(frames)
         policy = self.overflow
         landed = 0
         self._broadcasts += len(frames)
         if kind is TargetKind.ALL:
-            for queue in self.queues.values():
+            for queue in self._targets(key, len(frames)):
                 landed += queue.push_many(frames, policy)
         else:
             if self.muted:
                 self._others_from_muted(publisher, len(frames))
-            for queue in self.queues.values():
+            for queue in self._targets(key, len(frames)):
                 if queue.worker_id != publisher:
                     landed += queue.push_many(frames, policy)
         self.deliveries += landed
@@ -610,7 +699,7 @@ class Router:
         if queue is not None:
             queue.muted_skips += count
 
-    def _route_unique(self, key: str, frame: bytes) -> int:
+    def _route_unique(self, key: str, frame: bytes, match: tuple[str, str] | None = None) -> int:
         now = self._clock()
         uniques = self._uniques
         # Keys are inserted in time order with one timeout, so expired ones are at the front.
@@ -626,17 +715,19 @@ class Router:
             uniques.popitem(last=False)
             self.unique_evicted += 1
         uniques[key] = now + self.unique_timeout
-        queue = self._pick_one()
+        # Only workers that handle the event are candidates; none that does: unroutable
+        # (without filters it would reach a worker with no handler for it: lost as well).
+        queue = self._pick_one(self.queues.values() if match is None else self._split(match).take)
         if queue is None:
             self.unroutable += 1
             return 0
         return int(queue.push(frame, self.overflow))
 
-    def _pick_one(self) -> WorkerQueue | None:
+    def _pick_one(self, among: Iterable[WorkerQueue]) -> WorkerQueue | None:
         # Prefer a connected regular worker, so the event is handled now rather than when
         # some absent worker comes back; fall back to any queue that takes broadcasts
         # (expected ids, ids gone for less than broadcast_grace), never a muted one.
-        queues = list(self.queues.values())
+        queues = list(among)
         for candidates in (
             [q for q in queues if q.connected and q.worker_id >= 0],
             [q for q in queues if q.connected],
@@ -649,6 +740,7 @@ class Router:
     # --- introspection -------------------------------------------------------------------
 
     def statistics(self) -> RouterStatistics:
+        self._invalidate()  # (settles the filtered counts of every queue)
         for queue in self.muted.values():
             self._settle(queue)  # so that the identity holds in every snapshot
         every = [*self.queues.values(), *self.muted.values()]
@@ -671,7 +763,20 @@ class Router:
             queues_muted=len(self.muted),
             queues_expired=self.queues_expired,
             queues_evicted=self.queues_evicted,
+            filtered=self._retired_filtered + sum(q.filtered for q in queues),
         )
+
+
+class _Split:
+    """One (source, event) of the router's cache: the queues that take it, those that
+    skip it, and the frames skipped since the split was made (not yet added to each)."""
+
+    __slots__ = ("skip", "skipped", "take")
+
+    def __init__(self, take: tuple[WorkerQueue, ...], skip: tuple[WorkerQueue, ...]) -> None:
+        self.take = take
+        self.skip = skip
+        self.skipped = 0
 
 
 def _by_id(queue: WorkerQueue) -> int:

@@ -74,6 +74,7 @@ _HELP = {
     "queued": "Frames waiting in worker queues.",
     "in_flight": "Frames being written.",
     "overflow_disconnects": "Connections closed by the disconnect overflow policy.",
+    "filtered": "Deliveries skipped because the worker's filter does not take the event (not drops).",
     "depth": "Frames waiting in this worker's queue.",
     "enqueued": "Frames accepted into this worker's queue.",
     "published": "Publishes accepted into the client's buffer.",

@@ -58,7 +58,7 @@ async def test_welcome_tells_limits_id_and_caps(address: str, transport: str) ->
             assert w is not None
             assert (w.version, w.profile, w.worker_id) == (1, "native", 7)
             assert w.broker.startswith("workerbus ")
-            assert w.caps == {"welcome", "barrier", "cluster"}
+            assert w.caps == {"welcome", "barrier", "cluster", "filter"}
             assert (w.max_payload_len, w.max_queue_len, w.unique_timeout) == (300, 77, 1.5)
             assert c.max_payload_len == 300  # min(own 1000, broker's 300)
         tg.cancel_scope.cancel()
@@ -77,7 +77,7 @@ async def test_plain_hello_gets_no_welcome_and_unknown_caps_are_ignored(address:
             assert await _read_frames(stream, initial, 1) == [b"abc"]
             await stream.aclose()
             # Unknown names are ignored: only what this broker has is granted.
-            hello = encode_hello(NATIVE, 6, 1, ("welcome", "filter", "x" * 32))
+            hello = encode_hello(NATIVE, 6, 1, ("welcome", "zz-unknown", "x" * 32))
             stream, initial = await _raw_worker(address, transport, hello)
             (first,) = await _read_frames(stream, initial, 1)
             assert decode_welcome(NATIVE, first).caps == {"welcome"}

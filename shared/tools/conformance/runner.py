@@ -13,6 +13,7 @@ from typing import TextIO
 from shared.tools.conformance import (
     cases_bad,
     cases_cluster,
+    cases_filter,
     cases_frames,
     cases_handshake,
     cases_native,
@@ -26,7 +27,7 @@ __all__ = ["CaseResult", "Report", "run_suite", "select", "write_json"]
 
 #: Imported for their @case registrations; this is the run order: connection start first,
 #: then framing, routing, and the bad-input cases last.
-CASE_MODULES = (cases_handshake, cases_frames, cases_routing, cases_native, cases_cluster, cases_bad)
+CASE_MODULES = (cases_handshake, cases_frames, cases_routing, cases_native, cases_cluster, cases_filter, cases_bad)
 
 
 def all_cases() -> list[Case]:
