@@ -237,6 +237,28 @@ async def test_a_subscribed_worker_gets_only_what_it_handles(address: str, trans
         assert (await more.wait_for(1))[0][2] == "late"
 
 
+@pytest.mark.anyio
+async def test_keyed_publishes_with_cluster_scope_are_filtered_too(address: str, transport: str) -> None:
+    # The two native extensions together: the spec carries the scope, the envelope the
+    # keys (a broker without a bridge is a one-node cluster, docs/cluster.md).
+    async with bus(address, transport, [0, 1]) as (b, (pub, sub)):
+        assert pub.welcome is not None and {"filter", "cluster"} <= pub.welcome.caps
+        got = Recorder()
+        sub.subscribe("cache", "*", got)
+        await pub.publish("other", "warm-up", scope="cluster")  # makes the subscriber narrow
+        await wait_until(lambda: sub._sub_sent is not None)
+        await sub.flush()
+        await pub.publish("other", "x", 1, scope="cluster")
+        await pub.publish("cache", "inv", 2, scope="cluster")
+        await pub.publish("cache", "inv", 3, "others", scope="cluster")
+        await pub.publish("cache", "inv", 4, "unique:k", scope="cluster")
+        events = await got.wait_for(3)
+        await pub.flush()
+        assert [e[2] for e in events] == [2, 3, 4]
+        by_id = {q.worker_id: q for q in b.statistics().router.queues}
+        assert by_id[1].filtered >= 1  # "other/x" never reached the subscriber
+
+
 async def _closed_after(address: str, transport: str, caps: tuple[str, ...], payload: bytes) -> None:
     # A raw worker that says hello, sends ``payload`` and must then see the broker close.
     stream, _ = await get_transport(transport).connect(parse_address(address))
