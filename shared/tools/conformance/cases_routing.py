@@ -91,8 +91,11 @@ def target_others(ctx: Ctx) -> None:
 def late_joiner(ctx: Ctx) -> None:
     ids, conns = _connected(ctx, 2)
     x, p = ids
-    conns[0].close()
-    ctx.settle(conns[1], p)
+    # A polite leave: once the broker closed its side too, it has seen the worker go, so
+    # the next publish is queued for it (a plain close races with that publish).
+    if not conns[0].leave(ctx.deadline):
+        raise CaseFailed(f"worker {x}: half-closed its connection, the broker did not close "
+                         f"its side within {ctx.cfg.case_timeout:g}s")
     event = ctx.event(p, "while-away")
     ctx.publish(conns[1], {}, event)
     ctx.expect(conns[1], [event], f"publisher {p}")

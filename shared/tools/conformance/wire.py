@@ -136,6 +136,22 @@ class Conn:
     def close(self) -> None:
         self.sock.close()
 
+    def leave(self, deadline: float) -> bool:
+        """Leave the way a worker that is done does: half-close, then read (and discard)
+        until the broker closes too, then close. Once the broker's close is seen, the broker
+        has seen this worker go: its queue no longer has a connection, so what is published
+        from then on waits in it. Returns False if the broker had not closed by the
+        deadline (the socket is closed anyway)."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return False
+        try:
+            return self.closed_by_peer(deadline)
+        finally:
+            self.close()
+
     def send(self, data: bytes) -> None:
         self.sock.settimeout(SEND_TIMEOUT)
         try:
