@@ -401,6 +401,6 @@ async def test_welcome_and_first_backlog_leave_in_one_write(
         await stream.aclose()
         tg.cancel_scope.cancel()
     assert decode_welcome(NATIVE, frames[0]).worker_id == 5
-    events = [NATIVE.codec.loads(f) for f in frames[1:]]
+    events: list[Any] = [NATIVE.codec.loads(f) for f in frames[1:]]
     assert [(e["source"], e["event"]) for e in events] == [("workerbus", "welcome"), ("workerbus", "joined")]
     assert writes[0] == b"".join(encode_frame(f) for f in frames)
