@@ -8,7 +8,8 @@ each fast path is held to them on many generated inputs, never to another fast p
 - decode_event_batch / decode_event_fields: the one event decoder;
 - FrameDecoder's parse loop, and encode_frame;
 - Dispatcher.run and Dispatcher.dispatch against a plain level-by-level dispatch;
-- EmbeddedClient's numbered encoder and its one-by-one checked decoder;
+- EmbeddedClient's numbered encoder and its checked batch decoder (the sequence check
+  against reference.SequenceCheck);
 - MsgpackCodec.dumps: pooled packers;
 - WorkerQueue.push_many, Router.route_many, WorkerQueue.take_batch: whole runs per queue;
 - Dispatcher.push_many + wait_room: the bounded hand-over delivers what an unbounded inbox does.
@@ -613,8 +614,8 @@ async def test_hand_over_with_backpressure_delivers_what_an_unbounded_inbox_does
 
 
 # --- embed's numbered publishes and checked deliveries ------------------------------------
-# EmbeddedClient encodes numbered events itself and decodes deliveries one by one (to put a
-# "lost" notice right before the event that revealed a gap): both held to the reference.
+# EmbeddedClient encodes numbered events itself and checks deliveries in order (a "lost"
+# notice right before the event that revealed a gap): both held to the reference.
 # (Private methods: they are the fast paths under test; the client is built, never entered.)
 
 
