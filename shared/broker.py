@@ -667,15 +667,20 @@ class Broker:
         queue = conn.queue
         send = conn.frames.send
         control = conn.control
-        if self.lifecycle_events:
-            # (after the welcome control frame, if one was asked for: it goes first)
-            head, control[:] = b"".join(control), []
-            await send(head + self._welcome(conn))
+        # The welcome lifecycle event (after the welcome control frame, if one was asked
+        # for: it goes first) leaves with the first batch, in one send: what was queued for
+        # this worker id meanwhile and the lifecycle events of its (re)connect are usually
+        # there already. In a takeover every survivor reconnects at once, and each send
+        # can wake a survivor that then takes the host's CPU (docs/benchmarks.md).
+        head = b"".join(control) + self._welcome(conn) if self.lifecycle_events else b""
+        if head:
+            control.clear()
         while True:
             if not queue.frames:
-                if control:
+                if control or head:
                     # Control frames alone (a pong while the queue is empty, the welcome)
-                    frames, control[:] = b"".join(control), []
+                    frames, control[:] = head + b"".join(control), []
+                    head = b""
                     await send(frames)
                     continue
                 wakeup = anyio.Event()
@@ -692,6 +697,9 @@ class Broker:
                 # already routed, and it must not wait behind (or be dropped with) events.
                 batch[0:0] = control
                 control.clear()
+            if head:
+                batch.insert(0, head)
+                head = b""
             try:
                 await send(b"".join(batch))
             except BaseException:

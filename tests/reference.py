@@ -168,6 +168,91 @@ def decode_event(profile: Profile, payload: bytes) -> Fields:
     return source, event, msg.get("data"), wid
 
 
+# --- embed's sequence check (shared/sequence.py's module docstring) -----------------------
+
+
+class SequenceCheck:
+    """One embedded receiver's gap check, delivery by delivery.
+
+    Every other publisher numbers its broadcasts (``sb``) and its events to one worker
+    (``sw``); a number more than one past the last seen on that stream is a gap, reported
+    as a ``lost`` notice right before the event that revealed it, unless ``dropped``
+    notices of the broker already account for it. A ``sync`` marker carries the latest
+    numbers sent (no +1). First sight, repeats and going backwards (a restart) set the
+    baseline. Events from ourselves and from other nodes are not checked; a ``joined``
+    with a new pid under a known worker id starts that worker's streams afresh.
+    """
+
+    def __init__(self, worker_id: int) -> None:
+        self.worker_id = worker_id
+        self.last: dict[str, dict[int, int]] = {"sb": {}, "sw": {}}
+        self.pids: dict[int, int] = {}
+        self.drops = 0
+        self.lost = 0
+
+    def deliver(self, profile: Profile, payload: bytes) -> list[Fields]:
+        """The events handlers get for one delivery (notices first). Raises as decode_event."""
+        fields = decode_event(profile, payload)
+        msg = profile.codec.loads(payload)
+        assert isinstance(msg, dict)
+        source, event, data, wid = fields
+        if wid is None:
+            if source == "workerbus" and isinstance(data, dict):
+                self._lifecycle(event, data)
+            return [fields]
+        if isinstance(wid, NodeWid) or wid == self.worker_id:
+            return [fields]
+        lost = 0
+        for key in ("sb", "sw"):
+            number = msg.get(key)
+            if isinstance(number, int) and not isinstance(number, bool):
+                lost += self._gap(key, wid, number, marker=False)
+        if source == "workerbus" and event == "sync" and isinstance(data, dict):
+            marked = data.get("sb")
+            if isinstance(marked, int) and not isinstance(marked, bool):
+                lost += self._gap("sb", wid, marked, marker=True)
+            pairs = data.get("sw")
+            for pair in pairs if isinstance(pairs, list) else []:
+                if isinstance(pair, list) and len(pair) == 2 and pair[0] == self.worker_id:
+                    if isinstance(pair[1], int):
+                        lost += self._gap("sw", wid, pair[1], marker=True)
+        if not lost:
+            return [fields]
+        return [("workerbus", "lost", {"count": lost, "wid": wid, "total": self.lost}, None), fields]
+
+    def _gap(self, key: str, wid: int, number: int, marker: bool) -> int:
+        previous = self.last[key].get(wid)
+        self.last[key][wid] = number
+        if previous is None or number <= previous:
+            return 0
+        gap = number - previous - (0 if marker else 1)
+        if gap <= 0:
+            return 0
+        explained = min(gap, self.drops)
+        self.drops -= explained
+        self.lost += gap - explained
+        return gap - explained
+
+    def _lifecycle(self, event: str, data: dict[Any, Any]) -> None:
+        def number(value: object) -> int | None:
+            try:
+                return None if value is None else _int(value)
+            except RemoteProtocolError:
+                return None
+
+        if event == "dropped":
+            count = number(data.get("count"))
+            if count is not None and count > 0:
+                self.drops += count
+        elif event == "joined":
+            wid, pid = number(data.get("worker_id")), number(data.get("pid"))
+            if wid is not None and pid is not None:
+                if wid in self.pids and self.pids[wid] != pid:
+                    self.last["sb"].pop(wid, None)
+                    self.last["sw"].pop(wid, None)
+                self.pids[wid] = pid
+
+
 # --- dispatch ------------------------------------------------------------------------------
 
 

@@ -8,7 +8,8 @@ each fast path is held to them on many generated inputs, never to another fast p
 - decode_event_batch / decode_event_fields: the one event decoder;
 - FrameDecoder's parse loop, and encode_frame;
 - Dispatcher.run and Dispatcher.dispatch against a plain level-by-level dispatch;
-- EmbeddedClient's numbered encoder and its one-by-one checked decoder;
+- EmbeddedClient's numbered encoder and its checked batch decoder (the sequence check
+  against reference.SequenceCheck);
 - MsgpackCodec.dumps: pooled packers;
 - WorkerQueue.push_many, Router.route_many, WorkerQueue.take_batch: whole runs per queue;
 - Dispatcher.push_many + wait_room: the bounded hand-over delivers what an unbounded inbox does.
@@ -613,8 +614,8 @@ async def test_hand_over_with_backpressure_delivers_what_an_unbounded_inbox_does
 
 
 # --- embed's numbered publishes and checked deliveries ------------------------------------
-# EmbeddedClient encodes numbered events itself and decodes deliveries one by one (to put a
-# "lost" notice right before the event that revealed a gap): both held to the reference.
+# EmbeddedClient encodes numbered events itself and checks deliveries in order (a "lost"
+# notice right before the event that revealed a gap): both held to the reference.
 # (Private methods: they are the fast paths under test; the client is built, never entered.)
 
 
@@ -684,6 +685,133 @@ def test_embed_decoder_is_the_reference(payloads: list[bytes]) -> None:
     events, errors = client.sequencer.decode_batch(client, payloads)
     assert events == [e for e in expected if isinstance(e, tuple) and e[0] != "control"]
     assert len(errors) == len(payloads) - len(events)
+
+
+_SEQ_NUMBERS = st.integers(0, 6) | st.sampled_from([True, 2.0, None, -1, 2**64 - 1])
+_SEQ_WIDS = st.sampled_from([0, 1, 2]) | st.sampled_from([1.0, True, None])
+# the usual delivery: one number from a worker (small range: in order, gaps, repeats)
+_SEQ_USUAL = st.builds(
+    lambda wid, key, number: {"source": "s", "event": "e", "wid": wid, key: number},
+    st.sampled_from([1, 1, 2, 0]),
+    st.sampled_from(["sb", "sw"]),
+    st.integers(1, 4),
+)
+_SEQ_SMALL = st.integers(1, 4)
+_SEQ_MAPS = st.one_of(
+    _SEQ_USUAL,
+    _SEQ_USUAL,
+    _SEQ_USUAL,
+    # both numbers at once, and sync markers as publishers send them (unnumbered)
+    st.builds(
+        lambda wid, sb, sw: {"source": "s", "event": "e", "wid": wid, "sb": sb, "sw": sw},
+        st.sampled_from([1, 2]),
+        _SEQ_SMALL,
+        _SEQ_SMALL,
+    ),
+    st.builds(
+        lambda wid, sb, sw: {"source": "workerbus", "event": "sync", "wid": wid, "data": {"sb": sb, "sw": [[0, sw]]}},
+        st.sampled_from([1, 2]),
+        _SEQ_SMALL,
+        _SEQ_SMALL,
+    ),
+    st.builds(lambda wid: {"source": "s", "event": "e", "wid": wid}, st.sampled_from([0, 1, 2])),
+    # numbered events of other workers and of the receiver (0): in order, gaps, repeats, restarts
+    st.fixed_dictionaries(
+        {"source": st.sampled_from(["s", "workerbus"]), "event": st.sampled_from(["e", "sync"]), "wid": _SEQ_WIDS},
+        optional={"sb": _SEQ_NUMBERS, "sw": _SEQ_NUMBERS, "node": st.sampled_from(["n1", 7]), "data": st.none()},
+    ),
+    # sync markers
+    st.fixed_dictionaries(
+        {"source": st.just("workerbus"), "event": st.just("sync"), "wid": _SEQ_WIDS},
+        optional={
+            "data": st.fixed_dictionaries(
+                {},
+                optional={
+                    "sb": _SEQ_NUMBERS,
+                    "sw": st.lists(st.lists(st.integers(0, 2) | st.integers(0, 6), min_size=1, max_size=3), max_size=3),
+                },
+            )
+            | st.just([1]),
+            "sb": _SEQ_NUMBERS,
+        },
+    ),
+    # the broker's lifecycle events
+    st.builds(
+        lambda count: {"source": "workerbus", "event": "dropped", "data": {"count": count}},
+        st.integers(-1, 4) | st.sampled_from([2.0, True, "x"]),
+    ),
+    st.builds(
+        lambda wid, pid: {"source": "workerbus", "event": "joined", "data": {"worker_id": wid, "pid": pid}},
+        st.sampled_from([0, 1, 2, 1.0]),
+        st.sampled_from([100, 101, 100.0, None]),
+    ),
+    st.just({"pong": 1}),
+    st.just({"source": "s"}),
+)
+_SEQ_PAYLOADS = st.lists(
+    st.one_of(_SEQ_MAPS.map(MsgpackCodec().dumps), st.sampled_from([b"\xc1", b"\x92\x01\x02"])),
+    min_size=2,
+    max_size=40,
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(_SEQ_PAYLOADS, st.lists(st.integers(1, 10), max_size=8))
+def test_embed_sequence_check_is_the_reference(payloads: list[bytes], cuts: list[int]) -> None:
+    # Streams with gaps, repeats, restarts, sync markers, drops and rejoins, decoded in
+    # reads of random sizes: the same events, the same "lost" notices at the same places,
+    # the same errors, the same count as tests/reference.SequenceCheck one delivery at a time.
+    client = _embedded(0)
+    check = reference.SequenceCheck(0)
+    expected: list[Any] = []
+    for payload in payloads:
+        got = _ref_or_error(check.deliver, NATIVE, payload)
+        expected.extend(got if isinstance(got, list) else [got])
+    events: list[Any] = []
+    errors: list[Any] = []
+    start = 0
+    for cut in [*cuts, len(payloads)]:
+        read = payloads[start : start + cut]
+        start += len(read)
+        got_events, got_errors = client.sequencer.decode_batch(client, read)
+        events.extend(got_events)
+        errors.extend(got_errors)
+    assert start == len(payloads)
+    assert events == [e for e in expected if isinstance(e, tuple) and e[0] != "control"]
+    assert [getattr(e[3], "node", None) for e in events] == [
+        getattr(e[3], "node", None) for e in expected if isinstance(e, tuple) and e[0] != "control"
+    ]
+    kinds = [e for e in expected if not (isinstance(e, tuple) and e[0] != "control")]
+    assert [("control", e.kind) if isinstance(e, ControlFrame) else "error" for e in errors] == kinds
+    assert client.lost == check.lost
+
+
+def test_embed_sequence_check_on_known_cases() -> None:
+    pack = MsgpackCodec().dumps
+
+    def ev(wid: int, **numbers: int) -> bytes:
+        return pack({"source": "s", "event": "e", "wid": wid, **numbers})
+
+    client = _embedded(0)
+    payloads = [
+        ev(1, sb=1), ev(1, sb=2), ev(1, sb=5),  # gap of 2, before sb=5
+        ev(1, sb=5), ev(1, sb=3),  # a repeat, then a restart: no gap
+        ev(0, sb=9), ev(0, sb=1),  # our own stream: never checked
+        ev(2, sw=1), ev(2, sw=3),  # per-worker stream: gap of 1
+        pack({"source": "workerbus", "event": "dropped", "data": {"count": 1}}),
+        ev(1, sb=5),  # gap of 1, explained by the drop
+        pack({"source": "workerbus", "event": "sync", "wid": 1, "data": {"sb": 7, "sw": [[0, 0]]}}),
+        pack({"pong": 1}),
+        pack({"source": "s", "event": "e", "wid": 1, "sb": 99, "node": "n1"}),  # another node's
+    ]
+    events, errors = client.sequencer.decode_batch(client, payloads)
+    lost = [(i, e[2]) for i, e in enumerate(events) if e[1] == "lost"]
+    assert lost == [(2, {"count": 2, "wid": 1, "total": 2}), (9, {"count": 1, "wid": 2, "total": 3}),
+                    (13, {"count": 2, "wid": 1, "total": 5})]  # fmt: skip
+    assert events[3] == ("s", "e", None, 1) and events[10] == ("s", "e", None, 2)
+    assert [type(e).__name__ for e in errors] == ["ControlFrame"]
+    assert getattr(events[-1][3], "node", None) == "n1"
+    assert client.lost == 5
 
 
 # --- parse_target ------------------------------------------------------------------------

@@ -373,3 +373,34 @@ async def test_buffered_publishes_over_the_brokers_limit_are_refused_at_the_welc
             assert (stats.dropped, stats.connects) == (1, 1)
             assert b.statistics().protocol_errors == 0
             tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_welcome_and_first_backlog_leave_in_one_write(
+    address: str, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A takeover reconnects every survivor at once; each write can wake a survivor that
+    # then takes the new host's CPU, so the welcome control frame, the welcome lifecycle
+    # event and what is queued already (here the worker's own "joined") go in one send.
+    from shared.stream import FrameStream
+
+    writes: list[bytes] = []
+    original = FrameStream.send
+
+    async def counting(self: FrameStream, data: bytes) -> None:
+        writes.append(bytes(data))
+        await original(self, data)
+
+    monkeypatch.setattr(FrameStream, "send", counting)
+    b = Broker(transport=transport, lifecycle_events=True)
+    async with anyio.create_task_group() as tg:
+        await tg.start(b.serve, address)
+        stream, initial = await _raw_worker(address, transport, encode_hello(NATIVE, 5, os.getpid(), ("welcome",)))
+        with anyio.fail_after(5):
+            frames = await _read_frames(stream, initial, 3)
+        await stream.aclose()
+        tg.cancel_scope.cancel()
+    assert decode_welcome(NATIVE, frames[0]).worker_id == 5
+    events: list[Any] = [NATIVE.codec.loads(f) for f in frames[1:]]
+    assert [(e["source"], e["event"]) for e in events] == [("workerbus", "welcome"), ("workerbus", "joined")]
+    assert writes[0] == b"".join(encode_frame(f) for f in frames)
