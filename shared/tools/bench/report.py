@@ -275,18 +275,19 @@ _SUBSET_TITLE = "Subset (16 workers each handling 1 of 8 sources, 4 publishers; 
 
 def _subset_table(subset: dict[str, Any]) -> Table:
     head = ["route", "events", "handled", "all CPU s/M handled", "broker CPU s", "publish-only client CPU s",
-            "subscribed client CPU s"]  # fmt: skip
+            "subscribed client CPU s", "background CPU %"]  # fmt: skip
     wb, raw = subset["workerbus"], subset["limit-raw-uds"]
     rows = []
     if wb.get("ok"):
         rows.append(["workerbus (filtered)", _num(subset["events"]), _num(wb["handled"]),
                      _num(wb["cpu_s_per_million_handled"], 1), _num(wb["broker_cpu_s"], 2),
-                     _num(wb["publish_only_client_cpu_s"], 3), _num(wb["everything_client_cpu_s"], 3)])  # fmt: skip
+                     _num(wb["publish_only_client_cpu_s"], 3), _num(wb["everything_client_cpu_s"], 3),
+                     _num(wb.get("background_cpu_pct"), 1)])  # fmt: skip
     else:
         rows.append(["workerbus (filtered)", f"FAILED: {wb.get('error')}"] + [""] * (len(head) - 2))
     if raw.get("ok"):
         rows.append(["limit-raw-uds (every event to every worker)", _num(raw["events"]), _num(raw["delivered"]),
-                     _num(raw["total_cpu_s_per_M"], 1), "", "", ""])  # fmt: skip
+                     _num(raw["total_cpu_s_per_M"], 1), "", "", "", _num(raw.get("background_cpu_pct"), 1)])  # fmt: skip
     else:
         rows.append(["limit-raw-uds", f"FAILED: {raw.get('error')}"] + [""] * (len(head) - 2))
     return head, rows

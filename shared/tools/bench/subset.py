@@ -146,6 +146,7 @@ def run(filtered: bool, events: int, subs: int, pubs: int, sources: int) -> dict
             _expect(p, "flushed")
         every = [bpid, *cpids, *ppids]
         before = {pid: procfs.cpu_seconds(pid) for pid in every}
+        m0 = procfs.machine_sample()
         t0 = time.monotonic()
         for p in ppipes:
             p.send("go")
@@ -154,12 +155,14 @@ def run(filtered: bool, events: int, subs: int, pubs: int, sources: int) -> dict
         handled = sum(_expect(p, "done")[1] for p in clients)
         wall = time.monotonic() - t0
         after = {pid: procfs.cpu_seconds(pid) for pid in every}
+        m1 = procfs.machine_sample()
         cpu = {pid: after[pid] - before[pid] for pid in every}
         bpipe.send("stats")
         _, filtered_count, sent, dropped = _expect(bpipe, "stats")
         for p in clients + ppipes:
             p.send("exit")
         total = sum(cpu.values())
+        background, _steal = procfs.background_share(m0, m1, total)
         return {
             "filtered": filtered,
             "handled": handled,
@@ -174,6 +177,7 @@ def run(filtered: bool, events: int, subs: int, pubs: int, sources: int) -> dict
             "broker_sent": sent,
             "broker_filtered": filtered_count,
             "broker_dropped": dropped,
+            "background_cpu_pct": round(background, 1),
         }
     finally:
         for p in procs:
