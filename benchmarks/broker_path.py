@@ -1,10 +1,11 @@
 """Per-publish CPU of the broker's Python work, in one process, no sockets.
 
-    python benchmarks/broker_path.py [--subs 4]
+    python benchmarks/broker_path.py [--subs 4] [--keyed 8]
 
 One read's worth (~256 KiB) of native publish frames goes through what the broker does per
-read: FrameDecoder → decode_publish_batch → Router.route_many → per connection
-take_batch + join. Compared with the limit-raw-uds broker's work on the same bytes (scan
+read: FrameDecoder → decode_publish_batch → Router.route_runs → per connection
+take_batch + join. ``--keyed N``: keyed publishes (a client granted ``filter``) cycling
+through N sources, each subscriber filtered to one of them (issue #14's subset shape). Compared with the limit-raw-uds broker's work on the same bytes (scan
 the lengths, forward the run). Process CPU per publish, best of 5.
 """
 
@@ -23,24 +24,32 @@ from shared.tools.bench.peers.rawuds_broker import complete_end
 BATCH = DEFAULT_MAX_BATCH_BYTES
 
 
-def chunk(count: int) -> bytes:
+def chunk(count: int, sources: int = 0) -> bytes:
     return b"".join(
-        build_publish_frame(NATIVE, 99, "bench", "tick", {"i": i, "ts": time.monotonic_ns()}, OTHERS, 65535)
+        build_publish_frame(
+            NATIVE, 99, f"s{i % sources}" if sources else "bench", "tick", {"i": i, "ts": time.monotonic_ns()},
+            OTHERS, 65535, keyed=bool(sources),
+        )
         for i in range(count)
     )
 
 
-def workerbus(data: bytes, subs: int, rounds: int) -> float:
+def workerbus(data: bytes, subs: int, rounds: int, sources: int = 0) -> float:
     from shared.messages import decode_publish_batch
 
     router = Router(max_queue_len=10**9)
     queues = [router.attach(w) for w in range(subs)]
+    if sources:
+        for w, q in enumerate(queues):
+            router.set_filter(q, frozenset({(f"s{w % sources}", "*")}))
+    keys: list[tuple[str, str] | None] | None = [] if sources else None
     dec = FrameDecoder(2)
     t0 = time.process_time()
     for _ in range(rounds):
-        runs, _err = decode_publish_batch(NATIVE, dec.feed(data))
-        for target, run in runs:
-            router.route_many(99, target, run)
+        if keys is not None:
+            keys.clear()
+        runs, _err = decode_publish_batch(NATIVE, dec.feed(data), keys)
+        router.route_runs(99, runs, keys)
         for q in queues:
             while q.frames:
                 batch = q.take_batch(BATCH)
@@ -61,13 +70,16 @@ def raw(data: bytes, subs: int, rounds: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--subs", type=int, default=4)
+    ap.add_argument("--keyed", type=int, default=0, metavar="SOURCES")
     args = ap.parse_args()
     per = 3800
-    data = chunk(per)
+    data = chunk(per, args.keyed)
     rounds = 50
-    for name, fn in (("workerbus broker", workerbus), ("raw broker", raw)):
-        best = min(fn(data, args.subs, rounds) for _ in range(5))
-        print(f"{name:18s} {best / (rounds * per) * 1e9:7.0f} ns/publish ({args.subs} subscribers)")
+    shape = f"{args.subs} subscribers" + (f", keyed, {args.keyed} sources" if args.keyed else "")
+    best = min(workerbus(data, args.subs, rounds, args.keyed) for _ in range(5))
+    print(f"{'workerbus broker':18s} {best / (rounds * per) * 1e9:7.0f} ns/publish ({shape})")
+    best = min(raw(data, args.subs, rounds) for _ in range(5))
+    print(f"{'raw broker':18s} {best / (rounds * per) * 1e9:7.0f} ns/publish ({shape}, every frame to every one)")
 
 
 if __name__ == "__main__":

@@ -576,7 +576,7 @@ class Broker:
     async def _read_loop(self, conn: _Connection, frames: list[bytes]) -> None:
         profile = self.profile
         router = self.router
-        route_many = router.route_many
+        route_runs = router.route_runs
         wid = conn.worker_id
         barrier = CAP_BARRIER in conn.caps
         cluster = CAP_CLUSTER in conn.caps
@@ -584,29 +584,22 @@ class Broker:
         keys: list[tuple[str, str] | None] | None = [] if filtering else None
         try:
             while True:
-                # Consecutive publishes with the same target are routed as one run, so each
-                # queue takes a whole read's worth at once. A bad frame ends the connection
-                # after everything before it was routed.
-                if keys is None:
-                    runs, error = decode_publish_batch(profile, frames)
-                    for target, run in runs:
-                        if target.cluster and not cluster:
-                            # (what came before it is routed: like any bad frame)
-                            raise RemoteProtocolError(
-                                "a publish with scope 'cluster' without the 'cluster' capability in the hello"
-                            )
-                        route_many(wid, target, run)
-                else:
-                    # "filter" granted: runs also end where (src, ev) changes (§8).
+                # Consecutive publishes with the same target (and, with "filter" granted,
+                # the same (src, ev): §8) make a run; the router hands each queue all the
+                # runs of one read it takes at once. A bad frame ends the connection after
+                # everything before it was routed.
+                if keys is not None:
                     keys.clear()
-                    runs, error = decode_publish_batch(profile, frames, keys)
-                    for (target, run), key in zip(runs, keys, strict=True):
-                        if target.cluster and not cluster:
+                runs, error = decode_publish_batch(profile, frames, keys)
+                if not cluster:
+                    for index, (target, _) in enumerate(runs):
+                        if target.cluster:
                             # (what came before it is routed: like any bad frame)
+                            route_runs(wid, runs[:index], keys)
                             raise RemoteProtocolError(
                                 "a publish with scope 'cluster' without the 'cluster' capability in the hello"
                             )
-                        route_many(wid, target, run, key)
+                route_runs(wid, runs, keys)
                 if error is not None:
                     if not barrier and not filtering:
                         raise error

@@ -555,6 +555,20 @@ def _read_str(payload: bytes, pos: int) -> tuple[str, int] | None:
         return None
 
 
+def _read_key_tail(tail: bytes) -> tuple[str, str] | None:
+    # What follows a keyed publish's data: "src" and a non-empty str, "ev" and a non-empty
+    # str, and nothing more; their (source, event), or None (the general decoder decides).
+    if tail[:4] != _KEY_SRC:
+        return None
+    src = _read_str(tail, 4)
+    if src is None or tail[src[1] : src[1] + 3] != _KEY_EV:
+        return None
+    ev = _read_str(tail, src[1] + 3)
+    if ev is None or ev[1] != len(tail) or not src[0] or not ev[0]:
+        return None
+    return src[0], ev[0]
+
+
 def decode_publish(profile: Profile, payload: bytes) -> tuple[Target, bytes]:
     """Return the target and the inner event bytes (never decoded here).
 
@@ -624,6 +638,7 @@ def decode_publish_batch(
     all_head, others_head = _MSGPACK_ALL_HEAD, _MSGPACK_OTHERS_HEAD
     all_pos, others_pos = len(all_head), len(others_head)
     kall_head, kothers_head = b"\x84" + all_head[1:], b"\x84" + others_head[1:]
+    tail_keys: dict[bytes, tuple[str, str]] = {}
     for payload in payloads:
         target: Target | None = None
         key: tuple[str, str] | None = None
@@ -653,14 +668,16 @@ def decode_publish_batch(
                         data = payload[start:]
                     else:
                         target = None
-                elif 0 < end <= size and payload[end : end + 4] == _KEY_SRC:
-                    src = _read_str(payload, end + 4)
-                    ev = None
-                    if src is not None and payload[src[1] : src[1] + 3] == _KEY_EV:
-                        ev = _read_str(payload, src[1] + 3)
-                    if src is not None and ev is not None and ev[1] == size and src[0] and ev[0]:
+                elif 0 < end <= size:
+                    # The src/ev tail repeats from publish to publish: read once per read.
+                    tail = bytes(payload[end:])
+                    key = tail_keys.get(tail)
+                    if key is None:
+                        key = _read_key_tail(tail)
+                        if key is not None:
+                            tail_keys[tail] = key
+                    if key is not None:
                         data = payload[start:end]
-                        key = (src[0], ev[0])
                     else:
                         target = None
                 else:

@@ -28,10 +28,10 @@ import enum
 import random
 import time
 from bisect import bisect_right
-from collections import OrderedDict, deque
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from itertools import accumulate, islice, repeat
+from itertools import accumulate, chain, islice, repeat
 
 from .messages import Target, TargetKind
 
@@ -692,6 +692,70 @@ class Router:
                     tap(publisher, target, frame)
         return landed
 
+    def route_runs(
+        self,
+        publisher: int | None,
+        runs: list[tuple[Target, list[bytes]]],
+        keys: list[tuple[str, str] | None] | None = None,
+    ) -> int:
+        """:meth:`route_many` for each run of one read, in order (``keys``: one per run).
+
+        Keyed publishes cut a read into many short runs (each change of ``(source,
+        event)`` ends one), and most queues take only some of them. So broadcast runs are
+        not pushed run by run: each queue collects the runs it takes, in read order, and
+        takes them in one :meth:`WorkerQueue.push_many` at the end (or before a run with
+        another kind of target, which goes frame by frame). Each queue ends with the same
+        frames in the same order, and every counter the same, as with frame-by-frame
+        routing: a queue's pushes are in read order, and the overflow policy of
+        ``push_many`` is exactly that of one push at a time.
+        """
+        landed = 0
+        broadcast = 0
+        # queue -> the runs it takes so far, in order (the runs themselves, not copies)
+        pending: defaultdict[WorkerQueue, list[list[bytes]]] = defaultdict(list)
+        matching = self._matching
+        for index, (target, frames) in enumerate(runs):
+            kind = target.kind
+            key = None if keys is None else keys[index]
+            if kind is not TargetKind.ALL and kind is not TargetKind.OTHERS:
+                if pending:
+                    landed += self._push_pending(pending)
+                landed += self.route_many(publisher, target, frames, key)
+                continue
+            count = len(frames)
+            broadcast += count
+            if key is None:
+                targets: Iterable[WorkerQueue] = self.queues.values()
+                if kind is TargetKind.OTHERS:
+                    targets = [queue for queue in targets if queue.worker_id != publisher]
+            else:
+                split = matching.get(key) or self._split(key)
+                split.skipped += count
+                targets = split.take if kind is TargetKind.ALL else split.others(publisher)
+            if kind is TargetKind.OTHERS and self.muted:
+                self._others_from_muted(publisher, count)
+            # (a C-level loop: each target queue's list of runs takes this one)
+            _consume(map(list.append, map(pending.__getitem__, targets), repeat(frames)))
+            if publisher is not None and self.taps:
+                for frame in frames:
+                    for tap in self.taps:
+                        tap(publisher, target, frame)
+        self.publishes += broadcast
+        self._broadcasts += broadcast
+        if pending:
+            landed += self._push_pending(pending)
+        return landed
+
+    def _push_pending(self, pending: defaultdict[WorkerQueue, list[list[bytes]]]) -> int:
+        # Each queue takes what it collected in one go; emptied for the next collection.
+        policy = self.overflow
+        landed = 0
+        for queue, held in pending.items():
+            landed += queue.push_many(held[0] if len(held) == 1 else list(chain.from_iterable(held)), policy)
+        pending.clear()
+        self.deliveries += landed
+        return landed
+
     def _others_from_muted(self, publisher: int | None, count: int) -> None:
         # A muted id publishing to ``others`` (only the pure router allows a publisher that
         # is not connected) would not have received those: they are not counted as missed.
@@ -771,12 +835,20 @@ class _Split:
     """One (source, event) of the router's cache: the queues that take it, those that
     skip it, and the frames skipped since the split was made (not yet added to each)."""
 
-    __slots__ = ("skip", "skipped", "take")
+    __slots__ = ("_others", "skip", "skipped", "take")
 
     def __init__(self, take: tuple[WorkerQueue, ...], skip: tuple[WorkerQueue, ...]) -> None:
         self.take = take
         self.skip = skip
         self.skipped = 0
+        #: publisher -> ``take`` without the publisher's queue (an ``others`` target)
+        self._others: dict[int | None, tuple[WorkerQueue, ...]] = {}
+
+    def others(self, publisher: int | None) -> tuple[WorkerQueue, ...]:
+        found = self._others.get(publisher)
+        if found is None:
+            found = self._others[publisher] = tuple(q for q in self.take if q.worker_id != publisher)
+        return found
 
 
 def _by_id(queue: WorkerQueue) -> int:

@@ -88,6 +88,36 @@ def test_list_names_every_scenario() -> None:
     assert SCENARIO in names and "limit-raw-uds" in names and "shm-poll-10ms" in names
 
 
+def test_quick_subset_run_counts_handled_events(tmp_path: Path) -> None:
+    # The shape (16 workers each on 1 of 8 sources, 4 publishers), short: every
+    # worker handles exactly its source's events, the publish-only client none, and
+    # limit-raw-uds delivers every event to every worker in the same run.
+    result = _bench(tmp_path, "--peers", "subset", "--quick", "--events", "3200")
+    assert result["fanout"]["medians"] == [] and result["seed"] is None
+    subset = result["subset"]
+    assert (subset["subs"], subset["pubs"], subset["sources"], subset["events"]) == (16, 4, 8, 3200)
+    wb = subset["workerbus"]
+    assert wb["ok"], wb
+    assert wb["handled"] == 16 * 3200 // 8 + 3200  # the workers, and the client on everything
+    assert wb["broker_dropped"] == 0
+    # every event reaches the everything client, 2 of the 16 workers, not the publish-only one
+    assert wb["broker_filtered"] >= 3200 * (16 - 2 + 1)
+    raw = subset["limit-raw-uds"]
+    assert raw["ok"] and raw["delivered"] == raw["expected"] == 16 * 3200
+    assert subset["cpu_vs_raw"] > 0 and subset["publish_only_vs_subscribed"] >= 0
+    rows = [t for t in _targets(result) if t["scenario"].startswith("subset")]
+    assert [t["limit"] for t in rows] == [0.5, 0.05]
+    assert "### Subset" in (tmp_path / "bench.md").read_text()
+
+
+def test_list_names_the_subset_scenario() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared.tools.cli", "bench", "--list"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert any(line.split()[:1] == ["subset"] for line in proc.stdout.splitlines())
+
+
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="needs Debian's wrk")
 def test_tiny_seed_experiment(tmp_path: Path) -> None:
     result = _bench(

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.messages import ALL, OTHERS, parse_target
+from shared.messages import ALL, OTHERS, Target, parse_target
 from shared.router import OverflowPolicy, Router
 
 
@@ -345,3 +346,91 @@ def test_landing_more_than_is_in_flight_is_a_bug_not_a_clamp() -> None:
     q.mark_sent(len(batch))
     with pytest.raises(AssertionError, match="in flight"):
         q.put_back(batch)  # the same batch reported twice
+
+
+# --- one read's runs, grouped per queue (Router.route_runs) ------------------------------
+
+_KEYS = [None, ("a", "x"), ("a", "y"), ("b", "x"), ("workerbus", "joined")]
+_FILTERS = [None, frozenset(), frozenset({("a", "*")}), frozenset({("b", "x"), ("a", "y")}), frozenset({("*", "*")})]
+
+
+def route_frame_by_frame(
+    r: Router, publisher: int, runs: list[tuple[Target, list[bytes]]], keys: list[tuple[str, str] | None]
+) -> int:
+    """The reference: every frame of every run routed on its own, in read order."""
+    return sum(r.route(publisher, target, frame, key) for (target, frames), key in zip(runs, keys, strict=True) for frame in frames)
+
+
+def _contents(r: Router) -> dict[int, list[bytes]]:
+    return {wid: list(q.frames) for wid, q in [*r.queues.items(), *r.muted.items()]}
+
+
+def _grouping_router(policy: OverflowPolicy, filters: list[int]) -> tuple[Router, Clock, list[int]]:
+    r, clock = make(expected_workers=2, max_queue_len=5, broadcast_grace=1.0, overflow=policy)
+    cuts: list[int] = []
+    for wid, f in enumerate(filters):
+        q = r.attach(wid)
+        r.set_filter(q, _FILTERS[f])
+        if policy is OverflowPolicy.DISCONNECT:
+            q.on_overflow = functools.partial(cuts.append, wid)
+    return r, clock, cuts
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    policy=st.sampled_from(list(OverflowPolicy)),
+    filters=st.lists(st.integers(0, len(_FILTERS) - 1), min_size=1, max_size=6),
+    reads=st.lists(
+        st.tuples(
+            st.integers(0, 6),  # publisher (an id may have no queue, or a muted one)
+            st.lists(
+                st.tuples(
+                    st.sampled_from(["all", "others", "worker:1", "worker:4", "unique:k", "unique:j"]),
+                    st.integers(0, len(_KEYS) - 1),
+                    st.integers(1, 4),
+                ),
+                max_size=12,
+            ),
+            st.sampled_from(["", "take", "detach", "tick"]),
+        ),
+        max_size=8,
+    ),
+)
+def test_grouped_runs_equal_frame_by_frame_routing(
+    policy: OverflowPolicy, filters: list[int], reads: list[tuple[int, list[tuple[str, int, int]], str]]
+) -> None:
+    """Each queue ends with the same frames in the same order, and every counter (routed,
+    dropped, filtered, deliveries, unique picks, cuts) is the same, as routing each frame
+    alone: under every overflow policy, with filters, muted and absent ids."""
+    grouped, c1, cuts1 = _grouping_router(policy, filters)
+    single, c2, cuts2 = _grouping_router(policy, filters)
+    tapped: tuple[list[tuple[int, str, bytes]], list[tuple[int, str, bytes]]] = ([], [])
+    grouped.taps.append(lambda p, t, f: tapped[0].append((p, str(t), f)))
+    single.taps.append(lambda p, t, f: tapped[1].append((p, str(t), f)))
+    serial = 0
+    for publisher, spec, after in reads:
+        runs: list[tuple[Target, list[bytes]]] = []
+        keys: list[tuple[str, str] | None] = []
+        for target, key, n in spec:
+            runs.append((parse_target(target), [b"%d" % (serial + i) for i in range(n)]))
+            keys.append(_KEYS[key])
+            serial += n
+        landed = grouped.route_runs(publisher, runs, keys)
+        assert landed == route_frame_by_frame(single, publisher, runs, keys)
+        for r, clock in ((grouped, c1), (single, c2)):
+            q = r.queues.get(publisher)
+            if after == "take" and q is not None and q.frames:
+                q.mark_sent(len(q.take_batch(3)))
+            elif after == "detach" and q is not None and q.connected:
+                r.detach(q)
+            elif after == "tick":
+                clock.now += 0.7
+                r.expire()
+        assert _contents(grouped) == _contents(single)
+    assert grouped.statistics() == single.statistics()
+    assert tapped[0] == tapped[1]
+    # The same connections are cut, as often; only the order of the (socket-closing)
+    # callbacks between queues may differ, since each queue takes its runs at once.
+    assert sorted(cuts1) == sorted(cuts2)
+    s = grouped.statistics()
+    assert s.routed == s.sent + s.dropped + s.queued + s.in_flight

@@ -18,10 +18,13 @@ from .peers import BASELINES, CLUSTER, PEERS, WORKERBUS, make_peer
 from .report import markdown, text_report
 from .runner import Settings, estimate_seconds, plan_runs, run_benchmark
 from .seed import SeedSettings, estimate_seed_seconds, parse_storms, run_seed
+from .subset import DESCRIPTION as SUBSET_DESCRIPTION
 
 __all__ = ["add_parser", "settings_from_args"]
 
-_GROUPS = {"all": list(PEERS), "workerbus": list(WORKERBUS), "baselines": list(BASELINES), "cluster": list(CLUSTER)}
+#: Not a peer of the fan-out runs: its own experiment (shared/tools/bench/subset.py).
+_SUBSET = "subset"
+_GROUPS = {"all": [*PEERS, _SUBSET], "workerbus": list(WORKERBUS), "baselines": list(BASELINES), "cluster": list(CLUSTER)}
 
 
 def _ints(text: str) -> list[int]:
@@ -38,8 +41,8 @@ def _names(text: str) -> list[str]:
     out: list[str] = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         for name in _GROUPS.get(part, [part]):
-            if name not in PEERS:
-                choices = ", ".join([*_GROUPS, *PEERS])
+            if name not in PEERS and name != _SUBSET:
+                choices = ", ".join([*_GROUPS, *PEERS, _SUBSET])
                 raise argparse.ArgumentTypeError(f"unknown scenario {name!r}; choose from {choices}")
             if name not in out:
                 out.append(name)
@@ -66,8 +69,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     d = Settings()
-    p.add_argument("--peers", type=_names, default=d.scenarios, metavar="LIST",
-                   help="scenarios or groups (all, workerbus, baselines, cluster), comma-separated; default all")
+    p.add_argument("--peers", type=_names, default=[*d.scenarios, _SUBSET], metavar="LIST",
+                   help="scenarios or groups (all, workerbus, baselines, cluster), comma-separated; "
+                        "'subset' is the filter experiment (16 workers each handling 1 of 8 sources); default all")
     p.add_argument("--list", action="store_true", help="list the scenarios and whether they can run here")
     p.add_argument("--tests", type=_tests, default=d.tests, help="lat (fixed rate) and/or thr (flood); default lat,thr")
     p.add_argument("--subs", type=_ints, default=d.subs, metavar="N,..", help="subscriber counts of the floods (default 1,4,16)")
@@ -89,6 +93,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--retries", type=non_negative_int, default=d.retries, help="re-measurements of a disturbed run (default 2)")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke run (< 60 s): N=4 P=1 only, one short run each, no seed experiment")
+    p.add_argument("--no-subset", action="store_true",
+                   help="skip the subset scenario (16 workers each handling 1 of 8 sources, vs limit-raw-uds)")
     g = p.add_argument_group("seed experiment (uvicorn + wrk under an event storm)")
     s = SeedSettings()
     g.add_argument("--no-seed", action="store_true", help="skip the seed experiment")
@@ -118,11 +124,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> tuple[Settings, SeedSettings]:
     s = Settings(
-        scenarios=args.peers, tests=args.tests, subs=args.subs, pubs=args.pubs,
+        scenarios=[n for n in args.peers if n != _SUBSET], tests=args.tests, subs=args.subs, pubs=args.pubs,
         lat_subs=args.lat_subs, lat_pubs=args.lat_pubs, events=args.events,
         max_deliveries=args.max_deliveries, rate=args.rate, duration=args.duration,
         reps=args.reps, timeout=args.timeout, budget=args.budget, wait_idle=args.wait_idle,
-        max_bg=args.max_bg, retries=args.retries, seed=not args.no_seed,
+        max_bg=args.max_bg, retries=args.retries, seed=not args.no_seed, subset=_SUBSET in args.peers and not args.no_subset,
     )  # fmt: skip
     seed = SeedSettings(
         workers=args.seed_workers, duration=args.seed_duration, connections=args.seed_connections,
@@ -135,7 +141,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, SeedSettings
                     seed=args.seed_only)  # fmt: skip
         seed = replace(seed, reps=1, duration=min(seed.duration, 2.0), warmup=0.5)
     if args.seed_only:
-        s = replace(s, tests=[], seed=True)
+        s = replace(s, tests=[], seed=True, subset=False)
     return s, seed
 
 
@@ -172,6 +178,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             peer = make_peer(name)
             why = peer.unavailable()
             print(f"{name:26s} {'NOT AVAILABLE: ' + why if why else peer.describe()}")
+        print(f"{_SUBSET:26s} {SUBSET_DESCRIPTION}")
         return 0
     if args.from_json:
         with open(args.from_json) as f:
@@ -189,6 +196,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     # One progress line over every run, the seed experiment's included (terminal only).
     weights = [estimate_seconds(s, run) for run in plan_runs(s)]
+    if s.subset:
+        weights.append(10.0 + s.events * 20 / 400_000)
     if s.seed:
         weights += estimate_seed_seconds(seed)
 

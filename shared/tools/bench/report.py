@@ -96,6 +96,13 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         p99 = _get(idx, (s, "lat", 4, 1), "lat_p99_us")
         add(s, "p99 publish→handler, 10k ev/s, N=4", p99, 1000.0, at_most=True, unit="µs")
     out.extend(cluster_targets(result["fanout"]["medians"]))
+    subset = result.get("subset")
+    if subset:
+        label = "subset: workerbus-stream-asyncio"
+        add(label, "whole-system CPU/M handled, 16 workers on 1 of 8 sources, vs limit-raw-uds",
+            subset.get("cpu_vs_raw"), 0.5, at_most=True, unit="×")  # fmt: skip
+        add(label, "publish-only client CPU vs a subscribed one's (everything)",
+            subset.get("publish_only_vs_subscribed"), 0.05, at_most=True, unit="×")  # fmt: skip
     seed = result.get("seed") or {}
     for storm in seed.get("storms", []):
         if storm.get("name") != seed.get("heavy"):
@@ -253,12 +260,37 @@ def text_report(result: dict[str, Any]) -> str:
     if result["fanout"]["medians"]:
         parts += ["Fan-out (deliveries/s, median of runs; latency at "
                   f"{result['settings']['rate']:,.0f} events/s, cluster-* at 5,000)", _text(_summary(result))]  # fmt: skip
+    if result.get("subset"):
+        parts += ["", _SUBSET_TITLE, _text(_subset_table(result["subset"]))]
     if result.get("seed"):
         parts += ["", "Seed experiment (uvicorn + wrk under an event storm)", _text(_seed_table(result["seed"]))]
     targets = evaluate_targets(result)
     if targets:
         parts += ["", "Targets", _text(_targets_table(targets))]
     return "\n".join(parts)
+
+
+_SUBSET_TITLE = "Subset (16 workers each handling 1 of 8 sources, 4 publishers; CPU per million handled events)"
+
+
+def _subset_table(subset: dict[str, Any]) -> Table:
+    head = ["route", "events", "handled", "all CPU s/M handled", "broker CPU s", "publish-only client CPU s",
+            "subscribed client CPU s", "background CPU %"]  # fmt: skip
+    wb, raw = subset["workerbus"], subset["limit-raw-uds"]
+    rows = []
+    if wb.get("ok"):
+        rows.append(["workerbus (filtered)", _num(subset["events"]), _num(wb["handled"]),
+                     _num(wb["cpu_s_per_million_handled"], 1), _num(wb["broker_cpu_s"], 2),
+                     _num(wb["publish_only_client_cpu_s"], 3), _num(wb["everything_client_cpu_s"], 3),
+                     _num(wb.get("background_cpu_pct"), 1)])  # fmt: skip
+    else:
+        rows.append(["workerbus (filtered)", f"FAILED: {wb.get('error')}"] + [""] * (len(head) - 2))
+    if raw.get("ok"):
+        rows.append(["limit-raw-uds (every event to every worker)", _num(raw["events"]), _num(raw["delivered"]),
+                     _num(raw["total_cpu_s_per_M"], 1), "", "", "", _num(raw.get("background_cpu_pct"), 1)])  # fmt: skip
+    else:
+        rows.append(["limit-raw-uds", f"FAILED: {raw.get('error')}"] + [""] * (len(head) - 2))
+    return head, rows
 
 
 def _spread(runs: list[dict[str, Any]]) -> tuple[float, float] | None:
@@ -306,6 +338,8 @@ def markdown(result: dict[str, Any]) -> str:
         out += ["", "### Summary", "", _md(_summary(result)), "",
                 "### Every flood configuration", "", _md(_all_runs(result, "thr")), "",
                 "### Latency at a fixed rate", "", _md(_all_runs(result, "lat"))]  # fmt: skip
+    if result.get("subset"):
+        out += ["", "### " + _SUBSET_TITLE, "", _md(_subset_table(result["subset"]), right_from=1)]
     if result.get("seed"):
         out += ["", "### Seed experiment", "", _md(_seed_table(result["seed"]), right_from=2)]
     targets = evaluate_targets(result)

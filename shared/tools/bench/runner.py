@@ -22,6 +22,7 @@ from . import procfs
 from .fanout import median_of, run_one
 from .machine import describe_machine
 from .peers import PEERS, make_peer
+from .subset import run_subset
 
 __all__ = ["Settings", "estimate_seconds", "plan_runs", "run_benchmark"]
 
@@ -51,6 +52,8 @@ class Settings:
     retries: int = 2
     retry_wait: float = 20.0
     seed: bool = True
+    #: the "subset" scenario (issue #14): workers that handle a part of the events
+    subset: bool = True
     seed_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -175,6 +178,14 @@ def run_benchmark(
         if progress is not None:
             progress.done()
         _log(_progress(k, len(runs), time.monotonic() - started, m), progress)
+    subset = None
+    if s.subset:
+        if progress is not None:
+            progress.start("subset: 16 workers each on 1 of 8 sources, then limit-raw-uds")
+        subset = run_subset(s.events, timeout=s.timeout)
+        if progress is not None:
+            progress.done()
+        _log(_subset_line(subset), progress)
     seed = seed_runner(s) if (s.seed and seed_runner is not None) else None
     meta = describe_machine()
     meta["background_cpu_pct_before"] = idle_before
@@ -185,5 +196,17 @@ def run_benchmark(
         "wall_s": round(time.monotonic() - started, 1),
         "scenarios": scenarios,
         "fanout": {"medians": medians, "runs": raw},
+        "subset": subset,
         "seed": seed,
     }
+
+
+def _subset_line(r: dict[str, Any]) -> str:
+    wb = r["workerbus"]
+    if not wb.get("ok"):
+        return f"subset: FAILED: {wb.get('error')}"
+    return (
+        f"subset: {wb['cpu_s_per_million_handled']} CPU s per M handled events "
+        f"({r['cpu_vs_raw'] if r['cpu_vs_raw'] is not None else '–'}× limit-raw-uds); publish-only client "
+        f"{wb['publish_only_client_cpu_s']} s vs subscribed {wb['everything_client_cpu_s']} s"
+    )
