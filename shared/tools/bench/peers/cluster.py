@@ -56,6 +56,7 @@ from .base import (
     stopper,
     wait_for_socket,
 )
+from .redispubsub import RedisPublisher, RedisSubscription
 from .workerbus import BENCH_QUEUE_LEN
 
 __all__ = ["CLUSTER_RATE", "ClusterBridgePeer", "ClusterDirectPeer", "ENGINES"]
@@ -168,51 +169,6 @@ class _NatsSubscription:
         await self._nc.close()
 
 
-class _RedisPublisher:
-    def __init__(self, client: Any) -> None:
-        self._client = client
-        self._pending: list[bytes] = []
-        self._pack = msgpack.Packer().pack
-
-    async def publish(self, source: str, event: str, data: Any) -> None:
-        self._pending.append(self._pack({"source": source, "event": event, "data": data}))
-        if len(self._pending) >= _PIPELINE:
-            await self.flush()
-
-    async def flush(self) -> None:
-        if not self._pending:
-            return
-        pipe = self._client.pipeline(transaction=False)
-        for payload in self._pending:
-            pipe.publish(_SUBJECT, payload)
-        self._pending = []
-        await pipe.execute()
-
-    async def close(self) -> None:
-        await self._client.aclose()
-
-
-class _RedisSubscription:
-    def __init__(self, client: Any, pubsub: Any, tally: Tally) -> None:
-        self._client = client
-        self._pubsub = pubsub
-        self._tally = tally
-
-    async def run(self) -> None:
-        tally = self._tally
-        get = self._pubsub.get_message
-        unpack = msgpack.unpackb
-        while not tally.done:
-            m = await get(ignore_subscribe_messages=True, timeout=None)
-            if m is not None:
-                msg = unpack(m["data"])
-                tally.take([(msg["source"], msg["event"], msg["data"])])
-
-    async def close(self) -> None:
-        await self._pubsub.aclose()
-        await self._client.aclose()
-
-
 class ClusterDirectPeer(Peer):
     """The engine used directly by the same processes (baseline of the cluster bridge)."""
 
@@ -243,7 +199,7 @@ class ClusterDirectPeer(Peer):
             return _NatsPublisher(await nats.connect(setup.state["url"]))
         import redis.asyncio
 
-        return _RedisPublisher(redis.asyncio.Redis(unix_socket_path=setup.state["redis_path"]))
+        return RedisPublisher(redis.asyncio.Redis(unix_socket_path=setup.state["redis_path"]), _SUBJECT, _PIPELINE)
 
     async def subscriber(self, setup: RunSetup, index: int, tally: Tally) -> Subscription:
         if self.engine == "nats":
@@ -272,7 +228,7 @@ class ClusterDirectPeer(Peer):
                 break
         else:
             raise RuntimeError("redis never confirmed the subscription")
-        return _RedisSubscription(client, pubsub, tally)
+        return RedisSubscription(client, pubsub, tally)
 
 
 # --- two workerbus nodes bridged through the engine --------------------------------------------

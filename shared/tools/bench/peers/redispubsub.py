@@ -30,21 +30,26 @@ from .base import (
     wait_for_socket,
 )
 
-__all__ = ["RedisPeer"]
+__all__ = ["RedisPeer", "RedisPublisher", "RedisSubscription"]
 
 _CHANNEL = "bench"
 _PIPELINE = 256
 
 
-class _RedisPublisher:
-    def __init__(self, client: Any) -> None:
+class RedisPublisher:
+    """Publishes to ``channel``, pipelining up to ``pipeline`` PUBLISH commands per round
+    trip (also the cluster peers' engine-direct publisher)."""
+
+    def __init__(self, client: Any, channel: str = _CHANNEL, pipeline: int = _PIPELINE) -> None:
         self._client = client
+        self._channel = channel
+        self._pipeline = pipeline
         self._pending: list[bytes] = []
         self._pack = msgpack.Packer().pack
 
     async def publish(self, source: str, event: str, data: Any) -> None:
         self._pending.append(self._pack({"source": source, "event": event, "data": data}))
-        if len(self._pending) >= _PIPELINE:
+        if len(self._pending) >= self._pipeline:
             await self.flush()
 
     async def flush(self) -> None:
@@ -52,7 +57,7 @@ class _RedisPublisher:
             return
         pipe = self._client.pipeline(transaction=False)
         for payload in self._pending:
-            pipe.publish(_CHANNEL, payload)
+            pipe.publish(self._channel, payload)
         self._pending = []
         await pipe.execute()
 
@@ -60,7 +65,7 @@ class _RedisPublisher:
         await self._client.aclose()
 
 
-class _RedisSubscription:
+class RedisSubscription:
     def __init__(self, client: Any, pubsub: Any, tally: Tally) -> None:
         self._client = client
         self._pubsub = pubsub
@@ -118,7 +123,7 @@ class RedisPeer(Peer):
     async def publisher(self, setup: RunSetup, index: int) -> Publisher:
         import redis.asyncio
 
-        return _RedisPublisher(redis.asyncio.Redis(unix_socket_path=setup.state["path"]))
+        return RedisPublisher(redis.asyncio.Redis(unix_socket_path=setup.state["path"]))
 
     async def subscriber(self, setup: RunSetup, index: int, tally: Tally) -> Subscription:
         import redis.asyncio
@@ -132,4 +137,4 @@ class RedisPeer(Peer):
                 break
         else:
             raise RuntimeError("redis never confirmed the subscription")
-        return _RedisSubscription(client, pubsub, tally)
+        return RedisSubscription(client, pubsub, tally)
