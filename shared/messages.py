@@ -532,6 +532,21 @@ def _msgpack_str(text: str) -> bytes:
 
 _KEY_SRC = b"\xa3src"
 _KEY_EV = b"\xa2ev"
+# A keyed publish's head (a 4-entry map) for an event of under 256 bytes, per length.
+_KEYED_ALL_HEADS = tuple(b"\x84" + head[1:] for head in _MSGPACK_ALL_HEADS)
+_KEYED_OTHERS_HEADS = tuple(b"\x84" + head[1:] for head in _MSGPACK_OTHERS_HEADS)
+#: (source, event) -> the src/ev tail of a keyed publish. Names come from this process's
+#: own code; still bounded: when full it is simply emptied.
+_KEY_TAILS: dict[tuple[str, str], bytes] = {}
+_MAX_KEY_TAILS = 1024
+
+
+def _key_tail(source: str, event: str) -> bytes:
+    tail = _KEY_SRC + _msgpack_str(source) + _KEY_EV + _msgpack_str(event)
+    if len(_KEY_TAILS) >= _MAX_KEY_TAILS:
+        _KEY_TAILS.clear()
+    _KEY_TAILS[(source, event)] = tail
+    return tail
 
 
 def _read_str(payload: bytes, pos: int) -> tuple[str, int] | None:
@@ -639,6 +654,8 @@ def decode_publish_batch(
     all_pos, others_pos = len(all_head), len(others_head)
     kall_head, kothers_head = b"\x84" + all_head[1:], b"\x84" + others_head[1:]
     tail_keys: dict[bytes, tuple[str, str]] = {}
+    last_tail = b"\x00"  # (never a tail: a tail starts with _KEY_SRC)
+    last_key: tuple[str, str] | None = None
     for payload in payloads:
         target: Target | None = None
         key: tuple[str, str] | None = None
@@ -669,13 +686,19 @@ def decode_publish_batch(
                     else:
                         target = None
                 elif 0 < end <= size:
-                    # The src/ev tail repeats from publish to publish: read once per read.
-                    tail = bytes(payload[end:])
-                    key = tail_keys.get(tail)
-                    if key is None:
-                        key = _read_key_tail(tail)
+                    # The src/ev tail repeats from publish to publish: read once per read
+                    # (and the same as the last publish's, checked without a copy).
+                    if size - end == len(last_tail) and payload.endswith(last_tail):
+                        key = last_key
+                    else:
+                        tail = bytes(payload[end:])
+                        key = tail_keys.get(tail)
+                        if key is None:
+                            key = _read_key_tail(tail)
+                            if key is not None:
+                                tail_keys[tail] = key
                         if key is not None:
-                            tail_keys[tail] = key
+                            last_tail, last_key = tail, key
                     if key is not None:
                         data = payload[start:end]
                     else:
@@ -772,12 +795,6 @@ def build_publish_frame(
     to all or others) is :func:`encode_event` and :func:`encode_publish` fused here, made
     of their parts (test_fast_paths holds it to the reference encoder).
     """
-    if keyed:
-        inner, _ = build_publish(profile, wid, source, event, data, target, max_payload_len)
-        outer = encode_publish_keyed(profile, target, inner, source, event)
-        if len(outer) > max_payload_len:
-            raise PayloadTooLarge(len(outer), max_payload_len)
-        return encode_frame(outer, profile.header_len)
     if (
         (target is ALL or target is OTHERS)
         and profile is NATIVE
@@ -793,12 +810,29 @@ def build_publish_frame(
             inner = profile.codec.dumps({"source": source, "event": event, "data": data, "wid": wid})
         size = len(inner)
         if size < 0x100:
-            # _publish_head's, with the frame header in front: encode_frame of the publish
-            head = _FRAMED_ALL_HEADS[size] if target is ALL else _FRAMED_OTHERS_HEADS[size]
-            length = len(head) - 2 + size
-            if length > max_payload_len:
-                raise PayloadTooLarge(length, max_payload_len)
-            return head + inner
+            if not keyed:
+                # _publish_head's, with the frame header in front: encode_frame of the publish
+                head = _FRAMED_ALL_HEADS[size] if target is ALL else _FRAMED_OTHERS_HEADS[size]
+                length = len(head) - 2 + size
+                if length > max_payload_len:
+                    raise PayloadTooLarge(length, max_payload_len)
+                return head + inner
+            # encode_publish_keyed's bytes; the src/ev tail is the same for every publish
+            # of one (source, event), so it is made once. (Over the limit: the careful
+            # path below says by how much.)
+            tail = _KEY_TAILS.get((source, event))
+            if tail is None:
+                tail = _key_tail(source, event)
+            head = _KEYED_ALL_HEADS[size] if target is ALL else _KEYED_OTHERS_HEADS[size]
+            length = len(head) + size + len(tail)
+            if length <= max_payload_len and length < 0x10000:
+                return length.to_bytes(2, "big") + head + inner + tail
+    if keyed:
+        inner, _ = build_publish(profile, wid, source, event, data, target, max_payload_len)
+        outer = encode_publish_keyed(profile, target, inner, source, event)
+        if len(outer) > max_payload_len:
+            raise PayloadTooLarge(len(outer), max_payload_len)
+        return encode_frame(outer, profile.header_len)
     _, outer = build_publish(profile, wid, source, event, data, target, max_payload_len)
     return encode_frame(outer, profile.header_len)
 

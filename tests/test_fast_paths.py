@@ -48,6 +48,7 @@ from shared.messages import (
     decode_publish_batch,
     encode_event,
     encode_publish,
+    encode_publish_keyed,
     parse_target,
 )
 from shared.profile import NATIVE, get_profile
@@ -155,6 +156,53 @@ def _check_publish_batch(profile: Any, payloads: list[bytes]) -> None:
         assert _or_error(decode_publish, profile, payload) == _ref_or_error(reference.decode_publish, profile, payload)
 
 
+def _reference_keyed(payload: bytes) -> Any:
+    # A keyed publish is a plain one plus "src"/"ev" (docs/protocol.md §8).
+    try:
+        msg = msgpack.unpackb(payload)
+    except ValueError:
+        return "error"
+    key = None
+    if isinstance(msg, dict) and "src" in msg:
+        key = (msg.pop("src"), msg.pop("ev"))
+    try:
+        target, data = reference.decode_publish(NATIVE, msgpack.packb(msg))
+    except RemoteProtocolError:
+        return "error"
+    return target, reference.frame(data, NATIVE.header_len), key
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_decode_publish_batch_keyed_is_the_reference(seed: int) -> None:
+    # Runs of keyed publishes (repeated and changing src/ev, fixstr and str8 names, plain
+    # publishes among them, a cut one): the same frames, keys and first error.
+    rng = random.Random(seed)
+    names = ["s", "s2", "é" * 3, "n" * 31, "n" * 32, "x" * 200]
+    payloads = []
+    for i in range(rng.randint(1, 40)):
+        source, event = rng.choice(names[:3]), rng.choice(names)
+        inner = encode_event(NATIVE, source, event, {"i": i, "pad": "x" * rng.choice([0, 10, 300])}, 1)
+        target = rng.choice([ALL, OTHERS, parse_target("unique:k")])
+        if rng.random() < 0.2:
+            payloads.append(encode_publish(NATIVE, target, inner))
+        else:
+            payloads.append(encode_publish_keyed(NATIVE, target, inner, source, event))
+    if rng.random() < 0.3:
+        where = rng.randrange(len(payloads))
+        payloads[where] = payloads[where][: rng.randrange(1, len(payloads[where]))]
+    keys: list[Any] = []
+    runs, error = decode_publish_batch(NATIVE, payloads, keys)
+    got = [(t, f, key) for (t, run), key in zip(runs, keys, strict=True) for f in run]
+    expected = []
+    for payload in payloads:
+        one = _reference_keyed(payload)
+        if one == "error":
+            break
+        expected.append(one)
+    assert got == expected
+    assert (error is not None) == (len(expected) < len(payloads))
+
+
 def _publishes(profile: Any, rng: random.Random, count: int) -> list[bytes]:
     targets = [ALL, parse_target("unique:k")]
     if profile.extended_targets:
@@ -200,19 +248,38 @@ def _reference_publish_frame(profile: Any, wid: int, source: Any, event: Any, da
     return reference.frame(outer, profile.header_len)
 
 
+def _reference_keyed_publish_frame(profile: Any, wid: int, source: Any, event: Any, data: Any, target: Any, limit: int) -> Any:
+    # The plain publish's checks, then {"spec", "data", "src", "ev"} within the limit too.
+    plain = _reference_publish_frame(profile, wid, source, event, data, target, limit)
+    msg = msgpack.unpackb(plain[profile.header_len :])
+    msg["src"], msg["ev"] = source, event
+    outer = msgpack.packb(msg)
+    if len(outer) > limit:
+        raise PayloadTooLarge(len(outer), limit)
+    return reference.frame(outer, profile.header_len)
+
+
 @settings(max_examples=400, deadline=None)
 @given(
     target=_TARGETS,
     data=_VALUES | st.binary(min_size=200, max_size=300) | st.sampled_from(["y" * 70000, b"z" * 250]),
     source=st.sampled_from(["src", "", "s" * 300]),
-    limit=st.sampled_from([65535, 60, 300]),
+    event=st.sampled_from(["ev", "e" * 40, "é" * 20]),
+    limit=st.sampled_from([65535, 60, 300, 64, 70]),
     kong=st.booleans(),
+    keyed=st.booleans(),
 )
-def test_build_publish_frame_is_the_reference(target: Any, data: Any, source: str, limit: int, kong: bool) -> None:
+def test_build_publish_frame_is_the_reference(
+    target: Any, data: Any, source: str, event: str, limit: int, kong: bool, keyed: bool
+) -> None:
     profile = get_profile("kong") if kong else NATIVE
-    args = (profile, 3, source, "ev", data, target, limit)
-    expected = _build_or_refusal(_reference_publish_frame, *args)
-    assert _build_or_refusal(build_publish_frame, *args) == expected
+    keyed = keyed and not kong  # (only a native client is ever granted the filter)
+    args = (profile, 3, source, event, data, target, limit)
+    reference_frame = _reference_keyed_publish_frame if keyed else _reference_publish_frame
+    expected = _build_or_refusal(reference_frame, *args)
+    assert _build_or_refusal(build_publish_frame, *args, keyed) == expected
+    if keyed:
+        return
     if not isinstance(expected, tuple):
         inner, outer = build_publish(*args)
         assert reference.frame(outer, profile.header_len) == expected
