@@ -8,9 +8,10 @@ Two choices keep the comparison with the other peers fair, and are stated in the
 
 - Publishers publish with target ``others``. In workerbus every client is a full member of
   the bus, so with target ``all`` a publisher would also receive its own events, which the
-  other peers' publishers do not. With P > 1 each publisher still receives the *other*
-  publishers' events (nothing in the protocol makes a client publish-only); their CPU is
-  included in the totals, they are not counted as deliveries.
+  other peers' publishers do not. A publisher has no handler, so with the negotiated
+  ``filter`` capability (the default client) it tells the broker after the first event it
+  does not handle, and from then on receives nothing (docs/protocol.md §8); whatever it
+  did receive is in the CPU totals, not counted as deliveries.
 - The broker's per-worker queue limit is raised (``--max-queue-len``) so that a flood never
   drops, as the other peers run without limits (zmq high-water mark 0, redis without an
   output-buffer limit). With the default limit a subscriber that falls more than 10240
