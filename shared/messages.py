@@ -43,6 +43,7 @@ __all__ = [
     "Event",
     "Hello",
     "NodeWid",
+    "RunKeys",
     "Welcome",
     "Target",
     "TargetKind",
@@ -618,10 +619,30 @@ def _decode_publish(profile: Profile, payload: bytes, *, keyed: bool) -> tuple[T
     return _decode_spec(profile, spec), data, key
 
 
+@dataclass(slots=True)
+class RunKeys:
+    """The ``(source, event)`` of every publish of one run, from a connection granted
+    ``filter`` (see :func:`decode_publish_batch`): ``names`` are the distinct pairs in the
+    order they first appear (None for a publish without them), ``index`` gives each
+    frame's position in ``names``. A pair per frame would cost a Python step per frame
+    wherever it is used; this way the router works per distinct pair."""
+
+    names: list[tuple[str, str] | None]
+    index: list[int]
+
+    def key_of(self, frame: int) -> tuple[str, str] | None:
+        """The pair of the run's ``frame``-th publish."""
+        return self.names[self.index[frame]]
+
+
+def _run_keys(names: list[tuple[str, str] | None], index: list[int]) -> RunKeys | None:
+    return None if len(names) == 1 and names[0] is None else RunKeys(names, index)
+
+
 def decode_publish_batch(
     profile: Profile,
     payloads: list[bytes],
-    keys: list[tuple[str, str] | None] | None = None,
+    keys: list[RunKeys | None] | None = None,
 ) -> tuple[list[tuple[Target, list[bytes]]], RemoteProtocolError | None]:
     """The broker's read path: every publish of one read, made into delivery frames.
 
@@ -631,95 +652,108 @@ def decode_publish_batch(
     connection. Each publish is what :func:`decode_publish` makes of it.
 
     ``keys``, given for a connection granted ``filter`` (docs/protocol.md §8): publishes
-    may then carry ``src``/``ev``, and a run also ends where that pair changes; one entry
-    per run is appended to ``keys``, the run's ``(source, event)`` or None (a publish
-    without them: routed to every worker, as without the extension).
+    may then carry ``src``/``ev``, and one entry per run is appended to ``keys``: None
+    when no publish of the run carried them (routed to every worker, as without the
+    extension), else the run's :class:`RunKeys`. A change of ``src``/``ev`` does not end
+    a run (a publisher that cycles through sources would make a run of every publish).
 
     This loop is the one recogniser of the usual publish: a native publish to all or
     others exactly as :func:`encode_publish` (or :func:`encode_publish_keyed`) makes it
     (either length encoding a native frame can hold; src/ev as fixstr or str8) is known by
     its bytes, without unpacking; anything else (another target, key order or length
-    encoding, a length that does not match) goes through the general decoder, which accepts
-    or rejects it with a reason. It is written out here, not called, because it runs once
-    per publish.
+    encoding, a length that does not match, a bytearray) goes through the general decoder,
+    which accepts or rejects it with a reason. It is written out here, not called, because
+    it runs once per publish.
     """
     runs: list[tuple[Target, list[bytes]]] = []
     run: list[bytes] = []
     run_target: Target | None = None
-    run_key: tuple[str, str] | None = None
+    error: RemoteProtocolError | None = None
     keyed = keys is not None
     header_len = profile.header_len
     native = profile is NATIVE
     all_head, others_head = _MSGPACK_ALL_HEAD, _MSGPACK_OTHERS_HEAD
     all_pos, others_pos = len(all_head), len(others_head)
     kall_head, kothers_head = b"\x84" + all_head[1:], b"\x84" + others_head[1:]
-    tail_keys: dict[bytes, tuple[str, str]] = {}
-    last_tail = b"\x00"  # (never a tail: a tail starts with _KEY_SRC)
-    last_key: tuple[str, str] | None = None
+    # With keys, per run: the distinct pairs, each frame's position among them, each pair's
+    # position, and each src/ev tail's (a tail repeats from publish to publish: it is
+    # parsed once per run, then known by one dict look-up).
+    names: list[tuple[str, str] | None] = []
+    index: list[int] = []
+    known: dict[tuple[str, str] | None, int] = {}
+    tails: dict[bytes, int] = {}
     for payload in payloads:
         target: Target | None = None
+        kid = -1  # the publish's position in ``names``, when already known
         key: tuple[str, str] | None = None
-        if native:  # (a bytearray payload too: its event is framed into bytes below)
+        tail = b""  # a keyed publish's src/ev tail not yet in ``tails``
+        if native and type(payload) is bytes:
             four = False
-            if payload.startswith(all_head):
-                target, pos = ALL, all_pos
-            elif payload.startswith(others_head):
-                target, pos = OTHERS, others_pos
-            elif keyed and payload.startswith(kall_head):
+            if keyed and payload.startswith(kall_head):
                 target, pos, four = ALL, all_pos, True
             elif keyed and payload.startswith(kothers_head):
                 target, pos, four = OTHERS, others_pos, True
+            elif payload.startswith(all_head):
+                target, pos = ALL, all_pos
+            elif payload.startswith(others_head):
+                target, pos = OTHERS, others_pos
             if target is not None:
                 size = len(payload)
                 tag = payload[pos] if size > pos + 1 else 0
                 if tag == 0xC4:
-                    start = pos + 2
-                    end = payload[pos + 1] + start
+                    end = payload[pos + 1] + pos + 2
                 elif tag == 0xC5 and size > pos + 2:
-                    start = pos + 3
-                    end = ((payload[pos + 1] << 8) | payload[pos + 2]) + start
+                    end = ((payload[pos + 1] << 8) | payload[pos + 2]) + pos + 3
                 else:
                     end = -1
                 if not four:
-                    if end == size:
-                        data = payload[start:]
-                    else:
+                    if end != size:
                         target = None
                 elif 0 < end <= size:
-                    # The src/ev tail repeats from publish to publish: read once per read
-                    # (and the same as the last publish's, checked without a copy).
-                    if size - end == len(last_tail) and payload.endswith(last_tail):
-                        key = last_key
-                    else:
-                        tail = bytes(payload[end:])
-                        key = tail_keys.get(tail)
+                    found = payload[end:]
+                    kid = tails.get(found, -1)
+                    if kid < 0:
+                        key = _read_key_tail(found)
                         if key is None:
-                            key = _read_key_tail(tail)
-                            if key is not None:
-                                tail_keys[tail] = key
-                        if key is not None:
-                            last_tail, last_key = tail, key
-                    if key is not None:
-                        data = payload[start:end]
-                    else:
-                        target = None
+                            target = None
+                        else:
+                            tail = found
                 else:
                     target = None
+                if target is not None:
+                    # The delivery frame: the event behind a 2-byte length, which the
+                    # bin header holds already (bin16: its length; bin8: a 0 before it).
+                    frame = b"\x00" + payload[pos + 1 : end] if tag == 0xC4 else payload[pos + 1 : end]
         if target is None:
             try:
                 target, data, key = _decode_publish(profile, payload, keyed=keyed)
             except RemoteProtocolError as exc:
-                return runs, exc
-        if target is not run_target or key != run_key:
+                error = exc
+                break
+            # (the event came inside a frame of this header width, so it fits one)
+            frame = encode_frame(data, header_len)
+        if target is not run_target:
+            if keyed and run_target is not None:
+                if kid >= 0:  # (a position in the run that ends here)
+                    key, kid = names[kid], -1
+                keys.append(_run_keys(names, index))  # type: ignore[union-attr]
+                names, index, known, tails = [], [], {}, {}
             run = []
             runs.append((target, run))
             run_target = target
-            run_key = key
-            if keys is not None:
-                keys.append(key)
-        # (the event came inside a frame of this header width, so it fits one)
-        run.append(encode_frame(data, header_len))
-    return runs, None
+        if keyed:
+            if kid < 0:
+                kid = known.get(key, -1)
+                if kid < 0:
+                    kid = known[key] = len(names)
+                    names.append(key)
+                if tail:
+                    tails[tail] = kid
+            index.append(kid)
+        run.append(frame)
+    if keyed and run_target is not None:
+        keys.append(_run_keys(names, index))  # type: ignore[union-attr]
+    return runs, error
 
 
 def _decode_spec(profile: Profile, spec: dict[Any, Any]) -> Target:

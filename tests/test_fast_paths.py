@@ -192,7 +192,12 @@ def test_decode_publish_batch_keyed_is_the_reference(seed: int) -> None:
         payloads[where] = payloads[where][: rng.randrange(1, len(payloads[where]))]
     keys: list[Any] = []
     runs, error = decode_publish_batch(NATIVE, payloads, keys)
-    got = [(t, f, key) for (t, run), key in zip(runs, keys, strict=True) for f in run]
+    got = [(t, f, None if rk is None else rk.key_of(i))
+           for (t, run), rk in zip(runs, keys, strict=True) for i, f in enumerate(run)]  # fmt: skip
+    # a run ends where the target changes, not where src/ev do
+    assert all(a[0] is not b[0] for a, b in zip(runs, runs[1:], strict=False))
+    assert all(rk is None or (len(set(rk.names)) == len(rk.names) and len(rk.index) == len(run))
+               for (_, run), rk in zip(runs, keys, strict=True))  # fmt: skip
     expected = []
     for payload in payloads:
         one = _reference_keyed(payload)
