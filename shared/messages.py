@@ -536,18 +536,34 @@ _KEY_EV = b"\xa2ev"
 # A keyed publish's head (a 4-entry map) for an event of under 256 bytes, per length.
 _KEYED_ALL_HEADS = tuple(b"\x84" + head[1:] for head in _MSGPACK_ALL_HEADS)
 _KEYED_OTHERS_HEADS = tuple(b"\x84" + head[1:] for head in _MSGPACK_OTHERS_HEADS)
-#: (source, event) -> the src/ev tail of a keyed publish. Names come from this process's
-#: own code; still bounded: when full it is simply emptied.
-_KEY_TAILS: dict[tuple[str, str], bytes] = {}
-_MAX_KEY_TAILS = 1024
+#: A keyed publish's tail, and the framed heads (frame header + map head) of its events
+#: of under 256 bytes, per length, to all and to others.
+_KeyedParts = tuple[bytes, tuple[bytes, ...], tuple[bytes, ...]]
+#: (source, event) -> its _KeyedParts. Names come from this process's own code; still
+#: bounded: when full it is simply emptied.
+_KEYED_PARTS: dict[tuple[str, str], _KeyedParts] = {}
+_MAX_KEYED_PARTS = 1024
+#: tail length -> the framed heads for it (shared by every pair whose tail is that long)
+_FRAMED_KEYED_HEADS: dict[int, tuple[tuple[bytes, ...], tuple[bytes, ...]]] = {}
 
 
-def _key_tail(source: str, event: str) -> bytes:
+def _keyed_parts(source: str, event: str) -> _KeyedParts | None:
+    # None (and nothing kept) when such a publish would not fit a native frame.
     tail = _KEY_SRC + _msgpack_str(source) + _KEY_EV + _msgpack_str(event)
-    if len(_KEY_TAILS) >= _MAX_KEY_TAILS:
-        _KEY_TAILS.clear()
-    _KEY_TAILS[(source, event)] = tail
-    return tail
+    extra = len(tail)
+    if len(_KEYED_OTHERS_HEADS[0xFF]) + 0xFF + extra >= 0x10000:
+        return None
+    heads = _FRAMED_KEYED_HEADS.get(extra)
+    if heads is None:
+        all_heads, others_heads = (
+            tuple((len(h) + n + extra).to_bytes(2, "big") + h for n, h in enumerate(table))
+            for table in (_KEYED_ALL_HEADS, _KEYED_OTHERS_HEADS)
+        )
+        heads = _FRAMED_KEYED_HEADS[extra] = (all_heads, others_heads)
+    if len(_KEYED_PARTS) >= _MAX_KEYED_PARTS:
+        _KEYED_PARTS.clear()
+    parts = _KEYED_PARTS[(source, event)] = (tail, *heads)
+    return parts
 
 
 def _read_str(payload: bytes, pos: int) -> tuple[str, int] | None:
@@ -851,16 +867,15 @@ def build_publish_frame(
                 if length > max_payload_len:
                     raise PayloadTooLarge(length, max_payload_len)
                 return head + inner
-            # encode_publish_keyed's bytes; the src/ev tail is the same for every publish
-            # of one (source, event), so it is made once. (Over the limit: the careful
-            # path below says by how much.)
-            tail = _KEY_TAILS.get((source, event))
-            if tail is None:
-                tail = _key_tail(source, event)
-            head = _KEYED_ALL_HEADS[size] if target is ALL else _KEYED_OTHERS_HEADS[size]
-            length = len(head) + size + len(tail)
-            if length <= max_payload_len and length < 0x10000:
-                return length.to_bytes(2, "big") + head + inner + tail
+            # encode_publish_keyed's bytes, framed; the src/ev tail and the framed heads
+            # are the same for every publish of one (source, event), so they are made
+            # once. (Over the limit: the careful path below says by how much.)
+            parts = _KEYED_PARTS.get((source, event)) or _keyed_parts(source, event)
+            if parts is not None:
+                tail, all_heads, others_heads = parts
+                head = all_heads[size] if target is ALL else others_heads[size]
+                if len(head) - 2 + size + len(tail) <= max_payload_len:
+                    return b"".join((head, inner, tail))
     if keyed:
         inner, _ = build_publish(profile, wid, source, event, data, target, max_payload_len)
         outer = encode_publish_keyed(profile, target, inner, source, event)
