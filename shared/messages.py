@@ -698,7 +698,21 @@ def decode_publish_batch(
     index: list[int] = []
     known: dict[tuple[str, str] | None, int] = {}
     tails: dict[bytes, int] = {}
+    # The usual keyed publish (a bin8 event, to the current run's target, with a tail
+    # already seen in this run) is known by its head and its tail alone: the shortcut
+    # below. ``hot``: that head for the current run (up to the bin8 tag), or empty.
+    hot_all = kall_head + b"\xc4" if keyed and native else b""
+    hot_others = kothers_head + b"\xc4" if keyed and native else b""
+    hot = b""
+    hot_len = 0
     for payload in payloads:
+        if hot and payload[:hot_len] == hot and type(payload) is bytes and len(payload) > hot_len:
+            end = payload[hot_len] + hot_len + 1
+            kid = tails.get(payload[end:], -1)  # (cut short: an empty tail, never kept)
+            if kid >= 0:
+                run.append(b"\x00" + payload[hot_len:end])
+                index.append(kid)
+                continue
         target: Target | None = None
         kid = -1  # the publish's position in ``names``, when already known
         key: tuple[str, str] | None = None
@@ -757,6 +771,8 @@ def decode_publish_batch(
             run = []
             runs.append((target, run))
             run_target = target
+            hot = hot_all if target is ALL else hot_others if target is OTHERS else b""
+            hot_len = len(hot)
         if keyed:
             if kid < 0:
                 kid = known.get(key, -1)
