@@ -698,21 +698,28 @@ def decode_publish_batch(
     index: list[int] = []
     known: dict[tuple[str, str] | None, int] = {}
     tails: dict[bytes, int] = {}
-    # The usual keyed publish (a bin8 event, to the current run's target, with a tail
-    # already seen in this run) is known by its head and its tail alone: the shortcut
-    # below. ``hot``: that head for the current run (up to the bin8 tag), or empty.
-    hot_all = kall_head + b"\xc4" if keyed and native else b""
-    hot_others = kothers_head + b"\xc4" if keyed and native else b""
+    # The usual publish of a run after its first (a bin8 event, to the run's target; with
+    # keys, with a tail already seen in the run) is known by its head and its length (or
+    # its tail) alone: the shortcut below, the rest of the loop for everything else.
+    # ``hot``: that head for the current run (up to the bin8 tag), or empty.
+    hot_all = (kall_head if keyed else all_head) + b"\xc4" if native else b""
+    hot_others = (kothers_head if keyed else others_head) + b"\xc4" if native else b""
     hot = b""
     hot_len = 0
     for payload in payloads:
-        if hot and payload[:hot_len] == hot and type(payload) is bytes and len(payload) > hot_len:
-            end = payload[hot_len] + hot_len + 1
-            kid = tails.get(payload[end:], -1)  # (cut short: an empty tail, never kept)
-            if kid >= 0:
-                run.append(b"\x00" + payload[hot_len:end])
-                index.append(kid)
-                continue
+        if hot and payload[:hot_len] == hot and type(payload) is bytes:
+            size = len(payload)
+            if size > hot_len:
+                end = payload[hot_len] + hot_len + 1
+                if keyed:
+                    kid = tails.get(payload[end:], -1)  # (cut short: an empty tail, never kept)
+                    if kid >= 0:
+                        run.append(b"\x00" + payload[hot_len:end])
+                        index.append(kid)
+                        continue
+                elif end == size:
+                    run.append(b"\x00" + payload[hot_len:])
+                    continue
         target: Target | None = None
         kid = -1  # the publish's position in ``names``, when already known
         key: tuple[str, str] | None = None

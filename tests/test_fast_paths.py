@@ -208,18 +208,26 @@ def test_decode_publish_batch_keyed_is_the_reference(seed: int) -> None:
     assert (error is not None) == (len(expected) < len(payloads))
 
 
+@pytest.mark.parametrize("keyed", [True, False], ids=["keyed", "plain"])
 @pytest.mark.parametrize("target", [ALL, OTHERS], ids=["all", "others"])
-def test_decode_publish_batch_keyed_shortcut_on_every_cut(target: Any) -> None:
-    # The shortcut knows a publish by its head and a tail already seen in the run: a
-    # publish cut at any length after such a one (or with a bin8 length that does not
-    # match, or followed by more bytes) must come out as the reference decodes it.
+def test_decode_publish_batch_shortcut_on_every_cut(target: Any, keyed: bool) -> None:
+    # The shortcut knows a publish of a run after its first by its head and its length (or
+    # a tail already seen in the run): a publish cut at any length after such ones (or
+    # with a bin8 length that does not match, or followed by more bytes) must come out as
+    # the reference decodes it.
     inner = encode_event(NATIVE, "s", "e", {"i": 1}, 1)
-    good = encode_publish_keyed(NATIVE, target, inner, "s", "e")
-    other = encode_publish_keyed(NATIVE, target, inner, "s2", "e")
+    if keyed:
+        good = encode_publish_keyed(NATIVE, target, inner, "s", "e")
+        other = encode_publish_keyed(NATIVE, target, inner, "s2", "e")
+    else:
+        good = other = encode_publish(NATIVE, target, inner)
     head = good.index(inner) - 1  # the bin8 length byte
     bad_len = [good[:head] + bytes([n]) + good[head + 1 :] for n in (0, len(inner) - 1, len(inner) + 1, 255)]
     for odd in [good[:cut] for cut in range(len(good))] + bad_len + [good + b"\xc0", good + good]:
         payloads = [good, other, odd, good]
+        if not keyed:
+            _check_publish_batch(NATIVE, payloads)
+            continue
         keys: list[Any] = []
         runs, error = decode_publish_batch(NATIVE, payloads, keys)
         got = [(t, f, None if rk is None else rk.key_of(i))
