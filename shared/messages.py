@@ -770,10 +770,10 @@ def decode_publish_batch(
             # (the event came inside a frame of this header width, so it fits one)
             frame = encode_frame(data, header_len)
         if target is not run_target:
-            if keyed and run_target is not None:
+            if keys is not None and run_target is not None:
                 if kid >= 0:  # (a position in the run that ends here)
                     key, kid = names[kid], -1
-                keys.append(_run_keys(names, index))  # type: ignore[union-attr]
+                keys.append(_run_keys(names, index))
                 names, index, known, tails = [], [], {}, {}
             run = []
             runs.append((target, run))
@@ -790,8 +790,8 @@ def decode_publish_batch(
                     tails[tail] = kid
             index.append(kid)
         run.append(frame)
-    if keyed and run_target is not None:
-        keys.append(_run_keys(names, index))  # type: ignore[union-attr]
+    if keys is not None and run_target is not None:
+        keys.append(_run_keys(names, index))
     return runs, error
 
 

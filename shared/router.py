@@ -734,15 +734,11 @@ class Router:
                 continue
             count = len(frames)
             broadcast += count
-            key = None
-            if run_keys is not None:
-                names = run_keys.names
-                if len(names) > 1:
-                    self._take_keyed(publisher, kind is TargetKind.OTHERS, frames, run_keys, pending)
-                    targets: Iterable[WorkerQueue] = ()
-                else:
-                    key = names[0]
-            if run_keys is None or len(run_keys.names) == 1:
+            if run_keys is not None and len(run_keys.names) > 1:
+                self._take_keyed(publisher, kind is TargetKind.OTHERS, frames, run_keys, pending)
+            else:
+                key = None if run_keys is None else run_keys.names[0]
+                targets: Iterable[WorkerQueue]
                 if key is None:
                     targets = self.queues.values()
                     if kind is TargetKind.OTHERS:
