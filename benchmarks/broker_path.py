@@ -35,14 +35,14 @@ def chunk(count: int, sources: int = 0) -> bytes:
 
 
 def workerbus(data: bytes, subs: int, rounds: int, sources: int = 0) -> float:
-    from shared.messages import decode_publish_batch
+    from shared.messages import RunKeys, decode_publish_batch
 
     router = Router(max_queue_len=10**9)
     queues = [router.attach(w) for w in range(subs)]
     if sources:
         for w, q in enumerate(queues):
             router.set_filter(q, frozenset({(f"s{w % sources}", "*")}))
-    keys: list[tuple[str, str] | None] | None = [] if sources else None
+    keys: list[RunKeys | None] | None = [] if sources else None
     dec = FrameDecoder(2)
     t0 = time.process_time()
     for _ in range(rounds):

@@ -32,6 +32,7 @@ from .messages import (
     CAP_FILTER,
     CAP_WELCOME,
     PROTOCOL_VERSION,
+    RunKeys,
     Target,
     Welcome,
     decode_hello,
@@ -581,7 +582,7 @@ class Broker:
         barrier = CAP_BARRIER in conn.caps
         cluster = CAP_CLUSTER in conn.caps
         filtering = CAP_FILTER in conn.caps
-        keys: list[tuple[str, str] | None] | None = [] if filtering else None
+        keys: list[RunKeys | None] | None = [] if filtering else None
         try:
             while True:
                 # Consecutive publishes with the same target (and, with "filter" granted,

@@ -43,6 +43,7 @@ __all__ = [
     "Event",
     "Hello",
     "NodeWid",
+    "RunKeys",
     "Welcome",
     "Target",
     "TargetKind",
@@ -535,18 +536,34 @@ _KEY_EV = b"\xa2ev"
 # A keyed publish's head (a 4-entry map) for an event of under 256 bytes, per length.
 _KEYED_ALL_HEADS = tuple(b"\x84" + head[1:] for head in _MSGPACK_ALL_HEADS)
 _KEYED_OTHERS_HEADS = tuple(b"\x84" + head[1:] for head in _MSGPACK_OTHERS_HEADS)
-#: (source, event) -> the src/ev tail of a keyed publish. Names come from this process's
-#: own code; still bounded: when full it is simply emptied.
-_KEY_TAILS: dict[tuple[str, str], bytes] = {}
-_MAX_KEY_TAILS = 1024
+#: A keyed publish's tail, and the framed heads (frame header + map head) of its events
+#: of under 256 bytes, per length, to all and to others.
+_KeyedParts = tuple[bytes, tuple[bytes, ...], tuple[bytes, ...]]
+#: (source, event) -> its _KeyedParts. Names come from this process's own code; still
+#: bounded: when full it is simply emptied.
+_KEYED_PARTS: dict[tuple[str, str], _KeyedParts] = {}
+_MAX_KEYED_PARTS = 1024
+#: tail length -> the framed heads for it (shared by every pair whose tail is that long)
+_FRAMED_KEYED_HEADS: dict[int, tuple[tuple[bytes, ...], tuple[bytes, ...]]] = {}
 
 
-def _key_tail(source: str, event: str) -> bytes:
+def _keyed_parts(source: str, event: str) -> _KeyedParts | None:
+    # None (and nothing kept) when such a publish would not fit a native frame.
     tail = _KEY_SRC + _msgpack_str(source) + _KEY_EV + _msgpack_str(event)
-    if len(_KEY_TAILS) >= _MAX_KEY_TAILS:
-        _KEY_TAILS.clear()
-    _KEY_TAILS[(source, event)] = tail
-    return tail
+    extra = len(tail)
+    if len(_KEYED_OTHERS_HEADS[0xFF]) + 0xFF + extra >= 0x10000:
+        return None
+    heads = _FRAMED_KEYED_HEADS.get(extra)
+    if heads is None:
+        all_heads, others_heads = (
+            tuple((len(h) + n + extra).to_bytes(2, "big") + h for n, h in enumerate(table))
+            for table in (_KEYED_ALL_HEADS, _KEYED_OTHERS_HEADS)
+        )
+        heads = _FRAMED_KEYED_HEADS[extra] = (all_heads, others_heads)
+    if len(_KEYED_PARTS) >= _MAX_KEYED_PARTS:
+        _KEYED_PARTS.clear()
+    parts = _KEYED_PARTS[(source, event)] = (tail, *heads)
+    return parts
 
 
 def _read_str(payload: bytes, pos: int) -> tuple[str, int] | None:
@@ -618,10 +635,30 @@ def _decode_publish(profile: Profile, payload: bytes, *, keyed: bool) -> tuple[T
     return _decode_spec(profile, spec), data, key
 
 
+@dataclass(slots=True)
+class RunKeys:
+    """The ``(source, event)`` of every publish of one run, from a connection granted
+    ``filter`` (see :func:`decode_publish_batch`): ``names`` are the distinct pairs in the
+    order they first appear (None for a publish without them), ``index`` gives each
+    frame's position in ``names``. A pair per frame would cost a Python step per frame
+    wherever it is used; this way the router works per distinct pair."""
+
+    names: list[tuple[str, str] | None]
+    index: list[int]
+
+    def key_of(self, frame: int) -> tuple[str, str] | None:
+        """The pair of the run's ``frame``-th publish."""
+        return self.names[self.index[frame]]
+
+
+def _run_keys(names: list[tuple[str, str] | None], index: list[int]) -> RunKeys | None:
+    return None if len(names) == 1 and names[0] is None else RunKeys(names, index)
+
+
 def decode_publish_batch(
     profile: Profile,
     payloads: list[bytes],
-    keys: list[tuple[str, str] | None] | None = None,
+    keys: list[RunKeys | None] | None = None,
 ) -> tuple[list[tuple[Target, list[bytes]]], RemoteProtocolError | None]:
     """The broker's read path: every publish of one read, made into delivery frames.
 
@@ -631,95 +668,131 @@ def decode_publish_batch(
     connection. Each publish is what :func:`decode_publish` makes of it.
 
     ``keys``, given for a connection granted ``filter`` (docs/protocol.md §8): publishes
-    may then carry ``src``/``ev``, and a run also ends where that pair changes; one entry
-    per run is appended to ``keys``, the run's ``(source, event)`` or None (a publish
-    without them: routed to every worker, as without the extension).
+    may then carry ``src``/``ev``, and one entry per run is appended to ``keys``: None
+    when no publish of the run carried them (routed to every worker, as without the
+    extension), else the run's :class:`RunKeys`. A change of ``src``/``ev`` does not end
+    a run (a publisher that cycles through sources would make a run of every publish).
 
     This loop is the one recogniser of the usual publish: a native publish to all or
     others exactly as :func:`encode_publish` (or :func:`encode_publish_keyed`) makes it
     (either length encoding a native frame can hold; src/ev as fixstr or str8) is known by
     its bytes, without unpacking; anything else (another target, key order or length
-    encoding, a length that does not match) goes through the general decoder, which accepts
-    or rejects it with a reason. It is written out here, not called, because it runs once
-    per publish.
+    encoding, a length that does not match, a bytearray) goes through the general decoder,
+    which accepts or rejects it with a reason. It is written out here, not called, because
+    it runs once per publish.
     """
     runs: list[tuple[Target, list[bytes]]] = []
     run: list[bytes] = []
     run_target: Target | None = None
-    run_key: tuple[str, str] | None = None
+    error: RemoteProtocolError | None = None
     keyed = keys is not None
     header_len = profile.header_len
     native = profile is NATIVE
     all_head, others_head = _MSGPACK_ALL_HEAD, _MSGPACK_OTHERS_HEAD
     all_pos, others_pos = len(all_head), len(others_head)
     kall_head, kothers_head = b"\x84" + all_head[1:], b"\x84" + others_head[1:]
-    tail_keys: dict[bytes, tuple[str, str]] = {}
-    last_tail = b"\x00"  # (never a tail: a tail starts with _KEY_SRC)
-    last_key: tuple[str, str] | None = None
+    # With keys, per run: the distinct pairs, each frame's position among them, each pair's
+    # position, and each src/ev tail's (a tail repeats from publish to publish: it is
+    # parsed once per run, then known by one dict look-up).
+    names: list[tuple[str, str] | None] = []
+    index: list[int] = []
+    known: dict[tuple[str, str] | None, int] = {}
+    tails: dict[bytes, int] = {}
+    # The usual publish of a run after its first (a bin8 event, to the run's target; with
+    # keys, with a tail already seen in the run) is known by its head and its length (or
+    # its tail) alone: the shortcut below, the rest of the loop for everything else.
+    # ``hot``: that head for the current run (up to the bin8 tag), or empty.
+    hot_all = (kall_head if keyed else all_head) + b"\xc4" if native else b""
+    hot_others = (kothers_head if keyed else others_head) + b"\xc4" if native else b""
+    hot = b""
+    hot_len = 0
     for payload in payloads:
+        if hot and payload[:hot_len] == hot and type(payload) is bytes:
+            size = len(payload)
+            if size > hot_len:
+                end = payload[hot_len] + hot_len + 1
+                if keyed:
+                    kid = tails.get(payload[end:], -1)  # (cut short: an empty tail, never kept)
+                    if kid >= 0:
+                        run.append(b"\x00" + payload[hot_len:end])
+                        index.append(kid)
+                        continue
+                elif end == size:
+                    run.append(b"\x00" + payload[hot_len:])
+                    continue
         target: Target | None = None
+        kid = -1  # the publish's position in ``names``, when already known
         key: tuple[str, str] | None = None
-        if native:  # (a bytearray payload too: its event is framed into bytes below)
+        tail = b""  # a keyed publish's src/ev tail not yet in ``tails``
+        if native and type(payload) is bytes:
             four = False
-            if payload.startswith(all_head):
-                target, pos = ALL, all_pos
-            elif payload.startswith(others_head):
-                target, pos = OTHERS, others_pos
-            elif keyed and payload.startswith(kall_head):
+            if keyed and payload.startswith(kall_head):
                 target, pos, four = ALL, all_pos, True
             elif keyed and payload.startswith(kothers_head):
                 target, pos, four = OTHERS, others_pos, True
+            elif payload.startswith(all_head):
+                target, pos = ALL, all_pos
+            elif payload.startswith(others_head):
+                target, pos = OTHERS, others_pos
             if target is not None:
                 size = len(payload)
                 tag = payload[pos] if size > pos + 1 else 0
                 if tag == 0xC4:
-                    start = pos + 2
-                    end = payload[pos + 1] + start
+                    end = payload[pos + 1] + pos + 2
                 elif tag == 0xC5 and size > pos + 2:
-                    start = pos + 3
-                    end = ((payload[pos + 1] << 8) | payload[pos + 2]) + start
+                    end = ((payload[pos + 1] << 8) | payload[pos + 2]) + pos + 3
                 else:
                     end = -1
                 if not four:
-                    if end == size:
-                        data = payload[start:]
-                    else:
+                    if end != size:
                         target = None
                 elif 0 < end <= size:
-                    # The src/ev tail repeats from publish to publish: read once per read
-                    # (and the same as the last publish's, checked without a copy).
-                    if size - end == len(last_tail) and payload.endswith(last_tail):
-                        key = last_key
-                    else:
-                        tail = bytes(payload[end:])
-                        key = tail_keys.get(tail)
+                    found = payload[end:]
+                    kid = tails.get(found, -1)
+                    if kid < 0:
+                        key = _read_key_tail(found)
                         if key is None:
-                            key = _read_key_tail(tail)
-                            if key is not None:
-                                tail_keys[tail] = key
-                        if key is not None:
-                            last_tail, last_key = tail, key
-                    if key is not None:
-                        data = payload[start:end]
-                    else:
-                        target = None
+                            target = None
+                        else:
+                            tail = found
                 else:
                     target = None
+                if target is not None:
+                    # The delivery frame: the event behind a 2-byte length, which the
+                    # bin header holds already (bin16: its length; bin8: a 0 before it).
+                    frame = b"\x00" + payload[pos + 1 : end] if tag == 0xC4 else payload[pos + 1 : end]
         if target is None:
             try:
                 target, data, key = _decode_publish(profile, payload, keyed=keyed)
             except RemoteProtocolError as exc:
-                return runs, exc
-        if target is not run_target or key != run_key:
+                error = exc
+                break
+            # (the event came inside a frame of this header width, so it fits one)
+            frame = encode_frame(data, header_len)
+        if target is not run_target:
+            if keys is not None and run_target is not None:
+                if kid >= 0:  # (a position in the run that ends here)
+                    key, kid = names[kid], -1
+                keys.append(_run_keys(names, index))
+                names, index, known, tails = [], [], {}, {}
             run = []
             runs.append((target, run))
             run_target = target
-            run_key = key
-            if keys is not None:
-                keys.append(key)
-        # (the event came inside a frame of this header width, so it fits one)
-        run.append(encode_frame(data, header_len))
-    return runs, None
+            hot = hot_all if target is ALL else hot_others if target is OTHERS else b""
+            hot_len = len(hot)
+        if keyed:
+            if kid < 0:
+                kid = known.get(key, -1)
+                if kid < 0:
+                    kid = known[key] = len(names)
+                    names.append(key)
+                if tail:
+                    tails[tail] = kid
+            index.append(kid)
+        run.append(frame)
+    if keys is not None and run_target is not None:
+        keys.append(_run_keys(names, index))
+    return runs, error
 
 
 def _decode_spec(profile: Profile, spec: dict[Any, Any]) -> Target:
@@ -817,16 +890,15 @@ def build_publish_frame(
                 if length > max_payload_len:
                     raise PayloadTooLarge(length, max_payload_len)
                 return head + inner
-            # encode_publish_keyed's bytes; the src/ev tail is the same for every publish
-            # of one (source, event), so it is made once. (Over the limit: the careful
-            # path below says by how much.)
-            tail = _KEY_TAILS.get((source, event))
-            if tail is None:
-                tail = _key_tail(source, event)
-            head = _KEYED_ALL_HEADS[size] if target is ALL else _KEYED_OTHERS_HEADS[size]
-            length = len(head) + size + len(tail)
-            if length <= max_payload_len and length < 0x10000:
-                return length.to_bytes(2, "big") + head + inner + tail
+            # encode_publish_keyed's bytes, framed; the src/ev tail and the framed heads
+            # are the same for every publish of one (source, event), so they are made
+            # once. (Over the limit: the careful path below says by how much.)
+            parts = _KEYED_PARTS.get((source, event)) or _keyed_parts(source, event)
+            if parts is not None:
+                tail, all_heads, others_heads = parts
+                head = all_heads[size] if target is ALL else others_heads[size]
+                if len(head) - 2 + size + len(tail) <= max_payload_len:
+                    return b"".join((head, inner, tail))
     if keyed:
         inner, _ = build_publish(profile, wid, source, event, data, target, max_payload_len)
         outer = encode_publish_keyed(profile, target, inner, source, event)

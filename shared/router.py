@@ -31,9 +31,9 @@ from bisect import bisect_right
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from itertools import accumulate, chain, islice, repeat
+from itertools import accumulate, chain, compress, islice, repeat
 
-from .messages import Target, TargetKind
+from .messages import RunKeys, Target, TargetKind
 
 __all__ = [
     "DEFAULT_BROADCAST_GRACE",
@@ -463,6 +463,9 @@ class Router:
         #: Per (source, event): the queues (of ``queues``) whose filter takes it, and those
         #: whose filter skips it. Emptied whenever a filter or the set of queues changes.
         self._matching: dict[tuple[str, str], _Split] = {}
+        #: Per (pairs of a run, publisher): which queue takes which (see _take_keyed);
+        #: made of the splits above, so emptied with them.
+        self._plans: dict[tuple[tuple[tuple[str, str] | None, ...], int | None], _Plan] = {}
         self._retired_filtered = 0
         #: Counters of queues that were retired by expire(), so totals never go down.
         self._retired_dropped = 0
@@ -612,6 +615,7 @@ class Router:
                 for queue in split.skip:
                     queue.filtered += split.skipped
         self._matching.clear()
+        self._plans.clear()
 
     def route(
         self, publisher: int | None, target: Target, frame: bytes, key: tuple[str, str] | None = None
@@ -696,46 +700,57 @@ class Router:
         self,
         publisher: int | None,
         runs: list[tuple[Target, list[bytes]]],
-        keys: list[tuple[str, str] | None] | None = None,
+        keys: list[RunKeys | None] | None = None,
     ) -> int:
-        """:meth:`route_many` for each run of one read, in order (``keys``: one per run).
+        """:meth:`route` for every frame of one read's runs, in order.
 
-        Keyed publishes cut a read into many short runs (each change of ``(source,
-        event)`` ends one), and most queues take only some of them. So broadcast runs are
-        not pushed run by run: each queue collects the runs it takes, in read order, and
-        takes them in one :meth:`WorkerQueue.push_many` at the end (or before a run with
-        another kind of target, which goes frame by frame). Each queue ends with the same
-        frames in the same order, and every counter the same, as with frame-by-frame
-        routing: a queue's pushes are in read order, and the overflow policy of
-        ``push_many`` is exactly that of one push at a time.
+        ``keys`` (a connection granted ``filter``): one entry per run, as
+        :func:`~shared.messages.decode_publish_batch` makes them; None routes the run
+        unkeyed. Broadcast runs are not pushed run by run: each queue collects what it
+        takes, in read order, and takes it in one :meth:`WorkerQueue.push_many` at the end
+        (or before a run with another kind of target, which goes frame by frame). In a run
+        of several ``(source, event)`` pairs a queue's share is found per pair, not per
+        frame (:meth:`_take_keyed`). Each queue ends with the same frames in the same
+        order, and every counter the same, as with frame-by-frame routing: a queue's
+        pushes are in read order, and the overflow policy of ``push_many`` is exactly that
+        of one push at a time.
         """
         landed = 0
         broadcast = 0
-        # queue -> the runs it takes so far, in order (the runs themselves, not copies)
+        # queue -> the frame lists it takes so far, in order (the runs themselves, not copies)
         pending: defaultdict[WorkerQueue, list[list[bytes]]] = defaultdict(list)
         matching = self._matching
         for index, (target, frames) in enumerate(runs):
             kind = target.kind
-            key = None if keys is None else keys[index]
+            run_keys = None if keys is None else keys[index]
             if kind is not TargetKind.ALL and kind is not TargetKind.OTHERS:
                 if pending:
                     landed += self._push_pending(pending)
-                landed += self.route_many(publisher, target, frames, key)
+                if run_keys is None:
+                    landed += self.route_many(publisher, target, frames)
+                else:
+                    for i, frame in enumerate(frames):
+                        landed += self.route(publisher, target, frame, run_keys.key_of(i))
                 continue
             count = len(frames)
             broadcast += count
-            if key is None:
-                targets: Iterable[WorkerQueue] = self.queues.values()
-                if kind is TargetKind.OTHERS:
-                    targets = [queue for queue in targets if queue.worker_id != publisher]
+            if run_keys is not None and len(run_keys.names) > 1:
+                self._take_keyed(publisher, kind is TargetKind.OTHERS, frames, run_keys, pending)
             else:
-                split = matching.get(key) or self._split(key)
-                split.skipped += count
-                targets = split.take if kind is TargetKind.ALL else split.others(publisher)
+                key = None if run_keys is None else run_keys.names[0]
+                targets: Iterable[WorkerQueue]
+                if key is None:
+                    targets = self.queues.values()
+                    if kind is TargetKind.OTHERS:
+                        targets = [queue for queue in targets if queue.worker_id != publisher]
+                else:
+                    split = matching.get(key) or self._split(key)
+                    split.skipped += count
+                    targets = split.take if kind is TargetKind.ALL else split.others(publisher)
+                # (a C-level loop: each target queue's list of runs takes this one)
+                _consume(map(list.append, map(pending.__getitem__, targets), repeat(frames)))
             if kind is TargetKind.OTHERS and self.muted:
                 self._others_from_muted(publisher, count)
-            # (a C-level loop: each target queue's list of runs takes this one)
-            _consume(map(list.append, map(pending.__getitem__, targets), repeat(frames)))
             if publisher is not None and self.taps:
                 for frame in frames:
                     for tap in self.taps:
@@ -745,6 +760,61 @@ class Router:
         if pending:
             landed += self._push_pending(pending)
         return landed
+
+    def _take_keyed(
+        self,
+        publisher: int | None,
+        others: bool,
+        frames: list[bytes],
+        run_keys: RunKeys,
+        pending: defaultdict[WorkerQueue, list[list[bytes]]],
+    ) -> None:
+        # A broadcast run of several pairs: which queue takes which pairs is worked out once
+        # per (pairs, publisher) and kept (_Plan); the frames of each pair are gathered in
+        # one C-level pass. A queue that takes every pair takes the run as it is; one pair,
+        # that pair's frames; some pairs, the run filtered by a C-level mask.
+        names, index = run_keys.names, run_keys.index
+        plan_key = (tuple(names), publisher if others else _ANY)
+        plan = self._plans.get(plan_key)
+        if plan is None:
+            plan = self._plan(names, publisher, others)
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            self._plans[plan_key] = plan
+        groups: list[list[bytes]] = [[] for _ in names]
+        _consume(map(list.append, map(groups.__getitem__, index), frames))
+        for position, split in plan.splits:
+            split.skipped += len(groups[position])
+        for queue in plan.every:
+            pending[queue].append(frames)
+        for queue, position in plan.one:
+            pending[queue].append(groups[position])
+        for queue, positions in plan.some:
+            pending[queue].append(list(compress(frames, map(positions.__contains__, index))))
+
+    def _plan(self, names: list[tuple[str, str] | None], publisher: int | None, others: bool) -> _Plan:
+        taken: dict[WorkerQueue, list[int]] = {}
+        splits: list[tuple[int, _Split]] = []
+        for position, name in enumerate(names):
+            if name is None:  # a publish without src/ev: every queue the target names
+                takers: Iterable[WorkerQueue] = self.queues.values()
+                if others:
+                    takers = [queue for queue in takers if queue.worker_id != publisher]
+            else:
+                split = self._split(name)
+                splits.append((position, split))
+                takers = split.others(publisher) if others else split.take
+            for queue in takers:
+                taken.setdefault(queue, []).append(position)
+        plan = _Plan(splits)
+        for queue, positions in taken.items():
+            if len(positions) == len(names):
+                plan.every.append(queue)
+            elif len(positions) == 1:
+                plan.one.append((queue, positions[0]))
+            else:
+                plan.some.append((queue, frozenset(positions)))
+        return plan
 
     def _push_pending(self, pending: defaultdict[WorkerQueue, list[list[bytes]]]) -> int:
         # Each queue takes what it collected in one go; emptied for the next collection.
@@ -829,6 +899,26 @@ class Router:
             queues_evicted=self.queues_evicted,
             filtered=self._retired_filtered + sum(q.filtered for q in queues),
         )
+
+
+#: A plan's key for an ``all`` run: the publisher does not matter.
+_ANY = -(1 << 62)
+#: Plans kept at once (per distinct pairs of a run and publisher); emptied when full.
+_MAX_PLANS = 1024
+
+
+class _Plan:
+    """Which queues take which pairs of a run with several ``(source, event)`` pairs:
+    every pair, one pair (its position), or some (their positions); and the splits whose
+    skipped counts grow by each pair's frames."""
+
+    __slots__ = ("every", "one", "some", "splits")
+
+    def __init__(self, splits: list[tuple[int, _Split]]) -> None:
+        self.splits = splits
+        self.every: list[WorkerQueue] = []
+        self.one: list[tuple[WorkerQueue, int]] = []
+        self.some: list[tuple[WorkerQueue, frozenset[int]]] = []
 
 
 class _Split:

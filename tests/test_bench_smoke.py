@@ -89,24 +89,34 @@ def test_list_names_every_scenario() -> None:
 
 
 def test_quick_subset_run_counts_handled_events(tmp_path: Path) -> None:
-    # The issue's shape (16 workers each on 1 of 8 sources, 4 publishers), short: every
-    # worker handles exactly its source's events, the publish-only client none, and
-    # limit-raw-uds delivers every event to every worker in the same run.
+    # The issue's shape (16 workers each on 1 of 8 sources, 4 publishers), short, on both
+    # buses: every worker handles exactly its source's events, the publish-only client
+    # none; workerbus sends each worker only those, limit-raw-uds every event to every
+    # worker (and its workers decode them all).
     result = _bench(tmp_path, "--peers", "subset", "--quick", "--events", "3200")
     assert result["fanout"]["medians"] == [] and result["seed"] is None
     subset = result["subset"]
-    assert (subset["subs"], subset["pubs"], subset["sources"], subset["events"]) == (16, 4, 8, 3200)
+    assert (subset["subs"], subset["pubs"], subset["sources"], subset["events"], subset["reps"]) == (16, 4, 8, 3200, 1)
+    handled = 16 * 3200 // 8 + 3200  # the workers, and the client on everything
     wb = subset["workerbus"]
     assert wb["ok"], wb
-    assert wb["handled"] == 16 * 3200 // 8 + 3200  # the workers, and the client on everything
+    assert wb["handled"] == handled
     assert wb["broker_dropped"] == 0
     # every event reaches the everything client, 2 of the 16 workers, not the publish-only one
     assert wb["broker_filtered"] >= 3200 * (16 - 2 + 1)
     raw = subset["limit-raw-uds"]
-    assert raw["ok"] and raw["delivered"] == raw["expected"] == 16 * 3200
-    assert subset["cpu_vs_raw"] > 0 and subset["publish_only_vs_subscribed"] >= 0
+    assert raw["ok"], raw
+    assert raw["handled"] == handled
+    assert raw["deliveries"] == (16 + 1) * 3200  # the publish-only process has no subscriber connection
+    assert [r["route"] for r in subset["runs"]] == ["workerbus", "limit-raw-uds"]
+    for r in (wb, raw):
+        for key in ("cpu_s_per_million_handled", "broker_cpu_s", "subscribers_cpu_s", "publishers_cpu_s",
+                    "publish_only_client_cpu_s", "everything_client_cpu_s", "background_cpu_pct"):  # fmt: skip
+            assert isinstance(r[key], (int, float)) and r[key] >= 0, key
+    assert subset["cpu_vs_raw"] == round(wb["cpu_s_per_million_handled"] / raw["cpu_s_per_million_handled"], 3)
+    assert subset["publish_only_vs_subscribed"] >= 0
     rows = [t for t in _targets(result) if t["scenario"].startswith("subset")]
-    assert [t["limit"] for t in rows] == [0.5, 0.05]
+    assert [(t["limit"], t["issue"]) for t in rows] == [(0.5, 14), (0.05, 14)]
     assert "### Subset" in (tmp_path / "bench.md").read_text()
 
 

@@ -192,7 +192,12 @@ def test_decode_publish_batch_keyed_is_the_reference(seed: int) -> None:
         payloads[where] = payloads[where][: rng.randrange(1, len(payloads[where]))]
     keys: list[Any] = []
     runs, error = decode_publish_batch(NATIVE, payloads, keys)
-    got = [(t, f, key) for (t, run), key in zip(runs, keys, strict=True) for f in run]
+    got = [(t, f, None if rk is None else rk.key_of(i))
+           for (t, run), rk in zip(runs, keys, strict=True) for i, f in enumerate(run)]  # fmt: skip
+    # a run ends where the target changes, not where src/ev do
+    assert all(a[0] is not b[0] for a, b in zip(runs, runs[1:], strict=False))
+    assert all(rk is None or (len(set(rk.names)) == len(rk.names) and len(rk.index) == len(run))
+               for (_, run), rk in zip(runs, keys, strict=True))  # fmt: skip
     expected = []
     for payload in payloads:
         one = _reference_keyed(payload)
@@ -201,6 +206,40 @@ def test_decode_publish_batch_keyed_is_the_reference(seed: int) -> None:
         expected.append(one)
     assert got == expected
     assert (error is not None) == (len(expected) < len(payloads))
+
+
+@pytest.mark.parametrize("keyed", [True, False], ids=["keyed", "plain"])
+@pytest.mark.parametrize("target", [ALL, OTHERS], ids=["all", "others"])
+def test_decode_publish_batch_shortcut_on_every_cut(target: Any, keyed: bool) -> None:
+    # The shortcut knows a publish of a run after its first by its head and its length (or
+    # a tail already seen in the run): a publish cut at any length after such ones (or
+    # with a bin8 length that does not match, or followed by more bytes) must come out as
+    # the reference decodes it.
+    inner = encode_event(NATIVE, "s", "e", {"i": 1}, 1)
+    if keyed:
+        good = encode_publish_keyed(NATIVE, target, inner, "s", "e")
+        other = encode_publish_keyed(NATIVE, target, inner, "s2", "e")
+    else:
+        good = other = encode_publish(NATIVE, target, inner)
+    head = good.index(inner) - 1  # the bin8 length byte
+    bad_len = [good[:head] + bytes([n]) + good[head + 1 :] for n in (0, len(inner) - 1, len(inner) + 1, 255)]
+    for odd in [good[:cut] for cut in range(len(good))] + bad_len + [good + b"\xc0", good + good]:
+        payloads = [good, other, odd, good]
+        if not keyed:
+            _check_publish_batch(NATIVE, payloads)
+            continue
+        keys: list[Any] = []
+        runs, error = decode_publish_batch(NATIVE, payloads, keys)
+        got = [(t, f, None if rk is None else rk.key_of(i))
+               for (t, run), rk in zip(runs, keys, strict=True) for i, f in enumerate(run)]  # fmt: skip
+        expected = []
+        for payload in payloads:
+            one = _reference_keyed(payload)
+            if one == "error":
+                break
+            expected.append(one)
+        assert got == expected, odd
+        assert (error is not None) == (len(expected) < len(payloads))
 
 
 def _publishes(profile: Any, rng: random.Random, count: int) -> list[bytes]:

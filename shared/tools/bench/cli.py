@@ -197,7 +197,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     # One progress line over every run, the seed experiment's included (terminal only).
     weights = [estimate_seconds(s, run) for run in plan_runs(s)]
     if s.subset:
-        weights.append(10.0 + s.events * 20 / 400_000)
+        weights.append(s.reps * (10.0 + s.events * 20 / 400_000))
     if s.seed:
         weights += estimate_seed_seconds(seed)
 

@@ -181,8 +181,8 @@ def run_benchmark(
     subset = None
     if s.subset:
         if progress is not None:
-            progress.start("subset: 16 workers each on 1 of 8 sources, then limit-raw-uds")
-        subset = run_subset(s.events, timeout=s.timeout)
+            progress.start("subset: 16 workers each on 1 of 8 sources, workerbus and limit-raw-uds alternating")
+        subset = run_subset(s.events, reps=s.reps)
         if progress is not None:
             progress.done()
         _log(_subset_line(subset), progress)

@@ -31,7 +31,7 @@ from .base import (
     wait_for_socket,
 )
 
-__all__ = ["RawUdsPeer"]
+__all__ = ["RawPublisher", "RawUdsPeer", "open_publisher", "open_subscriber", "receive_events", "take_events"]
 
 _HELLO_PUB = b"\x00\x01P"
 _HELLO_SUB = b"\x00\x01S"
@@ -40,7 +40,7 @@ _WRITE_AT = 64 * 1024
 _READ_SIZE = 256 * 1024
 
 
-class _RawPublisher:
+class RawPublisher:
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
         self._buf = bytearray()
@@ -86,6 +86,42 @@ def take_events(buf: bytearray, unpack: Any = msgpack.unpackb) -> list[tuple[str
     return out
 
 
+async def receive_events(reader: asyncio.StreamReader, buf: bytearray) -> list[tuple[str, str, Any]]:
+    """Read until at least one whole frame is in ``buf``; return every event decoded.
+
+    ``buf`` keeps a partial frame for the next call. Raises EOFError when the broker is gone.
+    """
+    read = reader.read
+    while True:
+        chunk = await read(_READ_SIZE)
+        if not chunk:
+            raise EOFError("the broker closed the connection")
+        buf += chunk
+        out = take_events(buf)
+        if out:
+            return out
+
+
+async def open_publisher(path: str) -> RawPublisher:
+    """A publisher connection to the broker at ``path`` (it receives nothing)."""
+    _reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(_HELLO_PUB)
+    await writer.drain()
+    return RawPublisher(writer)
+
+
+async def open_subscriber(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A subscriber connection, returned once the broker registered it (every frame
+    published from then on reaches it)."""
+    reader, writer = await asyncio.open_unix_connection(path, limit=1 << 20)
+    writer.write(_HELLO_SUB)
+    await writer.drain()
+    ack = await reader.readexactly(len(_ACK))
+    if ack != _ACK:
+        raise RuntimeError(f"unexpected answer to the hello: {ack!r}")
+    return reader, writer
+
+
 class _RawSubscription:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tally: Tally):
         self._reader = reader
@@ -93,24 +129,11 @@ class _RawSubscription:
         self._tally = tally
         self._buf = bytearray()
 
-    async def _receive(self) -> list[tuple[str, str, Any]]:
-        buf = self._buf
-        unpack = msgpack.unpackb
-        read = self._reader.read
-        while True:
-            chunk = await read(_READ_SIZE)
-            if not chunk:
-                raise EOFError("the broker closed the connection")
-            buf += chunk
-            out = take_events(buf, unpack)
-            if out:
-                return out
-
     async def run(self) -> None:
         tally = self._tally
-        receive = self._receive
+        reader, buf = self._reader, self._buf
         while not tally.done:
-            tally.take(await receive())
+            tally.take(await receive_events(reader, buf))
 
     async def close(self) -> None:
         self._writer.close()
@@ -144,16 +167,8 @@ class RawUdsPeer(Peer):
         return BrokerHandle([proc.pid], stopper(proc))
 
     async def publisher(self, setup: RunSetup, index: int) -> Publisher:
-        _reader, writer = await asyncio.open_unix_connection(setup.state["path"])
-        writer.write(_HELLO_PUB)
-        await writer.drain()
-        return _RawPublisher(writer)
+        return await open_publisher(setup.state["path"])
 
     async def subscriber(self, setup: RunSetup, index: int, tally: Tally) -> Subscription:
-        reader, writer = await asyncio.open_unix_connection(setup.state["path"], limit=1 << 20)
-        writer.write(_HELLO_SUB)
-        await writer.drain()
-        ack = await reader.readexactly(len(_ACK))
-        if ack != _ACK:
-            raise RuntimeError(f"unexpected answer to the hello: {ack!r}")
+        reader, writer = await open_subscriber(setup.state["path"])
         return _RawSubscription(reader, writer, tally)
