@@ -244,7 +244,9 @@ class Engine(Protocol):
         """Atomically claim ``key`` for ``ttl`` seconds; False if already claimed."""
 
     async def wait_closed(self) -> BaseException | None:
-        """Return (the reason) when the connection is lost."""
+        """Return (the reason) when the connection is lost. Runs for the whole session:
+        an engine may read its subscription here (cancelled when a send fails or the
+        bridge stops)."""
 
     async def close(self) -> None:
         """Close whatever is open; never raises."""

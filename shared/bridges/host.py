@@ -1,12 +1,19 @@
 """Drives a bridge's engine: in the broker's loop on asyncio, on a thread under trio.
 
 nats-py and redis-py are asyncio libraries; the broker may run on trio. Under trio the
-engine gets an asyncio loop on a thread of its own (:meth:`EngineHost.run`); on asyncio it
-runs in the broker's loop (:meth:`EngineHost.run_here`), since two threads taking turns
-on the GIL cost more than the engine itself (measured in docs/cluster.md). The driver is
-the same code either way. Hand-over both ways is non-blocking: the broker's tap appends to the bridge's outbox and wakes this loop with
-``call_soon_threadsafe``; what arrives goes to the bridge's inbox and wakes the broker
-through a socket pair.
+engine gets a loop of its own on a thread (:meth:`EngineHost.run`: ``anyio.run`` with the
+asyncio backend); on asyncio it runs in the broker's loop (:meth:`EngineHost.run_here`),
+since two threads taking turns on the GIL cost more than the engine itself (measured in
+docs/cluster.md). The driver is the same anyio code either way.
+
+Hand-over both ways is non-blocking. Broker to engine: the broker's tap appends to the
+bridge's outbox and calls :meth:`EngineHost._wake`, once per burst: in the same loop that
+sets an :class:`anyio.Event`; across threads it writes a byte to a socket pair the engine
+loop watches (``anyio.wait_readable``), which is also how :meth:`EngineHost.stop` reaches
+it. (``anyio.from_thread.run_sync`` would block the broker until the engine loop ran the
+call, once per burst, and could wait forever on a loop that has just finished.) Engine to
+broker: what arrives goes to the bridge's inbox and wakes the broker through the bridge's
+own socket pair.
 
 The driver: connect (bounded, jittered backoff), subscribe, send the outbox in order,
 a sync marker after every connect and every second while publishing; on an outage put the
@@ -16,22 +23,25 @@ loop owns outages, so they are logged once and counted once.
 
 from __future__ import annotations
 
-import asyncio  # the engines are asyncio libraries; this is their thread
-import contextlib
 import logging
 import random
+import socket
 import time
 from typing import Any
 
+import anyio
+
 from shared.bridge import SYNC_INTERVAL, Bridge, Envelope, encode_envelope, tag_node
 
-__all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "EngineHost"]
+__all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "CLOSE_TIMEOUT", "EngineHost"]
 
 logger = logging.getLogger("shared.bridge")
 
 #: Reconnect delays: the first retry is quick (a restarted server), then doubling to 2 s.
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
+#: Seconds an engine gets to close a connection when the bridge stops or reconnects.
+CLOSE_TIMEOUT = 2.0
 #: Items taken from the outbox at a time (one engine call for a run of events).
 _BATCH = 512
 #: Event bytes per engine message at most (NATS refuses messages above its max_payload,
@@ -42,61 +52,85 @@ _MAX_MESSAGE = 256 * 1024
 class EngineHost:
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wakeup: asyncio.Event | None = None
-        self._main: asyncio.Task[None] | None = None
-        self._stopping = False
+        #: set when the outbox may have work; a fresh one for every wait (made in the
+        #: engine's loop: an anyio Event belongs to the loop it was made in)
+        self._wakeup: anyio.Event | None = None
         self._wake_pending = False
-        self._same_thread = False
+        self._stopping = False
+        #: the engine runs on a thread: wake it through ``_bell`` (made by :meth:`run`)
+        self._threaded = False
+        self._bell: tuple[socket.socket, socket.socket] | None = None
 
     # --- thread entry and stop -----------------------------------------------------------
 
     def run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
+        """Thread entry (trio brokers): the engine in an asyncio loop of its own, until
+        :meth:`stop` (or the driver fails)."""
+        rsock, wsock = socket.socketpair()
+        rsock.setblocking(False)
+        wsock.setblocking(False)
+        self._threaded = True
+        self._bell = (rsock, wsock)
         try:
-            self._main = loop.create_task(self._drive())
-            if self._stopping:
-                self._main.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                loop.run_until_complete(self._main)
+            if not self._stopping:  # stop() may have come before the bell existed
+                anyio.run(self._run_threaded, rsock, backend="asyncio")
         finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
+            self._bell = None
+            rsock.close()
+            wsock.close()
+
+    async def _run_threaded(self, rsock: socket.socket) -> None:
+        self._wakeup = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._listen, rsock, tg.cancel_scope)
+            await self._drive()
+            tg.cancel_scope.cancel()  # the driver failed (logged): the thread ends
+
+    async def _listen(self, rsock: socket.socket, scope: anyio.CancelScope) -> None:
+        # The bell: a byte from the broker's thread means "the outbox has work" or "stop".
+        while True:
+            await anyio.wait_readable(rsock)
+            try:
+                while rsock.recv(4096):
+                    pass
+            except BlockingIOError:
+                pass
+            self._wake_pending = False  # before the driver looks at the outbox again
+            if self._stopping:
+                scope.cancel()
+                return
+            assert self._wakeup is not None
+            self._wakeup.set()
 
     async def run_here(self) -> None:
         """Drive the engine in the running asyncio loop (the broker's own, on asyncio)."""
-        self._loop = asyncio.get_running_loop()
-        self._same_thread = True
+        self._wakeup = anyio.Event()
         await self._drive()
 
     def stop(self) -> None:
-        """From any thread: end the driver (the thread then exits)."""
+        """From any thread: end the driver on its thread (the thread then exits). On
+        asyncio the broker cancels :meth:`run_here` instead."""
         self._stopping = True
-        loop, main = self._loop, self._main
-        if loop is not None and main is not None:
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                loop.call_soon_threadsafe(main.cancel)
+        self._ring()
 
     def _wake(self) -> None:
-        # Called by the broker's tap for every cluster publish: one cross-thread call per
-        # burst, not per event (the loop's self-pipe write is the expensive part).
-        if self._same_thread:
-            if self._wakeup is not None:
-                self._wakeup.set()  # the broker's own loop: no self-pipe write needed
-            return
+        # Called by the broker's tap for every cluster publish: one wake-up per burst, not
+        # per event (across threads, the socket write is the expensive part).
         if self._wake_pending:
             return
-        loop = self._loop
-        if loop is not None and self._wakeup is not None:
-            self._wake_pending = True
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._woken)
+        self._wake_pending = True
+        if self._threaded:
+            self._ring()
+        elif self._wakeup is not None:
+            self._wakeup.set()  # the broker's own loop: nothing crosses threads
 
-    def _woken(self) -> None:
-        self._wake_pending = False  # before the driver looks at the outbox again
-        if self._wakeup is not None:
-            self._wakeup.set()
+    def _ring(self) -> None:
+        bell = self._bell
+        if bell is not None:
+            try:
+                bell[1].send(b"\0")
+            except OSError:
+                pass  # the bell is full (a byte is waiting), or the thread has ended
 
     # --- the driver ----------------------------------------------------------------------
 
@@ -114,7 +148,6 @@ class EngineHost:
 
     async def _drive_engine(self) -> None:
         bridge = self.bridge
-        self._wakeup = asyncio.Event()
         bridge.wake_engine = self._wake
         failures = 0
         outage_since: float | None = None
@@ -124,11 +157,8 @@ class EngineHost:
             try:
                 await engine.connect()
                 await engine.subscribe(lambda payload: bridge.from_engine("m", payload))
-            except asyncio.CancelledError:
-                await engine.close()
-                raise
             except Exception as exc:  # noqa: BLE001 - every engine failure is an outage
-                await engine.close()
+                await _close(engine)
                 failures += 1
                 if outage_since is None:
                     outage_since = time.monotonic()
@@ -142,8 +172,11 @@ class EngineHost:
                         bridge.max_buffer,
                     )
                 ceiling = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(failures, 16))
-                await asyncio.sleep(random.uniform(BACKOFF_MIN, max(BACKOFF_MIN, ceiling)))
+                await anyio.sleep(random.uniform(BACKOFF_MIN, max(BACKOFF_MIN, ceiling)))
                 continue
+            except BaseException:  # cancelled: the bridge stops
+                await _close(engine)
+                raise
             bridge.connects += 1
             bridge.connected = True
             if outage_since is not None:
@@ -163,12 +196,9 @@ class EngineHost:
             outage_since = None
             try:
                 reason = await self._session(engine)
-            except asyncio.CancelledError:
+            finally:
                 bridge.connected = False
-                await engine.close()
-                raise
-            bridge.connected = False
-            await engine.close()
+                await _close(engine)
             outage_since = time.monotonic()
             outage_reason = repr(reason)
             logger.warning(
@@ -181,24 +211,26 @@ class EngineHost:
             )
 
     async def _session(self, engine: Any) -> BaseException | None:
-        closed: asyncio.Future[BaseException | None] = asyncio.ensure_future(engine.wait_closed())
-        sender: asyncio.Future[Any] = asyncio.ensure_future(self._send_loop(engine))
-        both: set[asyncio.Future[Any]] = {closed, sender}
-        try:
-            done, _ = await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
-            if sender in done:
-                exc = sender.exception()
-                return exc
-            return closed.result()
-        finally:
-            for task in (closed, sender):
-                task.cancel()
-            await asyncio.gather(closed, sender, return_exceptions=True)
+        """Send until the connection is lost (the engine says so, or a send fails): the
+        reason."""
+        reason: BaseException | None = None
+
+        async def watch() -> None:
+            nonlocal reason
+            reason = await engine.wait_closed()
+            tg.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            try:
+                await self._send_loop(engine)
+            except Exception as exc:  # noqa: BLE001 - a failed send is an outage
+                reason = exc
+                tg.cancel_scope.cancel()
+        return reason
 
     async def _send_loop(self, engine: Any) -> None:
         bridge = self.bridge
-        wakeup = self._wakeup
-        assert wakeup is not None
         last_sync: int | None = None
         next_sync = 0.0  # a marker right after connecting
         while True:
@@ -213,11 +245,16 @@ class EngineHost:
                 await engine.publish(encode_envelope(marker))
                 last_sync = seq
                 next_sync = now + SYNC_INTERVAL
-            wakeup.clear()
+            # A fresh event, then look at the outbox: a wake-up from now on is not lost.
+            wakeup = self._wakeup = anyio.Event()
+            if not self._threaded:
+                self._wake_pending = False  # (across threads the bell's listener does it)
             if not bridge.outbox:
-                timeout = max(0.0, next_sync - time.monotonic()) if seq != last_sync else None
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(wakeup.wait(), timeout)
+                if seq != last_sync:
+                    with anyio.move_on_after(max(0.0, next_sync - time.monotonic())):
+                        await wakeup.wait()
+                else:
+                    await wakeup.wait()
 
     async def _send(self, engine: Any, items: list[tuple[Any, ...]]) -> None:
         bridge = self.bridge
@@ -270,3 +307,9 @@ class EngineHost:
         if events:
             out.append(encode_envelope(Envelope("b", node, generation, first, events=tuple(events))))
         return out
+
+
+async def _close(engine: Any) -> None:
+    # Shielded and bounded: runs while the bridge is being cancelled, too.
+    with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
+        await engine.close()
