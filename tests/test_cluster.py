@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from .cluster_kit import Engine, Worker, cluster_dir, engine, free_port, nodes
-from .proc import workerbus
+from .cluster_kit import Engine, Node, Worker, cluster_dir, engine, free_port, nodes
+from .proc import stop, workerbus
 
 pytestmark = pytest.mark.slow
 
@@ -112,8 +112,9 @@ def test_cluster_unique_from_several_nodes_is_handled_once(kind: str, workdir: s
             assert len(handlers) == 1, (k, len(handlers))  # once per key in the whole cluster
 
 
-def test_engine_killed_mid_stream(kind: str, workdir: str) -> None:
-    with engine(kind, workdir) as eng, nodes(workdir, [eng.url] * 2, "asyncio") as ns:
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])  # engine in the broker's loop / on a thread
+def test_engine_killed_mid_stream(kind: str, backend: str, workdir: str) -> None:
+    with engine(kind, workdir) as eng, nodes(workdir, [eng.url] * 2, backend) as ns:
         sender = ns[0].start_workers(1)[0]
         receiver = ns[1].start_workers(1)[0]
         total = 3000
@@ -146,6 +147,34 @@ def test_engine_killed_mid_stream(kind: str, workdir: str) -> None:
         assert ns[1].bridge()["lost"] == lost
         assert receiver.received("local") == []
         assert len(receiver.received("z")) == 10
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_brokers_stop_at_once_with_the_engine_up_or_away(kind: str, backend: str, workdir: str) -> None:
+    # On trio the engine runs on a thread that the broker must end: while connected, and
+    # while the engine is away (the driver reconnecting). A stuck engine thread would cost
+    # the broker's 5 s join; the broker exits 0 with nothing logged as an error.
+    with engine(kind, workdir) as eng, nodes(workdir, [eng.url] * 2, backend) as ns:
+        receiver = ns[1].start_workers(1)[0]
+        ns[0].start_workers(1)[0].publish("a", 10, scope="cluster")
+        _wait_count(receiver, "a", 10)
+        stopped = [_stop_in_time(ns[0])]
+        eng.kill()
+        ns[1].wait_bridge(lambda b: not b["engine_connected"])
+        stopped.append(_stop_in_time(ns[1]))
+    for log in stopped:
+        assert "Traceback" not in log and "ERROR" not in log and "failed" not in log, log
+
+
+def _stop_in_time(node: Node) -> str:
+    for w in node.workers:  # (a worker left without its broker waits for it)
+        w.close()
+    node.workers = []
+    start = time.monotonic()
+    assert stop(node.proc) == 0
+    assert time.monotonic() - start < 4.0, "the broker took the engine thread's join timeout to stop"
+    with open(node.log.name, encoding="utf-8") as f:
+        return f.read()
 
 
 @pytest.mark.skipif(not shutil.which("nats-server"), reason="needs nats-server (scripts/setup.sh)")
