@@ -16,7 +16,8 @@ does everything that must not depend on NATS or Redis:
 An :class:`Engine` moves opaque byte messages; engines are asyncio libraries (nats-py,
 redis-py), so :mod:`shared.bridges.host` runs one in the broker's loop on asyncio, and in
 an asyncio loop on a thread of its own under trio; either way messages cross through two
-thread-safe queues and a wake-up socket. This module never imports an engine.
+thread-safe queues (on a thread, each way with a wake-up socket). This module never
+imports an engine.
 """
 
 from __future__ import annotations
@@ -386,6 +387,8 @@ class Bridge:
                     host.stop()
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(thread.join, 5.0)
+                    if not thread.is_alive():
+                        host.close()
                     sys.setswitchinterval(interval)
         finally:
             rsock.close()

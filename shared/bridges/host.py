@@ -71,13 +71,16 @@ class EngineHost:
         wsock.setblocking(False)
         self._threaded = True
         self._bell = (rsock, wsock)
-        try:
-            if not self._stopping:  # stop() may have come before the bell existed
-                anyio.run(self._run_threaded, rsock, backend="asyncio")
-        finally:
-            self._bell = None
-            rsock.close()
-            wsock.close()
+        if not self._stopping:  # stop() may have come before the bell existed
+            anyio.run(self._run_threaded, rsock, backend="asyncio")
+
+    def close(self) -> None:
+        """Once the thread has ended: release the bell. Called by the broker's thread,
+        the one whose tap rings it (never closed under a ring in progress)."""
+        bell, self._bell = self._bell, None
+        if bell is not None:
+            for sock in bell:
+                sock.close()
 
     async def _run_threaded(self, rsock: socket.socket) -> None:
         self._wakeup = anyio.Event()
@@ -130,7 +133,7 @@ class EngineHost:
             try:
                 bell[1].send(b"\0")
             except OSError:
-                pass  # the bell is full (a byte is waiting), or the thread has ended
+                pass  # the bell is full: a byte is already waiting
 
     # --- the driver ----------------------------------------------------------------------
 
