@@ -8,10 +8,10 @@ docs/cluster.md). The driver is the same anyio code either way.
 
 Hand-over both ways is non-blocking. Broker to engine: the broker's tap appends to the
 bridge's outbox and calls :meth:`EngineHost._wake`, once per burst: in the same loop that
-sets an :class:`anyio.Event`; across threads it writes a byte to a socket pair the engine
-loop watches (``anyio.wait_readable``), which is also how :meth:`EngineHost.stop` reaches
-it. (``anyio.from_thread.run_sync`` would block the broker until the engine loop ran the
-call, once per burst, and could wait forever on a loop that has just finished.) Engine to
+sets an :class:`anyio.Event`; across threads it rings a bell: a byte on a socket pair the
+send loop waits on with ``anyio.wait_readable``; :meth:`EngineHost.stop` rings a second
+one. (``anyio.from_thread.run_sync`` would block the broker until the engine loop had run
+the call, once per burst, and could wait forever on a loop that has just finished.) Engine to
 broker: what arrives goes to the bridge's inbox and wakes the broker through the bridge's
 own socket pair.
 
@@ -49,61 +49,78 @@ _BATCH = 512
 _MAX_MESSAGE = 256 * 1024
 
 
+class _Bell:
+    """A wake-up from another thread into the engine's loop that never blocks the ringer:
+    a byte on a socket pair, waited for with ``anyio.wait_readable``."""
+
+    def __init__(self) -> None:
+        self._rsock, self._wsock = socket.socketpair()
+        self._rsock.setblocking(False)
+        self._wsock.setblocking(False)
+
+    def ring(self) -> None:
+        """From any thread."""
+        try:
+            self._wsock.send(b"\0")
+        except OSError:
+            pass  # the socket is full: a byte is already waiting
+
+    async def wait(self) -> None:
+        """In the engine's loop: until rung (at once if rung since the last wait)."""
+        await anyio.wait_readable(self._rsock)
+        try:
+            while self._rsock.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        self._rsock.close()
+        self._wsock.close()
+
+
 class EngineHost:
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
-        #: set when the outbox may have work; a fresh one for every wait (made in the
-        #: engine's loop: an anyio Event belongs to the loop it was made in)
+        #: in the broker's loop: set when the outbox may have work, a fresh one for every
+        #: wait (an anyio Event belongs to the loop it was made in)
         self._wakeup: anyio.Event | None = None
+        #: on a thread: what wakes the engine loop (the outbox may have work) and what
+        #: stops it; made by :meth:`run`
+        self._bell: _Bell | None = None
+        self._stop_bell: _Bell | None = None
         self._wake_pending = False
         self._stopping = False
-        #: the engine runs on a thread: wake it through ``_bell`` (made by :meth:`run`)
-        self._threaded = False
-        self._bell: tuple[socket.socket, socket.socket] | None = None
 
     # --- thread entry and stop -----------------------------------------------------------
 
     def run(self) -> None:
         """Thread entry (trio brokers): the engine in an asyncio loop of its own, until
-        :meth:`stop` (or the driver fails)."""
-        rsock, wsock = socket.socketpair()
-        rsock.setblocking(False)
-        wsock.setblocking(False)
-        self._threaded = True
-        self._bell = (rsock, wsock)
+        :meth:`stop` (or the driver fails). The broker's thread calls :meth:`close` after
+        joining this one."""
+        self._bell = _Bell()
+        self._stop_bell = _Bell()
         if not self._stopping:  # stop() may have come before the bell existed
-            anyio.run(self._run_threaded, rsock, backend="asyncio")
+            anyio.run(self._run_threaded, self._stop_bell, backend="asyncio")
 
-    def close(self) -> None:
-        """Once the thread has ended: release the bell. Called by the broker's thread,
-        the one whose tap rings it (never closed under a ring in progress)."""
-        bell, self._bell = self._bell, None
-        if bell is not None:
-            for sock in bell:
-                sock.close()
-
-    async def _run_threaded(self, rsock: socket.socket) -> None:
-        self._wakeup = anyio.Event()
+    async def _run_threaded(self, stop_bell: _Bell) -> None:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._listen, rsock, tg.cancel_scope)
+            tg.start_soon(self._stop_when_rung, stop_bell, tg.cancel_scope)
             await self._drive()
             tg.cancel_scope.cancel()  # the driver failed (logged): the thread ends
 
-    async def _listen(self, rsock: socket.socket, scope: anyio.CancelScope) -> None:
-        # The bell: a byte from the broker's thread means "the outbox has work" or "stop".
-        while True:
-            await anyio.wait_readable(rsock)
-            try:
-                while rsock.recv(4096):
-                    pass
-            except BlockingIOError:
-                pass
-            self._wake_pending = False  # before the driver looks at the outbox again
-            if self._stopping:
-                scope.cancel()
-                return
-            assert self._wakeup is not None
-            self._wakeup.set()
+    @staticmethod
+    async def _stop_when_rung(stop_bell: _Bell, scope: anyio.CancelScope) -> None:
+        await stop_bell.wait()
+        scope.cancel()
+
+    def close(self) -> None:
+        """Once the thread has ended: release its sockets. Called by the broker's thread,
+        the one whose tap rings the bell (so never under a ring in progress)."""
+        for bell in (self._bell, self._stop_bell):
+            if bell is not None:
+                bell.close()
+        self._bell = self._stop_bell = None
 
     async def run_here(self) -> None:
         """Drive the engine in the running asyncio loop (the broker's own, on asyncio)."""
@@ -114,7 +131,9 @@ class EngineHost:
         """From any thread: end the driver on its thread (the thread then exits). On
         asyncio the broker cancels :meth:`run_here` instead."""
         self._stopping = True
-        self._ring()
+        stop_bell = self._stop_bell
+        if stop_bell is not None:
+            stop_bell.ring()
 
     def _wake(self) -> None:
         # Called by the broker's tap for every cluster publish: one wake-up per burst, not
@@ -122,18 +141,24 @@ class EngineHost:
         if self._wake_pending:
             return
         self._wake_pending = True
-        if self._threaded:
-            self._ring()
+        bell = self._bell
+        if bell is not None:
+            bell.ring()
         elif self._wakeup is not None:
             self._wakeup.set()  # the broker's own loop: nothing crosses threads
 
-    def _ring(self) -> None:
-        bell = self._bell
-        if bell is not None:
-            try:
-                bell[1].send(b"\0")
-            except OSError:
-                pass  # the bell is full: a byte is already waiting
+    async def _idle(self, seconds: float | None) -> None:
+        # Until woken, or for at most ``seconds``. The caller has re-armed: see _send_loop.
+        if self._bell is not None:
+            wait = self._bell.wait
+        else:
+            assert self._wakeup is not None
+            wait = self._wakeup.wait
+        if seconds is None:
+            await wait()  # (no cancel scope: this runs once per burst)
+        else:
+            with anyio.move_on_after(seconds):
+                await wait()
 
     # --- the driver ----------------------------------------------------------------------
 
@@ -248,16 +273,14 @@ class EngineHost:
                 await engine.publish(encode_envelope(marker))
                 last_sync = seq
                 next_sync = now + SYNC_INTERVAL
-            # A fresh event, then look at the outbox: a wake-up from now on is not lost.
-            wakeup = self._wakeup = anyio.Event()
-            if not self._threaded:
-                self._wake_pending = False  # (across threads the bell's listener does it)
+            # Re-arm, then look at the outbox: a wake-up from now on is not lost (it sets
+            # the fresh event, or rings the bell; a ring already waiting ends the next
+            # wait at once).
+            if self._bell is None:
+                self._wakeup = anyio.Event()
+            self._wake_pending = False
             if not bridge.outbox:
-                if seq != last_sync:
-                    with anyio.move_on_after(max(0.0, next_sync - time.monotonic())):
-                        await wakeup.wait()
-                else:
-                    await wakeup.wait()
+                await self._idle(max(0.0, next_sync - time.monotonic()) if seq != last_sync else None)
 
     async def _send(self, engine: Any, items: list[tuple[Any, ...]]) -> None:
         bridge = self.bridge
