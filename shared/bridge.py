@@ -379,6 +379,7 @@ class Bridge:
                 # docs/cluster.md); restored when the bridge stops.
                 interval = sys.getswitchinterval()
                 sys.setswitchinterval(min(interval, THREAD_SWITCH_INTERVAL))
+                ours = sys.getswitchinterval()  # (as stored: whole microseconds)
                 thread.start()
                 try:
                     task_status.started()
@@ -389,7 +390,8 @@ class Bridge:
                         await anyio.to_thread.run_sync(thread.join, 5.0)
                     if not thread.is_alive():
                         host.close()
-                    sys.setswitchinterval(interval)
+                    if sys.getswitchinterval() == ours:  # (not if the application set its own since)
+                        sys.setswitchinterval(interval)
         finally:
             rsock.close()
             self._wsock.close()

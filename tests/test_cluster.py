@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import pytest
+
+from shared.bridges import make_bridge
+from shared.broker import Broker
 
 from .cluster_kit import Engine, Node, Worker, cluster_dir, engine, free_port, nodes
 from .proc import stop, workerbus
@@ -246,3 +251,30 @@ def test_demo_with_two_nodes_checks_its_totals() -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "-> OK" in out.stdout and "0 lost" in out.stdout
+
+
+@pytest.mark.skipif(not shutil.which("nats-server"), reason="needs nats-server (scripts/setup.sh)")
+@pytest.mark.parametrize("app_changes_it", [False, True])
+def test_the_switch_interval_under_trio_is_put_back_unless_changed(app_changes_it: bool, workdir: str) -> None:
+    # A trio broker runs the engine on a thread and shortens the GIL switch interval
+    # (process-wide) while it does; it puts the old value back when it stops, but never
+    # over one the application has set in the meantime.
+    async def main(url: str) -> tuple[float, float]:
+        broker = Broker(transport="stream", bridge=make_bridge(url, node="n"))
+        async with anyio.create_task_group() as tg:
+            await tg.start(broker.serve, f"unix:{workdir}/b.sock")  # the bridge has started
+            during = sys.getswitchinterval()
+            if app_changes_it:
+                sys.setswitchinterval(0.002)
+            tg.cancel_scope.cancel()
+        return during, sys.getswitchinterval()
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        with engine("nats", workdir) as eng:
+            during, after = anyio.run(main, eng.url, backend="trio")
+        assert during == 0.0005
+        assert after == (0.002 if app_changes_it else 0.005)
+    finally:
+        sys.setswitchinterval(before)
