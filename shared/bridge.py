@@ -16,7 +16,8 @@ does everything that must not depend on NATS or Redis:
 An :class:`Engine` moves opaque byte messages; engines are asyncio libraries (nats-py,
 redis-py), so :mod:`shared.bridges.host` runs one in the broker's loop on asyncio, and in
 an asyncio loop on a thread of its own under trio; either way messages cross through two
-thread-safe queues and a wake-up socket. This module never imports an engine.
+thread-safe queues (on a thread, each way with a wake-up socket). This module never
+imports an engine.
 """
 
 from __future__ import annotations
@@ -244,7 +245,9 @@ class Engine(Protocol):
         """Atomically claim ``key`` for ``ttl`` seconds; False if already claimed."""
 
     async def wait_closed(self) -> BaseException | None:
-        """Return (the reason) when the connection is lost."""
+        """Return (the reason) when the connection is lost. Runs for the whole session:
+        an engine may read its subscription here (cancelled when a send fails or the
+        bridge stops)."""
 
     async def close(self) -> None:
         """Close whatever is open; never raises."""
@@ -376,6 +379,7 @@ class Bridge:
                 # docs/cluster.md); restored when the bridge stops.
                 interval = sys.getswitchinterval()
                 sys.setswitchinterval(min(interval, THREAD_SWITCH_INTERVAL))
+                ours = sys.getswitchinterval()  # (as stored: whole microseconds)
                 thread.start()
                 try:
                     task_status.started()
@@ -384,7 +388,10 @@ class Bridge:
                     host.stop()
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(thread.join, 5.0)
-                    sys.setswitchinterval(interval)
+                    if not thread.is_alive():
+                        host.close()
+                    if sys.getswitchinterval() == ours:  # (not if the application set its own since)
+                        sys.setswitchinterval(interval)
         finally:
             rsock.close()
             self._wsock.close()

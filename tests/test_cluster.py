@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import pytest
 
-from .cluster_kit import Engine, Worker, cluster_dir, engine, free_port, nodes
-from .proc import workerbus
+from shared.bridges import make_bridge
+from shared.broker import Broker
+
+from .cluster_kit import Engine, Node, Worker, cluster_dir, engine, free_port, nodes
+from .proc import stop, workerbus
 
 pytestmark = pytest.mark.slow
 
@@ -112,8 +117,9 @@ def test_cluster_unique_from_several_nodes_is_handled_once(kind: str, workdir: s
             assert len(handlers) == 1, (k, len(handlers))  # once per key in the whole cluster
 
 
-def test_engine_killed_mid_stream(kind: str, workdir: str) -> None:
-    with engine(kind, workdir) as eng, nodes(workdir, [eng.url] * 2, "asyncio") as ns:
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])  # engine in the broker's loop / on a thread
+def test_engine_killed_mid_stream(kind: str, backend: str, workdir: str) -> None:
+    with engine(kind, workdir) as eng, nodes(workdir, [eng.url] * 2, backend) as ns:
         sender = ns[0].start_workers(1)[0]
         receiver = ns[1].start_workers(1)[0]
         total = 3000
@@ -146,6 +152,34 @@ def test_engine_killed_mid_stream(kind: str, workdir: str) -> None:
         assert ns[1].bridge()["lost"] == lost
         assert receiver.received("local") == []
         assert len(receiver.received("z")) == 10
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_brokers_stop_at_once_with_the_engine_up_or_away(kind: str, backend: str, workdir: str) -> None:
+    # On trio the engine runs on a thread that the broker must end: while connected, and
+    # while the engine is away (the driver reconnecting). A stuck engine thread would cost
+    # the broker's 5 s join; the broker exits 0 with nothing logged as an error.
+    with engine(kind, workdir) as eng, nodes(workdir, [eng.url] * 2, backend) as ns:
+        receiver = ns[1].start_workers(1)[0]
+        ns[0].start_workers(1)[0].publish("a", 10, scope="cluster")
+        _wait_count(receiver, "a", 10)
+        stopped = [_stop_in_time(ns[0])]
+        eng.kill()
+        ns[1].wait_bridge(lambda b: not b["engine_connected"])
+        stopped.append(_stop_in_time(ns[1]))
+    for log in stopped:
+        assert "Traceback" not in log and "ERROR" not in log and "failed" not in log, log
+
+
+def _stop_in_time(node: Node) -> str:
+    for w in node.workers:  # (a worker left without its broker waits for it)
+        w.close()
+    node.workers = []
+    start = time.monotonic()
+    assert stop(node.proc) == 0
+    assert time.monotonic() - start < 4.0, "the broker took the engine thread's join timeout to stop"
+    with open(node.log.name, encoding="utf-8") as f:
+        return f.read()
 
 
 @pytest.mark.skipif(not shutil.which("nats-server"), reason="needs nats-server (scripts/setup.sh)")
@@ -217,3 +251,30 @@ def test_demo_with_two_nodes_checks_its_totals() -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "-> OK" in out.stdout and "0 lost" in out.stdout
+
+
+@pytest.mark.skipif(not shutil.which("nats-server"), reason="needs nats-server (scripts/setup.sh)")
+@pytest.mark.parametrize("app_changes_it", [False, True])
+def test_the_switch_interval_under_trio_is_put_back_unless_changed(app_changes_it: bool, workdir: str) -> None:
+    # A trio broker runs the engine on a thread and shortens the GIL switch interval
+    # (process-wide) while it does; it puts the old value back when it stops, but never
+    # over one the application has set in the meantime.
+    async def main(url: str) -> tuple[float, float]:
+        broker = Broker(transport="stream", bridge=make_bridge(url, node="n"))
+        async with anyio.create_task_group() as tg:
+            await tg.start(broker.serve, f"unix:{workdir}/b.sock")  # the bridge has started
+            during = sys.getswitchinterval()
+            if app_changes_it:
+                sys.setswitchinterval(0.002)
+            tg.cancel_scope.cancel()
+        return during, sys.getswitchinterval()
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        with engine("nats", workdir) as eng:
+            during, after = anyio.run(main, eng.url, backend="trio")
+        assert during == 0.0005
+        assert after == (0.002 if app_changes_it else 0.005)
+    finally:
+        sys.setswitchinterval(before)

@@ -1,12 +1,19 @@
 """Drives a bridge's engine: in the broker's loop on asyncio, on a thread under trio.
 
 nats-py and redis-py are asyncio libraries; the broker may run on trio. Under trio the
-engine gets an asyncio loop on a thread of its own (:meth:`EngineHost.run`); on asyncio it
-runs in the broker's loop (:meth:`EngineHost.run_here`), since two threads taking turns
-on the GIL cost more than the engine itself (measured in docs/cluster.md). The driver is
-the same code either way. Hand-over both ways is non-blocking: the broker's tap appends to the bridge's outbox and wakes this loop with
-``call_soon_threadsafe``; what arrives goes to the bridge's inbox and wakes the broker
-through a socket pair.
+engine gets a loop of its own on a thread (:meth:`EngineHost.run`: ``anyio.run`` with the
+asyncio backend); on asyncio it runs in the broker's loop (:meth:`EngineHost.run_here`),
+since two threads taking turns on the GIL cost more than the engine itself (measured in
+docs/cluster.md). The driver is the same anyio code either way.
+
+Hand-over both ways is non-blocking. Broker to engine: the broker's tap appends to the
+bridge's outbox and calls :meth:`EngineHost._wake`, once per burst: in the same loop that
+sets an :class:`anyio.Event`; across threads it rings a bell: a byte on a socket pair the
+send loop waits on with ``anyio.wait_readable``; :meth:`EngineHost.stop` rings a second
+one. (``anyio.from_thread.run_sync`` would block the broker until the engine loop had run
+the call, once per burst, and could wait forever on a loop that has just finished.) Engine to
+broker: what arrives goes to the bridge's inbox and wakes the broker through the bridge's
+own socket pair.
 
 The driver: connect (bounded, jittered backoff), subscribe, send the outbox in order,
 a sync marker after every connect and every second while publishing; on an outage put the
@@ -16,22 +23,25 @@ loop owns outages, so they are logged once and counted once.
 
 from __future__ import annotations
 
-import asyncio  # the engines are asyncio libraries; this is their thread
-import contextlib
 import logging
 import random
+import socket
 import time
 from typing import Any
 
+import anyio
+
 from shared.bridge import SYNC_INTERVAL, Bridge, Envelope, encode_envelope, tag_node
 
-__all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "EngineHost"]
+__all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "CLOSE_TIMEOUT", "EngineHost"]
 
 logger = logging.getLogger("shared.bridge")
 
 #: Reconnect delays: the first retry is quick (a restarted server), then doubling to 2 s.
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
+#: Seconds an engine gets to close a connection when the bridge stops or reconnects.
+CLOSE_TIMEOUT = 2.0
 #: Items taken from the outbox at a time (one engine call for a run of events).
 _BATCH = 512
 #: Event bytes per engine message at most (NATS refuses messages above its max_payload,
@@ -39,64 +49,115 @@ _BATCH = 512
 _MAX_MESSAGE = 256 * 1024
 
 
+class _Bell:
+    """A wake-up from another thread into the engine's loop that never blocks the ringer:
+    a byte on a socket pair, waited for with ``anyio.wait_readable``."""
+
+    def __init__(self) -> None:
+        self._rsock, self._wsock = socket.socketpair()
+        self._rsock.setblocking(False)
+        self._wsock.setblocking(False)
+
+    def ring(self) -> None:
+        """From any thread."""
+        try:
+            self._wsock.send(b"\0")
+        except OSError:
+            pass  # the socket is full: a byte is already waiting
+
+    async def wait(self) -> None:
+        """In the engine's loop: until rung (at once if rung since the last wait)."""
+        await anyio.wait_readable(self._rsock)
+        try:
+            self._rsock.recv(4096)  # all that waits: a byte or two (one ring per re-arm)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        self._rsock.close()
+        self._wsock.close()
+
+
 class EngineHost:
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wakeup: asyncio.Event | None = None
-        self._main: asyncio.Task[None] | None = None
-        self._stopping = False
+        #: in the broker's loop: set when the outbox may have work, a fresh one for every
+        #: wait (an anyio Event belongs to the loop it was made in)
+        self._wakeup: anyio.Event | None = None
+        #: on a thread: what wakes the engine loop (the outbox may have work) and what
+        #: stops it; made by :meth:`run`
+        self._bell: _Bell | None = None
+        self._stop_bell: _Bell | None = None
         self._wake_pending = False
-        self._same_thread = False
+        self._stopping = False
 
     # --- thread entry and stop -----------------------------------------------------------
 
     def run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            self._main = loop.create_task(self._drive())
-            if self._stopping:
-                self._main.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                loop.run_until_complete(self._main)
-        finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
+        """Thread entry (trio brokers): the engine in an asyncio loop of its own, until
+        :meth:`stop` (or the driver fails). The broker's thread calls :meth:`close` after
+        joining this one."""
+        self._bell = _Bell()
+        self._stop_bell = _Bell()
+        if not self._stopping:  # stop() may have come before the bell existed
+            anyio.run(self._run_threaded, self._stop_bell, backend="asyncio")
+
+    async def _run_threaded(self, stop_bell: _Bell) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._stop_when_rung, stop_bell, tg.cancel_scope)
+            await self._drive()
+            tg.cancel_scope.cancel()  # the driver failed (logged): the thread ends
+
+    @staticmethod
+    async def _stop_when_rung(stop_bell: _Bell, scope: anyio.CancelScope) -> None:
+        await stop_bell.wait()
+        scope.cancel()
+
+    def close(self) -> None:
+        """Once the thread has ended: release its sockets. Called by the broker's thread,
+        the one whose tap rings the bell (so never under a ring in progress)."""
+        for bell in (self._bell, self._stop_bell):
+            if bell is not None:
+                bell.close()
+        self._bell = self._stop_bell = None
 
     async def run_here(self) -> None:
         """Drive the engine in the running asyncio loop (the broker's own, on asyncio)."""
-        self._loop = asyncio.get_running_loop()
-        self._same_thread = True
+        self._wakeup = anyio.Event()
         await self._drive()
 
     def stop(self) -> None:
-        """From any thread: end the driver (the thread then exits)."""
+        """From any thread: end the driver on its thread (the thread then exits). On
+        asyncio the broker cancels :meth:`run_here` instead."""
         self._stopping = True
-        loop, main = self._loop, self._main
-        if loop is not None and main is not None:
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                loop.call_soon_threadsafe(main.cancel)
+        stop_bell = self._stop_bell
+        if stop_bell is not None:
+            stop_bell.ring()
 
     def _wake(self) -> None:
-        # Called by the broker's tap for every cluster publish: one cross-thread call per
-        # burst, not per event (the loop's self-pipe write is the expensive part).
-        if self._same_thread:
-            if self._wakeup is not None:
-                self._wakeup.set()  # the broker's own loop: no self-pipe write needed
-            return
+        # Called by the broker's tap for every cluster publish: one wake-up per burst, not
+        # per event (across threads, the socket write is the expensive part).
         if self._wake_pending:
             return
-        loop = self._loop
-        if loop is not None and self._wakeup is not None:
-            self._wake_pending = True
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._woken)
+        self._wake_pending = True
+        bell = self._bell
+        if bell is not None:
+            bell.ring()
+        elif self._wakeup is not None:
+            self._wakeup.set()  # the broker's own loop: nothing crosses threads
 
-    def _woken(self) -> None:
-        self._wake_pending = False  # before the driver looks at the outbox again
-        if self._wakeup is not None:
-            self._wakeup.set()
+    async def _idle(self, seconds: float | None) -> None:
+        # Until woken, or for at most ``seconds``. The caller has re-armed: see _send_loop.
+        if self._bell is not None:
+            wait = self._bell.wait
+        else:
+            assert self._wakeup is not None
+            wait = self._wakeup.wait
+        if seconds is None:
+            await wait()  # (no cancel scope: this runs once per burst)
+        else:
+            with anyio.move_on_after(seconds):
+                await wait()
 
     # --- the driver ----------------------------------------------------------------------
 
@@ -114,7 +175,6 @@ class EngineHost:
 
     async def _drive_engine(self) -> None:
         bridge = self.bridge
-        self._wakeup = asyncio.Event()
         bridge.wake_engine = self._wake
         failures = 0
         outage_since: float | None = None
@@ -124,11 +184,8 @@ class EngineHost:
             try:
                 await engine.connect()
                 await engine.subscribe(lambda payload: bridge.from_engine("m", payload))
-            except asyncio.CancelledError:
-                await engine.close()
-                raise
             except Exception as exc:  # noqa: BLE001 - every engine failure is an outage
-                await engine.close()
+                await _close(engine)
                 failures += 1
                 if outage_since is None:
                     outage_since = time.monotonic()
@@ -142,8 +199,11 @@ class EngineHost:
                         bridge.max_buffer,
                     )
                 ceiling = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(failures, 16))
-                await asyncio.sleep(random.uniform(BACKOFF_MIN, max(BACKOFF_MIN, ceiling)))
+                await anyio.sleep(random.uniform(BACKOFF_MIN, max(BACKOFF_MIN, ceiling)))
                 continue
+            except BaseException:  # cancelled: the bridge stops
+                await _close(engine)
+                raise
             bridge.connects += 1
             bridge.connected = True
             if outage_since is not None:
@@ -163,12 +223,9 @@ class EngineHost:
             outage_since = None
             try:
                 reason = await self._session(engine)
-            except asyncio.CancelledError:
+            finally:
                 bridge.connected = False
-                await engine.close()
-                raise
-            bridge.connected = False
-            await engine.close()
+                await _close(engine)
             outage_since = time.monotonic()
             outage_reason = repr(reason)
             logger.warning(
@@ -181,24 +238,26 @@ class EngineHost:
             )
 
     async def _session(self, engine: Any) -> BaseException | None:
-        closed: asyncio.Future[BaseException | None] = asyncio.ensure_future(engine.wait_closed())
-        sender: asyncio.Future[Any] = asyncio.ensure_future(self._send_loop(engine))
-        both: set[asyncio.Future[Any]] = {closed, sender}
-        try:
-            done, _ = await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
-            if sender in done:
-                exc = sender.exception()
-                return exc
-            return closed.result()
-        finally:
-            for task in (closed, sender):
-                task.cancel()
-            await asyncio.gather(closed, sender, return_exceptions=True)
+        """Send until the connection is lost (the engine says so, or a send fails): the
+        reason."""
+        reason: BaseException | None = None
+
+        async def watch() -> None:
+            nonlocal reason
+            reason = await engine.wait_closed()
+            tg.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            try:
+                await self._send_loop(engine)
+            except Exception as exc:  # noqa: BLE001 - a failed send is an outage
+                reason = exc
+                tg.cancel_scope.cancel()
+        return reason
 
     async def _send_loop(self, engine: Any) -> None:
         bridge = self.bridge
-        wakeup = self._wakeup
-        assert wakeup is not None
         last_sync: int | None = None
         next_sync = 0.0  # a marker right after connecting
         while True:
@@ -213,11 +272,14 @@ class EngineHost:
                 await engine.publish(encode_envelope(marker))
                 last_sync = seq
                 next_sync = now + SYNC_INTERVAL
-            wakeup.clear()
+            # Re-arm, then look at the outbox: a wake-up from now on is not lost (it sets
+            # the fresh event, or rings the bell; a ring already waiting ends the next
+            # wait at once).
+            if self._bell is None:
+                self._wakeup = anyio.Event()
+            self._wake_pending = False
             if not bridge.outbox:
-                timeout = max(0.0, next_sync - time.monotonic()) if seq != last_sync else None
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(wakeup.wait(), timeout)
+                await self._idle(max(0.0, next_sync - time.monotonic()) if seq != last_sync else None)
 
     async def _send(self, engine: Any, items: list[tuple[Any, ...]]) -> None:
         bridge = self.bridge
@@ -270,3 +332,9 @@ class EngineHost:
         if events:
             out.append(encode_envelope(Envelope("b", node, generation, first, events=tuple(events))))
         return out
+
+
+async def _close(engine: Any) -> None:
+    # Shielded and bounded: runs while the bridge is being cancelled, too.
+    with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
+        await engine.close()

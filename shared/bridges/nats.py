@@ -6,15 +6,18 @@ claimed with a JetStream key-value ``create`` (atomic: exactly one creator) in t
 ``<cluster>_unique_<ms>`` whose entries expire after the unique timeout; the node that
 wins handles the event. That needs a server with JetStream on (``nats-server -js``);
 without it a cluster-unique publish is dropped, counted and logged.
+
+nats-py is an asyncio library: every method runs in the host's asyncio loop (made there,
+see :mod:`shared.bridges.host`); this module itself needs nothing of asyncio.
 """
 
 from __future__ import annotations
 
-import asyncio  # nats-py is an asyncio library; this runs in the host's loop
 import hashlib
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 import nats
 from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
 
@@ -28,7 +31,7 @@ class NatsEngine:
         self.subject = f"{cluster}.events"
         self.cluster = cluster
         self._nc: Any = None
-        self._closed = asyncio.Event()
+        self._closed = anyio.Event()
         self._reason: BaseException | None = None
         self._kv: Any = None
 

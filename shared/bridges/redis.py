@@ -6,12 +6,14 @@ numbering finds what it loses. A cluster-unique key is claimed with
 ``SET <cluster>:unique:<key> <node> NX PX <unique timeout>``: exactly one node's ``SET``
 succeeds until the key expires, and that node handles the event.
 
+The engine reads its subscription in :meth:`RedisEngine.wait_closed`, which the host runs
+for the whole session: no task of its own to look after.
+
 URLs: ``redis://HOST:PORT[/DB]`` and ``redis+unix:///path/to/redis.sock``.
 """
 
 from __future__ import annotations
 
-import asyncio  # redis-py asyncio; this runs in the host's loop
 from collections.abc import Callable
 from typing import Any
 
@@ -30,9 +32,7 @@ class RedisEngine:
         self.prefix = f"{cluster}:unique:"
         self._redis: Any = None
         self._pubsub: Any = None
-        self._reader: asyncio.Task[None] | None = None
-        self._closed = asyncio.Event()
-        self._reason: BaseException | None = None
+        self._on_message: Callable[[bytes], None] | None = None
 
     async def connect(self) -> None:
         self._redis = aioredis.from_url(
@@ -50,19 +50,8 @@ class RedisEngine:
                 raise ConnectionError("no subscribe confirmation from Redis")
             if msg.get("type") == "subscribe":
                 break
-        self._reader = asyncio.ensure_future(self._read(on_message))
-
-    async def _read(self, on_message: Callable[[bytes], None]) -> None:
-        try:
-            while True:
-                msg = await self._pubsub.get_message(timeout=None)
-                if msg is not None and msg.get("type") == "message":
-                    on_message(msg["data"])
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any failure ends this connection
-            self._reason = exc
-            self._closed.set()
+        # Published messages wait in the connection until wait_closed reads them.
+        self._on_message = on_message
 
     async def publish(self, payload: bytes) -> None:
         await self._redis.publish(self.channel, payload)
@@ -78,13 +67,18 @@ class RedisEngine:
         return bool(won)
 
     async def wait_closed(self) -> BaseException | None:
-        await self._closed.wait()
-        return self._reason
+        """Deliver what the subscription receives until the connection fails: the reason."""
+        on_message = self._on_message
+        assert on_message is not None, "subscribe first"
+        try:
+            while True:
+                msg = await self._pubsub.get_message(timeout=None)
+                if msg is not None and msg.get("type") == "message":
+                    on_message(msg["data"])
+        except Exception as exc:  # noqa: BLE001 - any failure ends this connection
+            return exc
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
         for thing in (self._pubsub, self._redis):
             if thing is not None:
                 try:
