@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--reps", default="1")
     ap.add_argument("--analyse", metavar="DIR", help="only analyse an existing trace directory")
     ap.add_argument("--keep", metavar="DIR", help="write the traces here (kept)")
+    ap.add_argument("--tree", default=_ROOT, help="run the workerbus of this source tree (A/B)")
     args = ap.parse_args()
     if args.analyse:
         print("\n".join(analyse(args.analyse)))
@@ -96,14 +97,14 @@ def main() -> None:
     env = dict(os.environ)
     env["WB_LAT_TRACE"] = directory
     env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.join(_HERE, "lat_trace"), _ROOT, env.get("PYTHONPATH", "")]
+        [os.path.join(_HERE, "lat_trace"), args.tree, env.get("PYTHONPATH", "")]
     ).rstrip(os.pathsep)
     cmd = [
         sys.executable, "-m", "shared.tools.cli", "bench", "--peers", args.peer, "--tests", "lat",
         "--lat-subs", args.subs, "--reps", args.reps, "--no-seed", "--no-subset", "--wait-idle", "0",
         "--retries", "0",
     ]  # fmt: skip
-    subprocess.run(cmd, env=env, check=True)
+    subprocess.run(cmd, env=env, check=True, cwd=args.tree, stdout=subprocess.DEVNULL)
     print("\n".join(analyse(directory)))
 
 

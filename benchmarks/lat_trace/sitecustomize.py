@@ -101,6 +101,16 @@ if os.environ.get("WB_LAT_TRACE"):
         return frames
 
     _stream.FrameStream.send = _traced_send  # type: ignore[method-assign]
+    _send_nowait = getattr(_stream.FrameStream, "send_nowait", None)
+    if _send_nowait is not None:  # (a tree with direct writes)
+
+        def _traced_send_nowait(self: Any, data: bytes) -> int:
+            t = _now()
+            written: int = _send_nowait(self, data)
+            _note("send", t, _split(data[:written]))
+            return written
+
+        _stream.FrameStream.send_nowait = _traced_send_nowait  # type: ignore[method-assign]
     _stream.FrameStream.receive = _traced_receive  # type: ignore[method-assign]
 
     from shared.tools.bench import tally as _tally
