@@ -36,14 +36,8 @@ class GuardedStream(ByteStream):
         self._closed = False
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
-        # Like trio's recv: a cancellation is taken before anything is read, and there is
-        # exactly one schedule point: the wait for data, or, when data was there already,
-        # one after reading it (shielded: what was read is returned). A reader that waits
-        # for its peer (the usual case) then costs no extra turn of the event loop before
-        # it starts waiting.
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        await anyio.lowlevel.checkpoint()
         sock = self._sock
-        waited = False
         while True:
             if self._closed:
                 raise anyio.ClosedResourceError
@@ -51,14 +45,11 @@ class GuardedStream(ByteStream):
                 data = sock.recv(max_bytes)
             except BlockingIOError:
                 await anyio.wait_readable(sock)
-                waited = True
                 continue
             except OSError as exc:
                 if self._closed or exc.errno == errno.EBADF:
                     raise anyio.ClosedResourceError from None
                 raise anyio.BrokenResourceError from exc
-            if not waited:
-                await anyio.lowlevel.cancel_shielded_checkpoint()
             if not data:
                 raise anyio.EndOfStream
             return data
