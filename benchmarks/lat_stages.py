@@ -42,27 +42,27 @@ def _pct(values: list[int], q: float) -> float:
 
 
 def analyse(directory: str) -> list[str]:
-    records: list[list[object]] = []
+    records: list[tuple[str, str, int, int, int, int]] = []
     for path in glob.glob(os.path.join(directory, "trace-*.jsonl")):
         with open(path) as f:
-            records += [json.loads(line) for line in f]
+            records += [tuple(json.loads(line)) for line in f]
     ticks = [r for r in records if r[0] == "handled"]
     if not ticks:
         raise RuntimeError(f"no handled ticks traced in {directory}")
     # the measured window only: ticks published after the first 10 % of the run
-    first = min(int(r[3]) for r in ticks)  # type: ignore[call-overload]
-    last = max(int(r[3]) for r in ticks)  # type: ignore[call-overload]
+    first = min(r[3] for r in ticks)
+    last = max(r[3] for r in ticks)
     start = first + (last - first) // 10
     oldest: dict[str, list[int]] = defaultdict(list)
     newest: dict[str, list[int]] = defaultdict(list)
     by_burst: dict[tuple[str, int], list[int]] = defaultdict(list)
     for what, kind, t, lo, hi, _n in records:
-        stage = _STAGES.get((what, kind))  # type: ignore[arg-type]
-        if stage is None or lo < start:  # type: ignore[operator]
+        stage = _STAGES.get((what, kind))
+        if stage is None or lo < start:
             continue
-        oldest[stage].append(t - lo)  # type: ignore[operator]
-        newest[stage].append(t - hi)  # type: ignore[operator]
-        by_burst[(stage, lo)].append(t)  # type: ignore[index]
+        oldest[stage].append(t - lo)
+        newest[stage].append(t - hi)
+        by_burst[(stage, lo)].append(t)
     lines = [f"{'stage':36} {'oldest p50/p90/p99 µs':>24} {'newest p50/p90/p99 µs':>24} {'n':>6}"]
     for stage in sorted(oldest):
         o, n = oldest[stage], newest[stage]

@@ -42,11 +42,11 @@ if os.environ.get("WB_LAT_TRACE"):
     atexit.register(_dump)
     _real_exit = os._exit
 
-    def _exit(code: int) -> None:
+    def _exit(code: int) -> Any:
         _dump()
         _real_exit(code)
 
-    os._exit = _exit
+    setattr(os, "_exit", _exit)  # noqa: B010 - the bench workers end with os._exit
 
     def _ticks(payloads: list[bytes] | list[memoryview]) -> tuple[str, list[int]]:
         kind = "ev"
@@ -104,9 +104,11 @@ if os.environ.get("WB_LAT_TRACE"):
     _send_nowait = getattr(_stream.FrameStream, "send_nowait", None)
     if _send_nowait is not None:  # (a tree with direct writes)
 
+        real_send_nowait: Any = _send_nowait
+
         def _traced_send_nowait(self: Any, data: bytes) -> int:
             t = _now()
-            written: int = _send_nowait(self, data)
+            written: int = real_send_nowait(self, data)
             _note("send", t, _split(data[:written]))
             return written
 
