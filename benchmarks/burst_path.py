@@ -5,7 +5,8 @@
 A real broker, one publisher and ``--subs`` subscribers (real clients over a Unix socket,
 stream transport), all in one event loop. Each round publishes ``--burst`` events, calls
 ``flush()`` (the barrier, as the latency test's publisher does every tick) and waits until
-every subscriber's handler has seen the last one; then the next round. Prints the process
+every subscriber's handler has seen the last one; then, after ``--pace`` seconds (the
+latency test's 1 ms tick), the next round. Prints the process
 CPU per burst (best of 3 blocks), the wall time per burst, and the median time from a
 burst's first publish to its last handler call (one process: every hop, no waiting for
 another process to get a CPU). CPU time counts every hop's
@@ -31,7 +32,7 @@ from shared.client import Client
 from shared.messages import OTHERS
 
 
-async def measure(subs: int, burst: int, bursts: int) -> tuple[float, float, float]:
+async def measure(subs: int, burst: int, bursts: int, pace: float = 0.001) -> tuple[float, float, float]:
     path = os.path.join(tempfile.mkdtemp(prefix="wb-burst-"), "bus.sock")
     address = f"unix:{path}"
     broker = Broker(transport=streambus.TRANSPORT, expected_workers=subs + 1)
@@ -74,6 +75,7 @@ async def measure(subs: int, burst: int, bursts: int) -> tuple[float, float, flo
                     await done.wait()
                 if _block:
                     walls.append(time.perf_counter() - t0)
+                await anyio.sleep(pace)
             cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
             if _block:
                 best_cpu, best_wall = min(best_cpu, cpu), min(best_wall, wall)
@@ -89,8 +91,9 @@ def main() -> None:
     ap.add_argument("--burst", type=int, default=10)
     ap.add_argument("--bursts", type=int, default=2000)
     ap.add_argument("--backend", default="asyncio", choices=("asyncio", "trio"))
+    ap.add_argument("--pace", type=float, default=0.001, help="seconds between bursts (the latency test's tick)")
     args = ap.parse_args()
-    cpu, wall, p50 = anyio.run(measure, args.subs, args.burst, args.bursts, backend=args.backend)
+    cpu, wall, p50 = anyio.run(measure, args.subs, args.burst, args.bursts, args.pace, backend=args.backend)
     print(f"{cpu:8.1f} µs CPU per burst  {wall:8.1f} µs wall per burst  p50 publish → last handler {p50:6.1f} µs  "
           f"({args.burst} events, {args.subs} subscribers, {args.backend})")
 

@@ -25,8 +25,13 @@ PAD = "x" * 1000
 
 
 @asynccontextmanager
-async def serving(address: str, transport: str, **options: Any) -> AsyncIterator[Broker]:
+async def serving(
+    address: str, transport: str, quiet: float = 0.0, **options: Any
+) -> AsyncIterator[Broker]:
+    # quiet=0: write directly whenever the writer is idle, however recent its last write
+    # (the default DIRECT_WRITE_QUIET depends on how fast this machine turns around)
     b = Broker(transport=transport, expected_workers=2, **options)
+    b.direct_write_quiet = quiet
     async with anyio.create_task_group() as tg:
         await tg.start(b.serve, address)
         yield b
@@ -156,3 +161,27 @@ async def test_a_batch_left_to_the_writer_is_kept_when_the_connection_ends(
             q = queue_of(b, 0)
             assert q.routed == q.sent + q.dropped + q.depth + q.in_flight
             assert q.dropped == 0
+
+
+@pytest.mark.anyio
+async def test_a_connection_written_to_a_moment_ago_is_left_to_its_writer(
+    address: str, transport: str, writes: Writes
+) -> None:
+    # Everything counts as "a moment ago" here: the writer tasks do every write, batching
+    # what was routed meanwhile, exactly as without direct writes.
+    async with serving(address, transport, quiet=3600.0) as b:
+        async with Client(address, transport=transport, worker_id=0) as sub, \
+                Client(address, transport=transport, worker_id=1) as pub:  # fmt: skip
+            rec = Recorder()
+            sub.subscribe("s", "*", rec)
+            await sub.wait_ready()
+            await pub.wait_ready()
+            for burst in range(5):
+                for i in range(5):
+                    await pub.publish("s", "e", [burst, i], "others")
+                await pub.flush()
+                await rec.wait_for((burst + 1) * 5)
+            assert [e[2] for e in rec.events] == [[b_, i] for b_ in range(5) for i in range(5)]
+            assert (writes.whole, writes.partial) == (0, 0)
+            q = queue_of(b, 0)
+            assert (q.sent, q.dropped, q.in_flight) == (q.routed, 0, 0)
