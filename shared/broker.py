@@ -1,7 +1,8 @@
 """The broker: accepts worker connections and fans publishes out (docs/protocol.md §5).
 
 Per connection it runs one reader (frames → router) and one writer (worker queue → socket,
-every frame queued since the last write coalesced into one ``send``). It knows nothing of
+every frame queued since the last write coalesced into one ``send``); a connection whose
+writer is idle is written to by the task that routed its frames (see "direct writes"). It knows nothing of
 HTTP: the transport's ``accept`` does the connection start and returns the bytes read past
 it. Bad input from a peer closes that one connection with a logged reason; the broker and
 every other connection carry on.
