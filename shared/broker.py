@@ -1,7 +1,8 @@
 """The broker: accepts worker connections and fans publishes out (docs/protocol.md §5).
 
 Per connection it runs one reader (frames → router) and one writer (worker queue → socket,
-every frame queued since the last write coalesced into one ``send``). It knows nothing of
+every frame queued since the last write coalesced into one ``send``); a connection whose
+writer is idle is written to by the task that routed its frames (see "direct writes"). It knows nothing of
 HTTP: the transport's ``accept`` does the connection start and returns the bytes read past
 it. Bad input from a peer closes that one connection with a logged reason; the broker and
 every other connection carry on.
@@ -9,11 +10,12 @@ every other connection carry on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -91,6 +93,12 @@ LIFECYCLE_SOURCE = "workerbus"
 #: (any retired queue does too): a storm's buffers and queues are then handed back to the
 #: kernel instead of staying resident (shared/memtrim.py says why that is needed).
 _TRIM_AFTER_CLOSES = 64
+#: A routing task writes to an idle writer's connection itself only if nothing was written
+#: to it for this long (seconds); otherwise the writer task batches (Broker._claim). Short
+#: enough for a worker's bursts at up to ~4 000 a second, long enough to tell the reads of
+#: one busy turn of the event loop apart from separate bursts.
+DIRECT_WRITE_QUIET = 0.00025
+_monotonic = time.monotonic
 #: The capabilities this broker grants when a native hello asks for them (protocol.md §8).
 SUPPORTED_CAPS = frozenset({CAP_WELCOME, CAP_BARRIER, CAP_CLUSTER, CAP_FILTER})
 
@@ -151,7 +159,22 @@ class BrokerStatistics:
 
 
 class _Connection:
-    __slots__ = ("caps", "control", "cut", "frames", "pid", "queue", "scope", "timed_out", "uid", "worker_id")
+    __slots__ = (
+        "caps",
+        "claim",
+        "control",
+        "cut",
+        "frames",
+        "idle",
+        "last_write",
+        "pending",
+        "pid",
+        "queue",
+        "scope",
+        "timed_out",
+        "uid",
+        "worker_id",
+    )
 
     def __init__(
         self, worker_id: int, pid: int, frames: FrameStream, queue: WorkerQueue, uid: int | None
@@ -172,6 +195,17 @@ class _Connection:
         #: Per connection, outside the worker's queue: never dropped by overflow, never
         #: counted as deliveries, never kept for a later connection.
         self.control: list[bytes] = []
+        #: Set while the writer task waits for work (see Broker._write): setting it wakes
+        #: the writer.
+        self.idle: anyio.Event | None = None
+        #: The idle writer's ``queue.wakeup`` (Broker._claim for this connection), made once
+        #: so that the writer can tell whether it is still armed.
+        self.claim: Callable[[], None] | None = None
+        #: A batch that Broker._write_now could not write whole: (the bytes left, its
+        #: events, the drops its notice reported), for the writer task to finish.
+        self.pending: tuple[bytes, list[bytes], int] | None = None
+        #: When (time.monotonic) bytes were last handed to this connection's socket.
+        self.last_write = 0.0
 
     def send_control(self, frame: bytes) -> None:
         self.control.append(frame)
@@ -286,6 +320,15 @@ class Broker:
         self._clock: Callable[[], float] = anyio.current_time if clock is None else clock
         self.expected_workers = expected_workers
         self._connections: dict[int, _Connection] = {}
+        #: True while a task routes synchronously and flushes afterwards (Broker._routing):
+        #: an idle writer's connection that gets frames meanwhile is written to at the end
+        #: of that routing, by the routing task itself, instead of waking its writer task.
+        self._direct = False
+        #: Connections claimed that way, to write to when the routing ends.
+        self._ready: list[_Connection] = []
+        #: Seconds a connection must have been quiet for a routing task to write to it
+        #: directly (see _claim); 0 writes directly whenever the writer is idle.
+        self.direct_write_quiet = DIRECT_WRITE_QUIET
         self._open = 0
         self._accepted = 0
         self._refused = 0
@@ -588,31 +631,36 @@ class Broker:
                 # Consecutive publishes with the same target (and, with "filter" granted,
                 # the same (src, ev): §8) make a run; the router hands each queue all the
                 # runs of one read it takes at once. A bad frame ends the connection after
-                # everything before it was routed.
-                if keys is not None:
-                    keys.clear()
-                runs, error = decode_publish_batch(profile, frames, keys)
-                if not cluster:
-                    for index, (target, _) in enumerate(runs):
-                        if target.cluster:
-                            # (what came before it is routed: like any bad frame)
-                            route_runs(wid, runs[:index], keys)
-                            raise RemoteProtocolError(
-                                "a publish with scope 'cluster' without the 'cluster' capability in the hello"
-                            )
-                route_runs(wid, runs, keys)
-                if error is not None:
-                    if not barrier and not filtering:
-                        raise error
-                    # Not a publish: a ping or a sub is the only other thing a granted
-                    # client may send. Recognised only here, off the publish fast path.
-                    # Everything before it is routed (above), so the pong is the barrier
-                    # and a sub applies to what this client publishes after it.
-                    done = sum(len(run) for _, run in runs)
-                    self._control_from(conn, frames[done], error, barrier, filtering)
-                    frames = frames[done + 1 :]
-                    if frames:
-                        continue
+                # everything before it was routed. Idle writers that get frames from this
+                # read are written to when it is routed (Broker._routing).
+                direct = self._routing()
+                try:
+                    if keys is not None:
+                        keys.clear()
+                    runs, error = decode_publish_batch(profile, frames, keys)
+                    if not cluster:
+                        for index, (target, _) in enumerate(runs):
+                            if target.cluster:
+                                # (what came before it is routed: like any bad frame)
+                                route_runs(wid, runs[:index], keys)
+                                raise RemoteProtocolError(
+                                    "a publish with scope 'cluster' without the 'cluster' capability in the hello"
+                                )
+                    route_runs(wid, runs, keys)
+                    if error is not None:
+                        if not barrier and not filtering:
+                            raise error
+                        # Not a publish: a ping or a sub is the only other thing a granted
+                        # client may send. Recognised only here, off the publish fast path.
+                        # Everything before it is routed (above), so the pong is the barrier
+                        # and a sub applies to what this client publishes after it.
+                        done = sum(len(run) for _, run in runs)
+                        self._control_from(conn, frames[done], error, barrier, filtering)
+                        frames = frames[done + 1 :]
+                        if frames:
+                            continue
+                finally:
+                    self._routed(direct)
                 frames = await conn.frames.receive()
         except anyio.EndOfStream:
             pass
@@ -656,11 +704,18 @@ class Broker:
             logger.info("write to %s failed: %r", conn, exc)
             if conn.scope is not None:
                 conn.scope.cancel()
+        finally:
+            if conn.pending is not None:
+                # Handed over by _write_now, and the writer ended before it finished it.
+                _, events, reported = conn.pending
+                conn.pending = None
+                self._unsent(conn, events, reported)
 
     async def _write(self, conn: _Connection) -> None:
         queue = conn.queue
         send = conn.frames.send
         control = conn.control
+        claim = conn.claim = functools.partial(self._claim, conn)
         # The welcome lifecycle event (after the welcome control frame, if one was asked
         # for: it goes first) leaves with the first batch, in one send: what was queued for
         # this worker id meanwhile and the lifecycle events of its (re)connect are usually
@@ -670,38 +725,146 @@ class Broker:
         if head:
             control.clear()
         while True:
+            if conn.pending is not None:
+                # The rest of a batch that _write_now began: it goes before anything else.
+                data, events, reported = conn.pending
+                conn.pending = None
+                await self._send(conn, send, data, events, reported)
+                continue
             if not queue.frames:
                 if control or head:
                     # Control frames alone (a pong while the queue is empty, the welcome)
                     frames, control[:] = head + b"".join(control), []
                     head = b""
                     await send(frames)
+                    conn.last_write = _monotonic()
                     continue
-                wakeup = anyio.Event()
-                queue.wakeup = wakeup.set
-                await wakeup.wait()
+                # Idle: whoever gives this queue frames next calls ``claim``, which either
+                # wakes this task or (a routing task) writes them itself (_write_now).
+                conn.idle = idle = anyio.Event()
+                queue.wakeup = claim
+                try:
+                    await idle.wait()
+                finally:
+                    conn.idle = None
+                    if queue.wakeup is claim:
+                        queue.wakeup = None
                 continue
-            batch = queue.take_batch(self.max_batch_bytes)
-            events = len(batch)
-            reported = queue.dropped_unreported
-            if reported:
-                batch.insert(0, self._dropped_notice(conn))
-            if control:
-                # Before the batch: a pong answers a ping whose earlier publishes are
-                # already routed, and it must not wait behind (or be dropped with) events.
-                batch[0:0] = control
-                control.clear()
             if head:
-                batch.insert(0, head)
+                control.insert(0, head)
                 head = b""
-            try:
-                await send(b"".join(batch))
-            except BaseException:
-                # Whatever ended the write (a broken peer, a cancel), the events are not
-                # lost silently; the caller deals with the cause.
-                self._unsent(conn, batch[len(batch) - events :], reported)
-                raise
-            queue.mark_sent(events)
+            data, events, reported = self._take(conn)
+            await self._send(conn, send, data, events, reported)
+
+    async def _send(
+        self,
+        conn: _Connection,
+        send: Callable[[bytes], Awaitable[None]],
+        data: bytes,
+        events: list[bytes],
+        reported: int,
+    ) -> None:
+        try:
+            await send(data)
+        except BaseException:
+            # Whatever ended the write (a broken peer, a cancel), the events are not
+            # lost silently; the caller deals with the cause.
+            self._unsent(conn, events, reported)
+            raise
+        conn.last_write = _monotonic()
+        conn.queue.mark_sent(len(events))
+
+    def _take(self, conn: _Connection) -> tuple[bytes, list[bytes], int]:
+        """The next write of a connection whose queue has frames: its control frames, a
+        dropped notice if drops are unreported, and a batch of events; returns the bytes,
+        the events (in flight until marked sent or put back) and the drops reported."""
+        queue = conn.queue
+        control = conn.control
+        batch = queue.take_batch(self.max_batch_bytes)
+        events = len(batch)
+        reported = queue.dropped_unreported
+        if reported:
+            batch.insert(0, self._dropped_notice(conn))
+        if control:
+            # Before the batch: a pong answers a ping whose earlier publishes are
+            # already routed, and it must not wait behind (or be dropped with) events.
+            batch[0:0] = control
+            control.clear()
+        return b"".join(batch), batch[len(batch) - events :], reported
+
+    # --- direct writes -------------------------------------------------------------------
+    #
+    # A writer task that waits for work costs a hand-over per batch: the routing task wakes
+    # it, and the frames leave only on a later turn of the event loop, after everything
+    # else that is ready (in an embedded broker: the host's HTTP callbacks). So a task that
+    # routes synchronously brackets that with _routing()/_routed(): a connection whose
+    # writer was idle (its queue was empty and nothing is being written) and that got
+    # frames meanwhile is written to right after the routing, by that task, as far as the
+    # socket takes them without waiting. Whatever does not fit, or fails, goes to the
+    # writer task, which finishes it first and handles failures as always; under load the
+    # writers are busy and batch as before. Order, backpressure and accounting are the
+    # writer's own: the same _take, the same mark_sent / _unsent.
+
+    def _routing(self) -> bool:
+        was, self._direct = self._direct, True
+        return was
+
+    def _routed(self, was: bool) -> None:
+        if was:
+            return  # (nested: the outer routing writes)
+        self._direct = False
+        ready = self._ready
+        while ready:  # (nothing a write does claims another connection; just in case)
+            claimed = ready.copy()
+            ready.clear()
+            for conn in claimed:
+                self._write_now(conn)
+
+    def _claim(self, conn: _Connection) -> None:
+        # The idle writer's queue.wakeup: called once (the caller disarms it) when its queue
+        # or its control frames get something. A connection written to a moment ago (several
+        # publishers' reads in one busy turn of the loop, small events from many workers)
+        # is left to its writer task, which then sends everything routed meanwhile at once.
+        scope = conn.scope
+        if (
+            self._direct
+            and conn.idle is not None
+            and scope is not None
+            and not scope.cancel_called
+            and _monotonic() - conn.last_write >= self.direct_write_quiet
+        ):
+            self._ready.append(conn)
+        elif conn.idle is not None:
+            conn.idle.set()
+
+    def _write_now(self, conn: _Connection) -> None:
+        idle = conn.idle
+        if idle is None:
+            return  # the writer ended meanwhile: the frames wait in the queue
+        queue = conn.queue
+        if queue.frames:
+            data, events, reported = self._take(conn)
+        elif conn.control:
+            # control frames alone (a pong while the queue is empty)
+            data, events, reported = b"".join(conn.control), [], 0
+            conn.control.clear()
+        else:
+            queue.wakeup = conn.claim  # nothing after all: still idle
+            return
+        try:
+            written = conn.frames.send_nowait(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            written = 0  # the writer tries again and deals with the failure as always
+        if written == len(data):
+            conn.last_write = _monotonic()
+            queue.mark_sent(len(events))
+            if queue.frames or conn.control:
+                idle.set()  # more than one batch's worth: the writer goes on
+            else:
+                queue.wakeup = conn.claim
+            return
+        conn.pending = (data[written:], events, reported)
+        idle.set()
 
     @staticmethod
     def _unsent(conn: _Connection, events: list[bytes], reported: int) -> None:
@@ -776,13 +939,21 @@ class Broker:
 
     def inject(self, target: Target, event_bytes: bytes) -> int:
         """Route an already encoded event that came from outside this broker."""
-        return self.router.route(None, target, self._frame(event_bytes))
+        direct = self._routing()
+        try:
+            return self.router.route(None, target, self._frame(event_bytes))
+        finally:
+            self._routed(direct)
 
     def inject_many(self, target: Target, events: Sequence[bytes]) -> int:
         """:meth:`inject` for a run of events with one target, in order (each queue takes
         the whole run at once, as for a read's worth of publishes)."""
         frame = self._frame
-        return self.router.route_many(None, target, [frame(e) for e in events])
+        direct = self._routing()
+        try:
+            return self.router.route_many(None, target, [frame(e) for e in events])
+        finally:
+            self._routed(direct)
 
     def statistics(self) -> BrokerStatistics:
         return BrokerStatistics(

@@ -77,6 +77,21 @@ class GuardedStream(ByteStream):
             view = view[sent:]
         await anyio.lowlevel.cancel_shielded_checkpoint()
 
+    def send_nowait(self, data: bytes) -> int:
+        """Write what the socket takes at once, without waiting: returns the bytes written
+        (0 when its buffer is full). The caller must not have a :meth:`send` of this stream
+        in progress (the bytes would interleave). Raises as :meth:`send` does."""
+        if self._closed:
+            raise anyio.ClosedResourceError
+        try:
+            return self._sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            if self._closed or exc.errno == errno.EBADF:
+                raise anyio.ClosedResourceError from None
+            raise anyio.BrokenResourceError from exc
+
     async def send_eof(self) -> None:
         await self._inner.send_eof()
 

@@ -36,7 +36,7 @@ class FrameStream:
     a peer that stops in the middle of a frame (``frame_timeout``).
     """
 
-    __slots__ = ("_clock", "_decoder", "_initial", "frame_started", "stream")
+    __slots__ = ("_clock", "_decoder", "_initial", "_send_nowait", "frame_started", "stream")
 
     def __init__(
         self,
@@ -48,6 +48,7 @@ class FrameStream:
         clock: Callable[[], float] = anyio.current_time,
     ) -> None:
         self.stream = stream
+        self._send_nowait: Callable[[bytes], int] | None = getattr(stream, "send_nowait", None)
         self._clock = clock
         self._decoder = FrameDecoder(header_len, max_frame_len)
         self._initial = initial
@@ -106,6 +107,15 @@ class FrameStream:
     async def send(self, data: bytes) -> None:
         """Write already framed bytes (one or many frames) in one call."""
         await self.stream.send(data)
+
+    def send_nowait(self, data: bytes) -> int:
+        """Write what the socket takes at once, without a schedule point; returns the bytes
+        written: 0 when the socket is full, or when the stream cannot write without waiting
+        (not a socket we own: shared/sockets.py). Never call it while a :meth:`send` is in
+        progress. Raises as :meth:`send` does."""
+        if self._send_nowait is None:
+            return 0
+        return self._send_nowait(data)
 
     async def aclose(self) -> None:
         await self.stream.aclose()

@@ -1,0 +1,187 @@
+"""The broker's direct writes (shared/broker.py, "direct writes"): a routing task writes to
+a connection whose writer is idle itself, and leaves what the socket does not take to the
+writer task, which finishes it first. Real broker and clients over Unix sockets, both
+backends and both transports; the counting wrapper only watches ``send_nowait``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from shared import stream as stream_module
+from shared.broker import Broker
+from shared.client import Client
+from shared.router import QueueStatistics
+
+from .helpers import Recorder, wait_until
+
+#: ~1 KiB events: a few hundred fill a Unix socket's buffer.
+PAD = "x" * 1000
+
+
+@asynccontextmanager
+async def serving(
+    address: str, transport: str, quiet: float = 0.0, **options: Any
+) -> AsyncIterator[Broker]:
+    # quiet=0: write directly whenever the writer is idle, however recent its last write
+    # (the default DIRECT_WRITE_QUIET depends on how fast this machine turns around)
+    b = Broker(transport=transport, expected_workers=2, **options)
+    b.direct_write_quiet = quiet
+    async with anyio.create_task_group() as tg:
+        await tg.start(b.serve, address)
+        yield b
+        tg.cancel_scope.cancel()
+
+
+def queue_of(b: Broker, worker_id: int) -> QueueStatistics:
+    (q,) = [q for q in b.statistics().router.queues if q.worker_id == worker_id]
+    return q
+
+
+class Writes:
+    """Counts the direct writes: whole ones and those that left a rest to the writer."""
+
+    def __init__(self) -> None:
+        self.whole = 0
+        self.partial = 0
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[Writes]:
+    seen = Writes()
+    real = stream_module.FrameStream.send_nowait
+
+    def counting(self: stream_module.FrameStream, data: bytes) -> int:
+        written = real(self, data)
+        if written == len(data):
+            seen.whole += 1
+        else:
+            seen.partial += 1
+        return written
+
+    monkeypatch.setattr(stream_module.FrameStream, "send_nowait", counting)
+    yield seen
+
+
+class Gate:
+    """A handler that records ("burst" events only) and waits while the gate is shut."""
+
+    def __init__(self) -> None:
+        self.open = anyio.Event()
+        self.data: list[int] = []
+
+    async def __call__(self, data: Any, event: str, source: str, wid: int | None) -> None:
+        if source == "burst":
+            await self.open.wait()
+            self.data.append(data[0])
+
+
+@pytest.mark.anyio
+async def test_small_bursts_to_idle_subscribers_are_written_by_the_routing_task(
+    address: str, transport: str, writes: Writes
+) -> None:
+    async with serving(address, transport) as b:
+        async with Client(address, transport=transport, worker_id=0) as sub, \
+                Client(address, transport=transport, worker_id=1) as pub:  # fmt: skip
+            rec = Recorder()
+            sub.subscribe("s", "*", rec)
+            await sub.wait_ready()
+            await pub.wait_ready()
+            for burst in range(20):
+                for i in range(5):
+                    await pub.publish("s", "e", [burst, i], "others")
+                await pub.flush()  # (its pong is a direct write too)
+                await rec.wait_for((burst + 1) * 5)
+            assert [e[2] for e in rec.events] == [[b_, i] for b_ in range(20) for i in range(5)]
+            assert writes.whole >= 20
+            q = queue_of(b, 0)
+            assert q.routed == q.sent + q.dropped + q.depth + q.in_flight
+            assert (q.dropped, q.in_flight) == (0, 0)
+
+
+@pytest.mark.anyio
+async def test_what_the_socket_does_not_take_is_finished_by_the_writer_in_order(
+    address: str, transport: str, writes: Writes
+) -> None:
+    events = 3000  # ~3 MiB: far more than a socket buffer and than one batch
+    async with serving(address, transport, max_queue_len=100_000) as b:
+        async with Client(address, transport=transport, worker_id=0, max_queue_len=50) as sub, \
+                Client(address, transport=transport, worker_id=1) as pub:  # fmt: skip
+            gate = Gate()
+            sub.subscribe("*", "*", gate)
+            await sub.wait_ready()
+            await pub.wait_ready()
+            for i in range(events):
+                await pub.publish("burst", "e", [i, PAD], "others")
+            await pub.flush()
+            await wait_until(lambda: queue_of(b, 0).depth > events // 2, 10)
+            gate.open.set()
+            await wait_until(lambda: len(gate.data) == events, 20)
+            assert gate.data == list(range(events))
+            assert writes.partial >= 1  # the first batch did not fit: the writer finished it
+            q = queue_of(b, 0)
+            assert (q.sent, q.dropped, q.depth, q.in_flight) == (q.routed, 0, 0, 0)
+
+
+@pytest.mark.anyio
+async def test_a_batch_left_to_the_writer_is_kept_when_the_connection_ends(
+    address: str, transport: str, writes: Writes
+) -> None:
+    events = 3000
+    async with serving(address, transport, max_queue_len=100_000) as b:
+        async with Client(address, transport=transport, worker_id=1) as pub:
+            await pub.wait_ready()
+            async with Client(address, transport=transport, worker_id=0, max_queue_len=50) as sub:
+                gate = Gate()
+                sub.subscribe("*", "*", gate)
+                await sub.wait_ready()
+                for i in range(events):
+                    await pub.publish("burst", "e", [i, PAD], "others")
+                await pub.flush()
+                await wait_until(lambda: queue_of(b, 0).depth > events // 2, 10)
+                assert writes.partial >= 1
+                # leaves with its handler stuck and a batch in the broker's writer
+            await wait_until(lambda: not queue_of(b, 0).connected, 10)
+            q = queue_of(b, 0)
+            assert q.in_flight == 0 and q.dropped == 0  # put back, not lost
+            async with Client(address, transport=transport, worker_id=0) as again:
+                gate2 = Gate()
+                gate2.open.set()
+                again.subscribe("*", "*", gate2)
+                await wait_until(lambda: bool(gate2.data) and gate2.data[-1] == events - 1, 20)
+            # a contiguous, ordered rest: what was not confirmed written comes again (the
+            # first client read some and dropped them at its close, as a closing client does)
+            first = gate2.data[0]
+            assert gate2.data == list(range(first, events))
+            q = queue_of(b, 0)
+            assert q.routed == q.sent + q.dropped + q.depth + q.in_flight
+            assert q.dropped == 0
+
+
+@pytest.mark.anyio
+async def test_a_connection_written_to_a_moment_ago_is_left_to_its_writer(
+    address: str, transport: str, writes: Writes
+) -> None:
+    # Everything counts as "a moment ago" here: the writer tasks do every write, batching
+    # what was routed meanwhile, exactly as without direct writes.
+    async with serving(address, transport, quiet=3600.0) as b:
+        async with Client(address, transport=transport, worker_id=0) as sub, \
+                Client(address, transport=transport, worker_id=1) as pub:  # fmt: skip
+            rec = Recorder()
+            sub.subscribe("s", "*", rec)
+            await sub.wait_ready()
+            await pub.wait_ready()
+            for burst in range(5):
+                for i in range(5):
+                    await pub.publish("s", "e", [burst, i], "others")
+                await pub.flush()
+                await rec.wait_for((burst + 1) * 5)
+            assert [e[2] for e in rec.events] == [[b_, i] for b_ in range(5) for i in range(5)]
+            assert (writes.whole, writes.partial) == (0, 0)
+            q = queue_of(b, 0)
+            assert (q.sent, q.dropped, q.in_flight) == (q.routed, 0, 0)
