@@ -101,6 +101,11 @@ class Hosting:
         self.broker: Broker | None = None
         #: The generation this process hosts (or hosted last), or None.
         self.generation: int | None = None
+        #: ``time.monotonic()`` when this process last won the election lock, and when its
+        #: broker last started listening (None before): the phases of a takeover, for
+        #: measurements (benchmarks/failover.py).
+        self.locked_at: float | None = None
+        self.listening_at: float | None = None
         self._socket_inode = -1
         self._rapid_until = 0.0
         self._poke: anyio.Event | None = None
@@ -147,6 +152,7 @@ class Hosting:
 
     async def _host(self, lock: FileLock, announce: Callable[[], None] | None) -> None:
         """Serve as the broker for as long as this process holds the lock (until cancelled)."""
+        self.locked_at = time.monotonic()
         previous = lock.read_record()
         generation = (as_int(previous.get("generation")) or 0) + 1
         identity = {"pid": os.getpid(), "worker_id": self.worker_id, "generation": generation}
@@ -170,6 +176,7 @@ class Hosting:
 
             def ready(broker: Broker = broker) -> None:
                 nonlocal announce
+                self.listening_at = time.monotonic()
                 self.broker = broker
                 self._socket_inode = os.lstat(self.socket_path).st_ino
                 if announce is not None:
