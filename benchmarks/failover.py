@@ -20,7 +20,8 @@ stdout (one JSON object per line) every ``welcome`` it gets, with ``time.monoton
 Each round also records its phases (ms after the kill): ``detect`` (the median and the last
 survivor's connection ends), ``lock`` (a survivor wins the election), ``listening`` (its
 broker listens), ``welcomed`` (the median survivor is welcomed; the last one is the
-failover time), and the background CPU during the failover (the machine's busy time that
+failover time), ``flowing_last`` (every survivor's handler has had an event from another
+worker through the new broker), and the background CPU during the failover (the machine's busy time that
 is not the fleet's or this parent's), so that a slow round can be explained. The default
 100 kills make p99 the second worst round rather than the worst; 100 kills of 16 workers
 take about 4 minutes.
@@ -69,13 +70,20 @@ async def _worker(address: str, workers: int, transport: str, interval: float) -
     received: dict[int, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
     async with join(address, workers=workers, transport=transport) as bus:
 
+        flowing: list[Any] = [None]  # the generation whose first bench event is awaited
+
         def on_event(data: Any, event: str, source: str, wid: int | None) -> None:
             if source == "workerbus" and event == "welcome":
                 gen = data.get("broker", {}).get("generation")
                 # the moment the welcome was read, not when this handler got to run
                 emit({"type": "welcome", "gen": gen, "t": bus.welcomed_at, "pid": pid, "wid": bus.worker_id})
+                flowing[0] = gen
             elif source == "bench" and isinstance(data, dict):
                 received[data["r"]][data["pid"]].add(data["n"])
+                if flowing[0] is not None:
+                    # another worker's event reached this handler through the new broker
+                    emit({"type": "flowing", "gen": flowing[0], "t": time.monotonic(), "pid": pid})
+                    flowing[0] = None
 
         bus.subscribe("*", "*", on_event)
         stdin = anyio.wrap_file(sys.stdin)
@@ -182,6 +190,8 @@ class Fleet:
         self.procs: dict[int, _Proc] = {}
         self.generation: dict[int, int] = {}  # pid -> latest welcome generation
         self.backlog: list[dict[str, Any]] = []
+        #: (pid, generation) -> when the worker's handler got its first event via that broker
+        self.flowing: dict[tuple[int, int], float] = {}
 
     def spawn(self) -> _Proc:
         args = [sys.executable, "-m", "benchmarks.failover", "--worker", self.address,
@@ -200,6 +210,8 @@ class Fleet:
             return None
         if msg.get("type") == "welcome" and isinstance(msg.get("gen"), int):
             self.generation[msg["pid"]] = max(msg["gen"], self.generation.get(msg["pid"], 0))
+        elif msg.get("type") == "flowing" and isinstance(msg.get("gen"), int):
+            self.flowing[(msg["pid"], msg["gen"])] = msg["t"]
         return msg
 
     def wait_for(self, predicate: Any, what: str, deadline: float = _DEADLINE) -> list[dict[str, Any]]:
@@ -310,6 +322,8 @@ def run_round(fleet: Fleet, r: int, warmup: float) -> dict[str, Any]:
         )
         if m.get("type") == "received"
     ]
+    new_gen = fleet.host()[1]
+    flowing = [fleet.flowing.get((p.pid, new_gen)) for p in survivors]
     expected = missing_gap = missing_other = gap_published = 0
     for rep in reports:
         for pub_pid, pub in published.items():
@@ -326,7 +340,7 @@ def run_round(fleet: Fleet, r: int, warmup: float) -> dict[str, Any]:
     return {
         "round": r,
         "failover_s": failover,
-        "phases_ms": _phases(reports, reconnected, t0),
+        "phases_ms": _phases(reports, reconnected, t0, flowing),
         "background_pct": round(background, 1),
         "fleet_cpu_pct": round(100 * fleet_cpu / (window * (os.cpu_count() or 1)), 1),
         "survivors": len(survivors),
@@ -340,10 +354,12 @@ def run_round(fleet: Fleet, r: int, warmup: float) -> dict[str, Any]:
 
 
 #: The phases of a round, in order (ms after the kill).
-PHASES = ("detect", "detect_last", "lock", "listening", "welcomed", "welcomed_last")
+PHASES = ("detect", "detect_last", "lock", "listening", "welcomed", "welcomed_last", "flowing_last")
 
 
-def _phases(reports: list[dict[str, Any]], reconnected: dict[int, float], t0: float) -> dict[str, float | None]:
+def _phases(
+    reports: list[dict[str, Any]], reconnected: dict[int, float], t0: float, flowing: list[float | None]
+) -> dict[str, float | None]:
     lost = sorted(x for x in (_ms(rep["phases"]["lost_at"], t0) for rep in reports) if x is not None)
     welcomed = sorted((t - t0) * 1000 for t in reconnected.values())
     host = [rep["phases"] for rep in reports if _ms(rep["phases"]["listening_at"], t0) is not None]
@@ -354,6 +370,8 @@ def _phases(reports: list[dict[str, Any]], reconnected: dict[int, float], t0: fl
         "listening": _ms(host[0]["listening_at"], t0) if host else None,
         "welcomed": statistics.median(welcomed),
         "welcomed_last": welcomed[-1],
+        # every survivor's handlers got another worker's event through the new broker
+        "flowing_last": None if None in flowing else (max(f for f in flowing if f is not None) - t0) * 1000,
     }
 
 
@@ -436,6 +454,7 @@ def _print(res: dict[str, Any]) -> None:
         "listening": "its broker listens",
         "welcomed": "survivors welcomed (median)",
         "welcomed_last": "last survivor welcomed = failover",
+        "flowing_last": "events reach every survivor again",
     }
     for name in PHASES:
         spread = res["phases_ms"].get(name)
