@@ -126,11 +126,12 @@ async def _worker(address: str, workers: int, transport: str, interval: float) -
                 elif cmd == "report":
                     r = int(arg)
                     got = {str(p): sorted(ns) for p, ns in received.pop(r, {}).items()}
+                    # (getattr: benchmarks/failover_ab.py runs this against older trees)
                     phases = {
-                        "lost_at": bus.lost_at,
+                        "lost_at": getattr(bus, "lost_at", None),
                         "welcomed_at": bus.welcomed_at,
-                        "locked_at": bus.hosting.locked_at,
-                        "listening_at": bus.hosting.listening_at,
+                        "locked_at": getattr(bus.hosting, "locked_at", None),
+                        "listening_at": getattr(bus.hosting, "listening_at", None),
                     }
                     emit({"type": "received", "r": r, "pid": pid, "from": got, "lost": bus.lost - lost_before,
                           "phases": phases})
@@ -408,21 +409,28 @@ def bench(workers: int, kills: int, transport: str, interval: float, warmup: flo
     ) + (time.process_time() - own0)
     m1 = procfs.machine_sample()
     background, steal = procfs.background_share(m0, m1, own)
-    times = [x["failover_s"] * 1000 for x in rounds]
-    phases = {
-        name: _spread(values)
-        for name in PHASES
-        if (values := [v for x in rounds if (v := x["phases_ms"][name]) is not None])
-    }
     return {
         "workers": workers,
         "transport": transport,
-        "kills": kills,
         "publish_interval_s": interval,
         "seconds": round(time.monotonic() - started, 1),
         "background_pct": round(background, 1),
         "steal_pct": round(steal, 1),
         "fleet_cpu_pct": round(100 * own / (max(m1.at - m0.at, 1e-3) * (os.cpu_count() or 1)), 1),
+        **summarize(rounds),
+    }
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures of a set of rounds (one run's, or several runs' merged)."""
+    times = [x["failover_s"] * 1000 for x in rounds]
+    phases = {
+        name: _spread(values)
+        for name in PHASES
+        if (values := [v for x in rounds if (v := x["phases_ms"].get(name)) is not None])
+    }
+    return {
+        "kills": len(rounds),
         "window_background_pct": _spread([x["background_pct"] for x in rounds]),
         "failover_median_ms": statistics.median(times),
         "failover_p90_ms": _pct(times, 0.90),
@@ -438,7 +446,7 @@ def bench(workers: int, kills: int, transport: str, interval: float, warmup: flo
     }
 
 
-def _print(res: dict[str, Any]) -> None:
+def print_result(res: dict[str, Any]) -> None:
     print(
         f"\n{res['workers']} workers, {res['transport']}, {res['kills']} kills, publishing every "
         f"{res['publish_interval_s'] * 1000:g} ms; {res['seconds']:.0f} s; background CPU "
@@ -488,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         for transport in args.transport:
             res = bench(n, args.kills, transport, args.interval, args.warmup)
             results.append(res)
-            _print(res)
+            print_result(res)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": "python -m benchmarks.failover " + " ".join(args_list),

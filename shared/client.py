@@ -175,7 +175,8 @@ class ClientHooks:
     Subclass it and override what you need; the defaults are what a plain client does.
     :mod:`shared.embed` composes its pieces (sequence numbers and gap checks, the broker
     watch, the election) through it. Every method runs inside the client's own code paths,
-    the first two on the per-event paths: they must be quick, and none may block or await.
+    the first two on the per-event paths: they must be quick, and none may block or await
+    (``wait_before_retry`` excepted: it is the reconnect backoff).
     """
 
     def encode_publish(
@@ -221,6 +222,12 @@ class ClientHooks:
         something is wrong, unless the layer above knows better (embed: a host that is
         starting or stopping on purpose)."""
         return logging.WARNING
+
+    async def wait_before_retry(self, client: Client, seconds: float) -> None:
+        """The pause before the next connect attempt (the backoff): the one hook that
+        awaits. An override may return sooner when it knows a broker has just appeared
+        (embed: a new socket file), but not wait longer."""
+        await anyio.sleep(seconds)
 
 
 _PLAIN = ClientHooks()
@@ -642,10 +649,17 @@ class Client:
         failures = 0
         short_sessions = 0
         down_since = 0.0
+        # A native client that asks for a welcome talks to a workerbus broker, which
+        # takes the hello right behind the connection start: sent with it where the
+        # transport can (http: one round trip less per connect).
+        early = getattr(self.transport, "connect_with", None) if self._caps else None
         while True:
             try:
                 with anyio.fail_after(self.connect_timeout):
-                    stream, initial = await self.transport.connect(self._path)
+                    if early is not None:
+                        stream, initial = await early(self._path, self._hello)
+                    else:
+                        stream, initial = await self.transport.connect(self._path)
             except (
                 OSError,
                 HandshakeError,
@@ -673,19 +687,19 @@ class Client:
                     failures,
                     key=f"unreachable/{level}",
                 )
-                await anyio.sleep(self._backoff(failures))
+                await self.hooks.wait_before_retry(self, self._backoff(failures))
                 continue
             if failures > 1:
                 logger.info("worker %d reached the broker after %d failed attempts", self.worker_id, failures)
             failures = 0
             started = anyio.current_time()
-            error = await self._session(stream, initial)
+            error = await self._session(stream, initial, hello_sent=early is not None)
             if error is not None:
                 failures += 1
                 self._reconnect_log.log(
                     logging.WARNING, "worker %d: %s (attempt %d)", self.worker_id, error, failures
                 )
-                await anyio.sleep(self._backoff(failures))
+                await self.hooks.wait_before_retry(self, self._backoff(failures))
                 continue
             if self._closing:
                 return
@@ -708,7 +722,7 @@ class Client:
                     )
             else:
                 short_sessions = 0
-            await anyio.sleep(self._backoff(short_sessions))
+            await self.hooks.wait_before_retry(self, self._backoff(short_sessions))
 
     def _fail_handshake(self, exc: NoWelcome) -> None:
         # Wake wait_ready() callers: they raise it. Cleared by the next welcome.
@@ -849,11 +863,12 @@ class Client:
                 len(refused),
             )
 
-    async def _session(self, stream: ByteStream, initial: bytes) -> NoWelcome | None:
+    async def _session(self, stream: ByteStream, initial: bytes, *, hello_sent: bool = False) -> NoWelcome | None:
         """Serve one connection; returns the error if the broker did not welcome us."""
         async with stream:
             try:
-                await stream.send(self._hello)
+                if not hello_sent:
+                    await stream.send(self._hello)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 logger.info("worker %d: hello failed: %r", self.worker_id, exc)
                 return None

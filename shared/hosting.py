@@ -29,7 +29,15 @@ from .profile import Profile
 from .sequence import as_int
 from .transport import Transport, parse_address
 
-__all__ = ["DRAIN_TIMEOUT", "HOST_RETRY", "POLL_INTERVAL", "RAPID_INTERVAL", "RAPID_WINDOW", "Hosting"]
+__all__ = [
+    "DRAIN_TIMEOUT",
+    "HOST_RETRY",
+    "POLL_INTERVAL",
+    "RAPID_INTERVAL",
+    "RAPID_WINDOW",
+    "TAKEOVER_HOLD",
+    "Hosting",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +48,9 @@ RAPID_WINDOW = 0.5
 POLL_INTERVAL = 1.0
 #: Seconds before a host whose broker failed to start tries again (keeping the lock).
 HOST_RETRY = 1.0
+#: Seconds a new broker holds routing at most while the live workers reconnect: a bound
+#: for a worker that does not come back at once (stopped, or still starting).
+TAKEOVER_HOLD = 0.1
 #: Seconds a leaving host waits for its queues to reach the connected workers.
 DRAIN_TIMEOUT = 1.0
 
@@ -168,11 +179,15 @@ class Hosting:
                 **self.broker_options,
             )
             broker.identity.update(identity)
+            live = held_worker_ids(self.socket_path, self.max_worker_id)
             if not self.workers:
                 # Unknown N: keep a queue for every id a live worker holds right now, so
                 # what is published before it reconnects waits for it.
-                for wid in held_worker_ids(self.socket_path, self.max_worker_id):
+                for wid in live:
                     broker.router.detach(broker.router.attach(wid))
+            # Every live worker (its client included) connects within milliseconds: the
+            # handshakes go first, then routing (Broker.await_reconnects).
+            broker.await_reconnects(live, TAKEOVER_HOLD)
 
             def ready(broker: Broker = broker) -> None:
                 nonlocal announce
