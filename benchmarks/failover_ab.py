@@ -7,7 +7,11 @@ runs than the code changes the result (docs/benchmarks.md, failover). So the kil
 split into blocks, run alternately against each tree (before, after, after, before, ...),
 and the rounds of each tree are merged: both meet the same load. ``--before`` and
 ``--after`` are commits exported with ``git archive``, or ``WORKTREE`` for this
-checkout's files as they are now (copied, so editing during the run changes nothing).
+checkout's files as they are now (copied, so editing during the run changes nothing);
+``--before-transport``/``--after-transport`` compare transports the same way:
+
+    python -m benchmarks.failover_ab --before WORKTREE --before-transport http --after-transport stream
+
 This checkout's benchmarks/failover.py runs in both trees.
 """
 
@@ -27,10 +31,11 @@ from benchmarks.failover import print_result, summarize
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def export(ref: str, into: str) -> str:
-    tree = os.path.join(into, ref.replace("/", "_"))
-    os.makedirs(tree)
-    if ref == "WORKTREE":
+def export(ref: str, tree: str) -> str:
+    if os.path.isdir(ref):  # a tree prepared by hand (e.g. a variant of this checkout)
+        shutil.copytree(ref, tree, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__"))
+    elif ref == "WORKTREE":
+        os.makedirs(tree)
         files = subprocess.run(
             ["git", "-C", ROOT, "ls-files", "-z"], check=True, capture_output=True
         ).stdout.split(b"\0")
@@ -41,16 +46,17 @@ def export(ref: str, into: str) -> str:
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 shutil.copy2(src, dst)
     else:
+        os.makedirs(tree)
         archive = subprocess.run(["git", "-C", ROOT, "archive", ref], check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
     shutil.copy2(os.path.join(ROOT, "benchmarks", "failover.py"), os.path.join(tree, "benchmarks", "failover.py"))
     return tree
 
 
-def run_block(tree: str, args: argparse.Namespace, kills: int, out: str) -> dict[str, Any]:
+def run_block(tree: str, transport: str, args: argparse.Namespace, kills: int, out: str) -> dict[str, Any]:
     cmd = [
         sys.executable, "-m", "benchmarks.failover", "--workers", str(args.workers), "--kills", str(kills),
-        "--transport", args.transport, "--interval", str(args.interval), "--json", out,
+        "--transport", transport, "--interval", str(args.interval), "--json", out,
     ]
     subprocess.run(cmd, cwd=tree, check=True, stdout=subprocess.DEVNULL)
     with open(out) as f:
@@ -60,12 +66,14 @@ def run_block(tree: str, args: argparse.Namespace, kills: int, out: str) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.failover_ab", description=__doc__.split("\n")[0])
-    p.add_argument("--before", required=True, help="a commit, or WORKTREE")
-    p.add_argument("--after", default="WORKTREE", help="a commit, or WORKTREE (default)")
+    p.add_argument("--before", required=True, help="a commit, WORKTREE, or a directory holding a tree")
+    p.add_argument("--after", default="WORKTREE", help="a commit, WORKTREE (default), or a directory")
     p.add_argument("--workers", type=int, default=16)
     p.add_argument("--kills", type=int, default=100, help="kills per tree")
     p.add_argument("--block", type=int, default=20, help="kills per block")
-    p.add_argument("--transport", choices=("http", "stream"), default="http")
+    p.add_argument("--transport", choices=("http", "stream"), default="http", help="of both trees")
+    p.add_argument("--before-transport", choices=("http", "stream"), default=None)
+    p.add_argument("--after-transport", choices=("http", "stream"), default=None)
     p.add_argument("--interval", type=float, default=0.005)
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args(argv)
@@ -73,14 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error("need 1 <= --block <= --kills")
     scratch = tempfile.mkdtemp(prefix="wb-fo-ab-")
     try:
-        trees = {"before": export(args.before, scratch), "after": export(args.after, scratch)}
+        trees = {name: export(getattr(args, name), os.path.join(scratch, name)) for name in ("before", "after")}
+        transports = {name: getattr(args, f"{name}_transport") or args.transport for name in ("before", "after")}
         blocks: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
         order = ["before", "after"]
         done = 0
         while done < args.kills:
             kills = min(args.block, args.kills - done)
             for name in order:
-                res = run_block(trees[name], args, kills, os.path.join(scratch, "block.json"))
+                res = run_block(trees[name], transports[name], args, kills, os.path.join(scratch, "block.json"))
                 blocks[name].append(res)
                 print(
                     f"{name:>6} block {len(blocks[name])}: median {res['failover_median_ms']:.1f} ms, "
@@ -96,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = sum(r["seconds"] for r in runs)
         res = {
             "workers": args.workers,
-            "transport": args.transport,
+            "transport": transports[name],
             "publish_interval_s": args.interval,
             "tree": getattr(args, name),
             "seconds": seconds,

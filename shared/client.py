@@ -175,8 +175,7 @@ class ClientHooks:
     Subclass it and override what you need; the defaults are what a plain client does.
     :mod:`shared.embed` composes its pieces (sequence numbers and gap checks, the broker
     watch, the election) through it. Every method runs inside the client's own code paths,
-    the first two on the per-event paths: they must be quick, and none may block or await
-    (``wait_before_retry`` excepted: it is the reconnect backoff).
+    the first two on the per-event paths: they must be quick, and none may block or await.
     """
 
     def encode_publish(
@@ -222,12 +221,6 @@ class ClientHooks:
         something is wrong, unless the layer above knows better (embed: a host that is
         starting or stopping on purpose)."""
         return logging.WARNING
-
-    async def wait_before_retry(self, client: Client, seconds: float) -> None:
-        """The pause before the next connect attempt (the backoff): the one hook that
-        awaits. An override may return sooner when it knows a broker has just appeared
-        (embed: a new socket file), but not wait longer."""
-        await anyio.sleep(seconds)
 
 
 _PLAIN = ClientHooks()
@@ -687,7 +680,7 @@ class Client:
                     failures,
                     key=f"unreachable/{level}",
                 )
-                await self.hooks.wait_before_retry(self, self._backoff(failures))
+                await anyio.sleep(self._backoff(failures))
                 continue
             if failures > 1:
                 logger.info("worker %d reached the broker after %d failed attempts", self.worker_id, failures)
@@ -699,7 +692,7 @@ class Client:
                 self._reconnect_log.log(
                     logging.WARNING, "worker %d: %s (attempt %d)", self.worker_id, error, failures
                 )
-                await self.hooks.wait_before_retry(self, self._backoff(failures))
+                await anyio.sleep(self._backoff(failures))
                 continue
             if self._closing:
                 return
@@ -722,7 +715,7 @@ class Client:
                     )
             else:
                 short_sessions = 0
-            await self.hooks.wait_before_retry(self, self._backoff(short_sessions))
+            await anyio.sleep(self._backoff(short_sessions))
 
     def _fail_handshake(self, exc: NoWelcome) -> None:
         # Wake wait_ready() callers: they raise it. Cleared by the next welcome.

@@ -15,8 +15,8 @@ an ASGI lifespan). What happens underneath:
 4. **Failover.** When a worker's connection drops it tries the lock at once and then every
    few milliseconds for a short while (and once a second always, as a safety net). The
    winner replaces the dead broker's stale socket file and serves; everybody's client
-   reconnects on its own (5–20 ms backoff, cut short when the new socket file appears),
-   and the new broker does their handshakes before it routes what they re-send. Publishes made meanwhile wait in each
+   reconnects on its own (5–20 ms backoff), and the new broker does their handshakes
+   before it routes what they re-send. Publishes made meanwhile wait in each
    publisher's buffer and go out to the new broker.
 5. **Never silent.** Embedded brokers send lifecycle events (``welcome``, ``joined``,
    ``left``); each worker turns a change of broker into a local ``broker-moved`` event,
@@ -81,10 +81,6 @@ EMBED_RECONNECT_MIN = 0.005
 #: start take milliseconds (p99 under 0.4 s with 16 busy workers, docs/embedding.md).
 QUIET_FAILOVER = 1.0
 EMBED_RECONNECT_MAX = 0.02
-#: For this long after losing its broker a worker checks the socket file this often during
-#: its reconnect backoff, and connects as soon as a new broker's file is there.
-SOCKET_WATCH_WINDOW = 0.5
-SOCKET_WATCH_INTERVAL = 0.001
 
 
 class BrokerWatch:
@@ -175,32 +171,6 @@ class _Embedding(ClientHooks):
 
     def unreachable_level(self, client: Client, seconds: float) -> int:
         return self.watch.unreachable_level(seconds)
-
-    async def wait_before_retry(self, client: Client, seconds: float) -> None:
-        # Right after losing the broker a new one listens within milliseconds, on a new
-        # socket file (the winner of the election replaces the dead host's): connect as
-        # soon as the file changes rather than after the whole backoff. Only for a short
-        # while after the loss: a broker that stays away costs no polling.
-        lost_at = self.watch.lost_at
-        if self.hosting is None or lost_at is None or time.monotonic() - lost_at > SOCKET_WATCH_WINDOW:
-            await anyio.sleep(seconds)
-            return
-        path = self.hosting.socket_path
-        before = _socket_file(path)
-        deadline = anyio.current_time() + seconds
-        while (left := deadline - anyio.current_time()) > 0:
-            await anyio.sleep(min(SOCKET_WATCH_INTERVAL, left))
-            if _socket_file(path) != before:
-                return
-
-
-def _socket_file(path: str) -> tuple[int, int] | None:
-    """The identity of the file at ``path`` (device, inode), None if there is none."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 class EmbeddedClient(Client):

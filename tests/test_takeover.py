@@ -1,14 +1,11 @@
-"""What makes a failover quick: the new broker's takeover hold, the reconnect that follows
-the new socket file, and the HTTP hello sent with the upgrade request. Real sockets and
+"""What makes a failover quick: the new broker's takeover hold, and the HTTP hello sent
+with the upgrade request. Real sockets and
 files, both transports and both backends; tests/test_embed_processes.py kills real
 processes."""
 
 from __future__ import annotations
 
 import logging
-import os
-import time
-from typing import Any
 
 import anyio
 import anyio.abc
@@ -16,7 +13,6 @@ import pytest
 
 from shared.broker import Broker
 from shared.client import Client
-from shared.embed import EmbeddedClient
 from shared.frame import encode_frame
 from shared.messages import decode_hello
 from shared.profile import NATIVE
@@ -104,37 +100,6 @@ async def test_a_broker_without_a_takeover_routes_at_once(address: str, transpor
                 await c0.flush()
                 await rec.wait_for(1)
         tg.cancel_scope.cancel()
-
-
-async def test_reconnect_wait_ends_when_a_new_socket_file_appears(sock_dir: str) -> None:
-    # After losing its broker an embedded worker waits its backoff, but connects as soon
-    # as the election's winner has put its socket file in place of the dead host's.
-    path = os.path.join(sock_dir, "bus.sock")
-    os.close(os.open(path, os.O_CREAT | os.O_WRONLY))  # the dead host's stale file
-    bus = EmbeddedClient(f"unix:{path}", transport="stream", worker_id=0, workers=1)
-    bus.watch.lost_at = time.monotonic()
-    hooks: Any = bus.hooks
-
-    async def replace_soon() -> None:
-        await anyio.sleep(0.05)
-        os.close(os.open(path + ".new", os.O_CREAT | os.O_WRONLY))
-        os.replace(path + ".new", path)  # a new file (inode) at the same path
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(replace_soon)
-        start = anyio.current_time()
-        with anyio.fail_after(5):
-            await hooks.wait_before_retry(bus, 30.0)
-        assert anyio.current_time() - start < 5
-    # Unchanged file: the whole backoff.
-    start = anyio.current_time()
-    await hooks.wait_before_retry(bus, 0.05)
-    assert anyio.current_time() - start >= 0.05
-    # Long after the loss: a plain sleep, no polling (the same outcome, seen from here).
-    bus.watch.lost_at = -1e9
-    start = anyio.current_time()
-    await hooks.wait_before_retry(bus, 0.02)
-    assert anyio.current_time() - start >= 0.02
 
 
 async def test_http_client_sends_its_hello_with_the_upgrade_request(address: str) -> None:
