@@ -6,6 +6,9 @@ client lost the broker, and once a second always as a safety net. The winner run
 :class:`Broker` in a background task of its own event loop until it is cancelled or dies
 (the kernel releases the lock however it dies); on an orderly stop, :meth:`drain` hands
 over: the connected workers get what is queued for them and are told the host is going.
+A new broker first does the handshakes of every live worker, then routes
+(:meth:`Broker.await_reconnects`, at most :data:`TAKEOVER_HOLD`): in a takeover they all
+reconnect at once, and the host's CPU is what the last of them waits for.
 """
 
 from __future__ import annotations
@@ -49,8 +52,10 @@ POLL_INTERVAL = 1.0
 #: Seconds before a host whose broker failed to start tries again (keeping the lock).
 HOST_RETRY = 1.0
 #: Seconds a new broker holds routing at most while the live workers reconnect: a bound
-#: for a worker that does not come back at once (stopped, or still starting).
-TAKEOVER_HOLD = 0.1
+#: for a worker that does not come back at once (stopped, blocked, or still starting).
+#: 0.1 s let the last survivors of a loaded takeover meet routing already under way
+#: (100-kill A/B, 16 workers: p99 438 ms at 0.1 s, 292 ms at 0.3 s; docs/benchmarks.md).
+TAKEOVER_HOLD = 0.3
 #: Seconds a leaving host waits for its queues to reach the connected workers.
 DRAIN_TIMEOUT = 1.0
 
