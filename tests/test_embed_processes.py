@@ -172,3 +172,30 @@ def test_kill_9_of_the_host_survivors_move_over_and_nothing_is_lost(
         assert m.proc.wait(timeout=_TIMEOUT) == 0
     leaving[-1].send(cmd="quit")
     assert leaving[-1].proc.wait(timeout=_TIMEOUT) == 0
+
+
+def test_the_failover_benchmark_accounts_for_every_event(tmp_path: Any) -> None:
+    # benchmarks/failover.py end to end, small: the kills happen, every phase is timed,
+    # nothing published while disconnected is lost, and whatever died with a broker was
+    # reported lost by its receivers.
+    out = os.path.join(str(tmp_path), "failover.json")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [PY, "-m", "benchmarks.failover", "--workers", "4", "--kills", "3", "--warmup", "0.1", "--json", out],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(out) as f:
+        (res,) = json.load(f)["results"]
+    assert res["kills"] == 3
+    assert res["events_expected"] > 0
+    assert res["gap_events_lost"] == 0
+    assert res["lost_reported"] == res["lost_in_dead_broker"]
+    for phase in ("detect", "lock", "listening", "welcomed", "welcomed_last", "flowing_last"):
+        assert res["phases_ms"][phase]["max"] >= res["phases_ms"][phase]["median"] >= 0
+    assert 0 <= res["background_pct"] <= 100
+    assert "last survivor welcomed = failover" in done.stdout
