@@ -453,6 +453,7 @@ def print_result(res: dict[str, Any]) -> None:
         f"{res['background_pct']:.1f} % of the machine over the run (during the failovers: median "
         f"{res['window_background_pct']['median']:.0f} %, max {res['window_background_pct']['max']:.0f} %); "
         f"the fleet itself {res['fleet_cpu_pct']:.1f} %"
+        + (f"; background before the run {bg:.0f} %" if (bg := res.get("background_before_pct")) is not None else "")
     )
     print(f"  {'ms after kill -9':<34} {'median':>7} {'p90':>7} {'p99':>7} {'max':>7}")
     labels = {
@@ -487,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--transport", choices=("http", "stream"), nargs="+", default=["http"])
     p.add_argument("--interval", type=float, default=0.005, help="seconds between a worker's publishes")
     p.add_argument("--warmup", type=float, default=0.3, help="seconds of publishing before a kill and after")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="before each run, wait up to this long for the machine's background CPU to drop "
+                   "to --max-bg (as workerbus bench does)")
+    p.add_argument("--max-bg", type=float, default=10.0, metavar="PCT")
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args(args_list)
     if args.kills < 1:
@@ -494,7 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for n in args.workers:
         for transport in args.transport:
+            idle = procfs.wait_until_idle(args.wait_idle, args.max_bg) if args.wait_idle > 0 else None
             res = bench(n, args.kills, transport, args.interval, args.warmup)
+            res["background_before_pct"] = idle
             results.append(res)
             print_result(res)
     if args.json:
