@@ -39,10 +39,17 @@ class HttpTransport:
         self.max_header_bytes = max_header_bytes
 
     async def connect(self, path: str) -> tuple[ByteStream, bytes]:
+        return await self.connect_with(path, b"")
+
+    async def connect_with(self, path: str, first: bytes) -> tuple[ByteStream, bytes]:
+        """:meth:`connect`, with ``first`` (the hello) sent right behind the request, in
+        the same write: the broker keeps what follows the request head for the frame
+        stream, so the hello does not wait for the ``101`` (one round trip less per
+        connect, which a failover's reconnects feel: docs/benchmarks.md)."""
         stream = await connect_unix(path)
         try:
             handshake = ClientHandshake()
-            await stream.send(handshake.request)
+            await stream.send(handshake.request + first)
             while True:
                 trailing = handshake.receive_data(await _receive_or_eof(stream))
                 if trailing is not None:

@@ -342,6 +342,13 @@ class Broker:
         #: Peer-triggered warnings go through this, so a storm cannot flood the log.
         self.log_limiter = LogLimiter(logger)
         self.on_ready: Callable[[str], None] | None = None
+        #: A takeover (:meth:`await_reconnects`): the ids whose hellos routing waits for,
+        #: for at most ``_hold_timeout`` seconds after listening; the lifecycle events
+        #: held meanwhile go out together when it ends.
+        self._awaited: set[int] = set()
+        self._hold_timeout = 0.0
+        self._hold: anyio.Event | None = None
+        self._held_lifecycle: list[bytes] = []
         self.lifecycle_events = lifecycle_events
         #: Who this broker is, sent in every ``welcome``; an embedding adds its own keys
         #: (e.g. ``generation`` and the hosting ``worker_id``).
@@ -393,10 +400,48 @@ class Broker:
                     )
                     if not PEERCRED_SUPPORTED:
                         logger.warning("no SO_PEERCRED here: peers are checked by file mode only")
+                    if self._awaited:
+                        self._hold = anyio.Event()
+                        tg.start_soon(self._end_hold_after, self._hold_timeout)
                     task_status.started(address)
                     await listener.serve(self.handle, task_group=tg)
             finally:
                 place.remove_own()
+
+    def await_reconnects(self, worker_ids: Iterable[int], timeout: float) -> None:
+        """Before :meth:`serve`: these workers are about to reconnect at once (they were
+        connected to a broker that died); hold routing until each has said hello, for at
+        most ``timeout`` seconds after listening.
+
+        Meanwhile the broker does the handshakes and welcomes only, and the ``joined`` /
+        ``left`` events wait to go out together. In a takeover every survivor reconnects
+        within milliseconds and re-sends what it buffered; routing that while the others
+        still wait for their welcome spent the new host's CPU on sends that each woke a
+        survivor, which then took the CPU from the host (docs/benchmarks.md, failover).
+        Nothing is dropped or reordered: publishes wait in the sockets, lifecycle events
+        in order, and ``joined`` still precedes the joiner's first event everywhere.
+        """
+        self._awaited = set(worker_ids)
+        self._hold_timeout = timeout
+
+    async def _end_hold_after(self, seconds: float) -> None:
+        await anyio.sleep(seconds)
+        if self._hold is not None:
+            logger.info(
+                "routing resumes after %ss without the hellos of workers %s",
+                seconds,
+                ",".join(map(str, sorted(self._awaited))),
+            )
+            self._end_hold()
+
+    def _end_hold(self) -> None:
+        hold, self._hold = self._hold, None
+        self._awaited.clear()
+        if self._held_lifecycle:
+            self.inject_many(ALL, self._held_lifecycle)  # one run: one send per worker
+            self._held_lifecycle.clear()
+        if hold is not None:
+            hold.set()
 
     async def _housekeeping(self, place: SocketFile, tg: anyio.abc.TaskGroup) -> None:
         while True:
@@ -543,6 +588,10 @@ class Broker:
             conn.caps = hello.caps & SUPPORTED_CAPS
             if CAP_WELCOME in conn.caps:
                 conn.control.append(self._welcome_frame(conn))
+        if self._hold is not None:
+            self._awaited.discard(hello.worker_id)
+            if not self._awaited:
+                self._end_hold()
         try:
             async with anyio.create_task_group() as tg:
                 conn.scope = tg.cancel_scope
@@ -628,6 +677,8 @@ class Broker:
         keys: list[RunKeys | None] | None = [] if filtering else None
         try:
             while True:
+                if self._hold is not None:
+                    await self._hold.wait()  # a takeover: hellos first (await_reconnects)
                 # Consecutive publishes with the same target (and, with "filter" granted,
                 # the same (src, ev): §8) make a run; the router hands each queue all the
                 # runs of one read it takes at once. A bad frame ends the connection after
@@ -925,7 +976,11 @@ class Broker:
         return self._frame(inner)
 
     def _announce(self, event: str, conn: _Connection) -> None:
-        self.inject(ALL, self._lifecycle_event(event, {"worker_id": conn.worker_id, "pid": conn.pid}))
+        inner = self._lifecycle_event(event, {"worker_id": conn.worker_id, "pid": conn.pid})
+        if self._hold is not None:
+            self._held_lifecycle.append(inner)  # in order, out with the hold's end
+            return
+        self.inject(ALL, inner)
 
     # --- bridge seam & introspection -----------------------------------------------------
 

@@ -15,7 +15,8 @@ an ASGI lifespan). What happens underneath:
 4. **Failover.** When a worker's connection drops it tries the lock at once and then every
    few milliseconds for a short while (and once a second always, as a safety net). The
    winner replaces the dead broker's stale socket file and serves; everybody's client
-   reconnects on its own (5–20 ms backoff). Publishes made meanwhile wait in each
+   reconnects on its own (5–20 ms backoff), and the new broker does their handshakes
+   before it routes what they re-send. Publishes made meanwhile wait in each
    publisher's buffer and go out to the new broker.
 5. **Never silent.** Embedded brokers send lifecycle events (``welcome``, ``joined``,
    ``left``); each worker turns a change of broker into a local ``broker-moved`` event,
@@ -97,6 +98,8 @@ class BrokerWatch:
         #: ``time.monotonic()`` when the latest ``welcome`` was read (before any handler
         #: ran): when this worker was last connected to a broker, for measurements.
         self.welcomed_at: float | None = None
+        #: ``time.monotonic()`` when the latest connection to a broker ended, or None.
+        self.lost_at: float | None = None
         #: The broker said it is stopping (its host shuts down): losing it is orderly.
         self.stopping = False
         self._identity: dict[Any, Any] | None = None
@@ -162,6 +165,7 @@ class _Embedding(ClientHooks):
             logger.warning("worker %d could not send its sync marker: %r", client.worker_id, exc)
 
     def session_ended(self, client: Client) -> None:
+        self.watch.lost_at = time.monotonic()
         if self.hosting is not None:
             self.hosting.contend()
 
@@ -174,7 +178,7 @@ class EmbeddedClient(Client):
 
     Extra attributes: ``workers`` (the expected worker count, or None), ``is_broker``,
     ``generation`` (of the broker it is connected to), ``broker_moves``, ``lost``,
-    ``welcomed_at``.
+    ``welcomed_at``, ``lost_at``.
     """
 
     def __init__(
@@ -284,6 +288,11 @@ class EmbeddedClient(Client):
     def welcomed_at(self) -> float | None:
         """``time.monotonic()`` when the latest ``welcome`` was read, or None."""
         return self.watch.welcomed_at
+
+    @property
+    def lost_at(self) -> float | None:
+        """``time.monotonic()`` when the latest connection to a broker ended, or None."""
+        return self.watch.lost_at
 
     def broker_statistics(self) -> BrokerStatistics | None:
         """The hosted broker's statistics, or None when another worker hosts it."""

@@ -6,6 +6,9 @@ client lost the broker, and once a second always as a safety net. The winner run
 :class:`Broker` in a background task of its own event loop until it is cancelled or dies
 (the kernel releases the lock however it dies); on an orderly stop, :meth:`drain` hands
 over: the connected workers get what is queued for them and are told the host is going.
+A new broker first does the handshakes of every live worker, then routes
+(:meth:`Broker.await_reconnects`, at most :data:`TAKEOVER_HOLD`): in a takeover they all
+reconnect at once, and the host's CPU is what the last of them waits for.
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ from .profile import Profile
 from .sequence import as_int
 from .transport import Transport, parse_address
 
-__all__ = ["DRAIN_TIMEOUT", "HOST_RETRY", "POLL_INTERVAL", "RAPID_INTERVAL", "RAPID_WINDOW", "Hosting"]
+__all__ = [
+    "DRAIN_TIMEOUT",
+    "HOST_RETRY",
+    "POLL_INTERVAL",
+    "RAPID_INTERVAL",
+    "RAPID_WINDOW",
+    "TAKEOVER_HOLD",
+    "Hosting",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +51,11 @@ RAPID_WINDOW = 0.5
 POLL_INTERVAL = 1.0
 #: Seconds before a host whose broker failed to start tries again (keeping the lock).
 HOST_RETRY = 1.0
+#: Seconds a new broker holds routing at most while the live workers reconnect: a bound
+#: for a worker that does not come back at once (stopped, blocked, or still starting).
+#: 0.1 s let the last survivors of a loaded takeover meet routing already under way
+#: (100-kill A/B, 16 workers: p99 438 ms at 0.1 s, 292 ms at 0.3 s; docs/benchmarks.md).
+TAKEOVER_HOLD = 0.3
 #: Seconds a leaving host waits for its queues to reach the connected workers.
 DRAIN_TIMEOUT = 1.0
 
@@ -101,6 +117,11 @@ class Hosting:
         self.broker: Broker | None = None
         #: The generation this process hosts (or hosted last), or None.
         self.generation: int | None = None
+        #: ``time.monotonic()`` when this process last won the election lock, and when its
+        #: broker last started listening (None before): the phases of a takeover, for
+        #: measurements (benchmarks/failover.py).
+        self.locked_at: float | None = None
+        self.listening_at: float | None = None
         self._socket_inode = -1
         self._rapid_until = 0.0
         self._poke: anyio.Event | None = None
@@ -147,6 +168,7 @@ class Hosting:
 
     async def _host(self, lock: FileLock, announce: Callable[[], None] | None) -> None:
         """Serve as the broker for as long as this process holds the lock (until cancelled)."""
+        self.locked_at = time.monotonic()
         previous = lock.read_record()
         generation = (as_int(previous.get("generation")) or 0) + 1
         identity = {"pid": os.getpid(), "worker_id": self.worker_id, "generation": generation}
@@ -162,14 +184,19 @@ class Hosting:
                 **self.broker_options,
             )
             broker.identity.update(identity)
+            live = held_worker_ids(self.socket_path, self.max_worker_id)
             if not self.workers:
                 # Unknown N: keep a queue for every id a live worker holds right now, so
                 # what is published before it reconnects waits for it.
-                for wid in held_worker_ids(self.socket_path, self.max_worker_id):
+                for wid in live:
                     broker.router.detach(broker.router.attach(wid))
+            # Every live worker (its client included) connects within milliseconds: the
+            # handshakes go first, then routing (Broker.await_reconnects).
+            broker.await_reconnects(live, TAKEOVER_HOLD)
 
             def ready(broker: Broker = broker) -> None:
                 nonlocal announce
+                self.listening_at = time.monotonic()
                 self.broker = broker
                 self._socket_inode = os.lstat(self.socket_path).st_ino
                 if announce is not None:

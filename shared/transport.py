@@ -52,6 +52,10 @@ class Transport(Protocol):
     # a peer it is refused before its connection start (the broker is full, the uid is not
     # trusted), if the transport has a way to say so; the broker then closes. ``status`` is
     # the HTTP status that describes the refusal, ``text`` one line for a person.
+    #
+    # Optional, client side: ``async def connect_with(self, path, first: bytes)`` is
+    # ``connect`` that also sends ``first`` (a native client's hello) as early as the
+    # connection start allows, without waiting for the broker's answer to it.
 
 
 # The names a caller may use instead of a transport object. The core imports no transport:
