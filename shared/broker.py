@@ -10,6 +10,7 @@ every other connection carry on.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import socket
 import time
@@ -30,6 +31,7 @@ from .messages import (
     CAP_BARRIER,
     CAP_CLUSTER,
     CAP_FILTER,
+    CAP_UNFRAMED,
     CAP_WELCOME,
     PROTOCOL_VERSION,
     Target,
@@ -91,7 +93,7 @@ LIFECYCLE_SOURCE = "workerbus"
 #: kernel instead of staying resident (shared/memtrim.py says why that is needed).
 _TRIM_AFTER_CLOSES = 64
 #: The capabilities this broker grants when a native hello asks for them (protocol.md §8).
-SUPPORTED_CAPS = frozenset({CAP_WELCOME, CAP_BARRIER, CAP_CLUSTER, CAP_FILTER})
+SUPPORTED_CAPS = frozenset({CAP_WELCOME, CAP_BARRIER, CAP_CLUSTER, CAP_FILTER, CAP_UNFRAMED})
 
 
 def _version() -> str:
@@ -497,6 +499,10 @@ class Broker:
         conn = self._register(hello.worker_id, hello.pid, frames, creds)
         if hello.caps:
             conn.caps = hello.caps & SUPPORTED_CAPS
+            if CAP_WELCOME not in conn.caps:
+                # A client learns what was granted from the welcome: without one it
+                # could not know its deliveries come unframed.
+                conn.caps -= {CAP_UNFRAMED}
             if CAP_WELCOME in conn.caps:
                 conn.control.append(self._welcome_frame(conn))
         try:
@@ -642,7 +648,7 @@ class Broker:
                 n = decode_ping(profile, payload)
             except RemoteProtocolError:
                 raise error from None
-            conn.send_control(self._frame(encode_pong(profile, n)))
+            conn.send_control(self._delivery(conn, encode_pong(profile, n)))
             return
         raise error
 
@@ -660,6 +666,9 @@ class Broker:
         queue = conn.queue
         send = conn.frames.send
         control = conn.control
+        # Granted "unframed" (§8): the queue holds frames, shared by every worker's queue;
+        # the headers are cut here, in the join (one slice per delivery, made in C).
+        unframe = operator.itemgetter(slice(self.profile.header_len, None)) if CAP_UNFRAMED in conn.caps else None
         # The welcome lifecycle event (after the welcome control frame, if one was asked
         # for: it goes first) leaves with the first batch, in one send: what was queued for
         # this worker id meanwhile and the lifecycle events of its (re)connect are usually
@@ -693,8 +702,15 @@ class Broker:
             if head:
                 batch.insert(0, head)
                 head = b""
+            if unframe is None:
+                data = b"".join(batch)
+            elif len(batch) == events:
+                data = b"".join(map(unframe, batch))
+            else:  # (the control frames, notices and head before the events are unframed already)
+                cut = len(batch) - events
+                data = b"".join(batch[:cut]) + b"".join(map(unframe, batch[cut:]))
             try:
-                await send(b"".join(batch))
+                await send(data)
             except BaseException:
                 # Whatever ended the write (a broken peer, a cancel), the events are not
                 # lost silently; the caller deals with the cause.
@@ -729,10 +745,15 @@ class Broker:
         self.log_limiter.log(
             logging.WARNING, "%s missed %d events (total %d)", conn, count, queue.dropped
         )
-        return self._frame(inner)
+        return self._delivery(conn, inner)
 
     def _frame(self, payload: bytes) -> bytes:
         return encode_frame(payload, self.profile.header_len)
+
+    def _delivery(self, conn: _Connection, payload: bytes) -> bytes:
+        # What the broker itself writes after the welcome (pongs, notices, lifecycle
+        # events): bare for a connection granted "unframed", framed otherwise.
+        return payload if CAP_UNFRAMED in conn.caps else self._frame(payload)
 
     def _welcome_frame(self, conn: _Connection) -> bytes:
         # The native handshake's answer (protocol.md §8), not the lifecycle event below.
@@ -758,7 +779,7 @@ class Broker:
             "welcome",
             {"worker_id": conn.worker_id, "broker": dict(self.identity), "workers": sorted(self._connections)},
         )
-        return self._frame(inner)
+        return self._delivery(conn, inner)
 
     def _announce(self, event: str, conn: _Connection) -> None:
         self.inject(ALL, self._lifecycle_event(event, {"worker_id": conn.worker_id, "pid": conn.pid}))

@@ -1,4 +1,5 @@
 """A byte stream seen as a stream of frames: the one frame read loop of the code base.
+(:class:`ObjectStream`: the same for a client granted ``unframed`` deliveries.)
 
 Both transports end up here once their connection start is done: the broker's per-peer
 loop and the client's receive loop both call :meth:`FrameStream.receive`. Bytes that
@@ -13,9 +14,10 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import ByteStream
 
+from .codec import MsgpackStreamDecoder
 from .frame import FrameDecoder
 
-__all__ = ["RECEIVE_SIZE", "FrameStream"]
+__all__ = ["RECEIVE_SIZE", "FrameStream", "ObjectStream"]
 
 #: Bytes asked for per read. Large enough that a busy peer's frames arrive many per read.
 RECEIVE_SIZE = 256 * 1024
@@ -102,6 +104,60 @@ class FrameStream:
                 self.frame_started = self._clock()
         else:
             self.frame_started = None
+
+    async def send(self, data: bytes) -> None:
+        """Write already framed bytes (one or many frames) in one call."""
+        await self.stream.send(data)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class ObjectStream:
+    """The client's receive side when the broker writes deliveries as bare MessagePack
+    objects (``unframed``, docs/protocol.md §8): :meth:`receive` returns the decoded
+    objects of each read, not payloads. Writing is unchanged (frames).
+
+    Args:
+        stream: the connected byte stream, after the welcome.
+        max_len: the largest delivery accepted (the profile's frame payload limit).
+        initial: bytes already read past the welcome.
+    """
+
+    __slots__ = ("_decoder", "_initial", "stream")
+
+    def __init__(self, stream: ByteStream, *, max_len: int, initial: bytes = b"") -> None:
+        self.stream = stream
+        self._decoder = MsgpackStreamDecoder(max_len)
+        self._initial = initial
+
+    async def receive(self) -> list[object]:
+        """Wait for at least one whole object; return every object completed so far.
+
+        Raises:
+            anyio.EndOfStream: the peer closed the stream cleanly between objects.
+            RemoteProtocolError: undecodable bytes, an object over the limit, or the peer
+                closed inside an object.
+            anyio.BrokenResourceError: the connection broke.
+        """
+        decoder = self._decoder
+        feed = decoder.feed
+        if self._initial:
+            objects = feed(self._initial)
+            self._initial = b""
+            if objects:
+                return objects
+        if decoder.failed:
+            feed(b"")  # raises the latched error
+        receive = self.stream.receive
+        while True:
+            try:
+                objects = feed(await receive(RECEIVE_SIZE))
+            except anyio.EndOfStream:
+                decoder.eof()
+                raise
+            if objects:
+                return objects
 
     async def send(self, data: bytes) -> None:
         """Write already framed bytes (one or many frames) in one call."""
