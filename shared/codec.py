@@ -83,9 +83,11 @@ class MsgpackStreamDecoder:
     not its bytes), so its own buffer limit does not bound an object: each read is fed in
     pieces of at most ``max_len // 4`` bytes, and once more than ``max_len`` + one piece
     arrived since the last piece that completed an object, no object of ``max_len`` bytes
-    can be under way: the stream is refused. What an incomplete object holds is so bounded
-    by 1.25x the limit before any more of it is decoded; objects up to ``max_len`` always
-    pass. After an error the decoder is latched, as :class:`~shared.frame.FrameDecoder`.
+    can be under way: the stream is refused. So objects up to ``max_len`` always pass, an
+    incomplete one is refused before more than 1.25x the limit of it was decoded, and
+    none over 1.5x ever passes (between the limit and that, one may: the price of not
+    asking the Unpacker where each object ends). After an error the decoder is latched,
+    as :class:`~shared.frame.FrameDecoder`.
     """
 
     __slots__ = ("_error", "_max", "_piece", "_since", "_unpacker")
