@@ -303,7 +303,7 @@ class Dispatcher:
             # Let other tasks run between bursts even when every handler is synchronous.
             await anyio.lowlevel.checkpoint()
 
-    async def handle_now(self, events: Sequence[Fields]) -> int:
+    async def handle_now(self, events: list[Fields]) -> int:
         """Run the handlers of ``events`` right here, in the caller's task (the client's
         reader), instead of queueing them for :meth:`run`: what the hand-over costs per
         event (the inbox, a task switch) is saved when nothing is queued or running.
