@@ -5,8 +5,7 @@
 Builds one 256 KiB read's worth of delivery frames and pushes it through (a) what a
 workerbus Client does per read (FrameDecoder → decode_event_fields → Dispatcher.push_many →
 Dispatcher.run → a handler), (b) the same with the deliveries unframed (the ``unframed``
-capability: MsgpackStreamDecoder → decode_event_objects → the same dispatch), (b') that
-with the handlers run in the reader per 256-event chunk (Dispatcher.handle_now) and (c) what
+capability: MsgpackStreamDecoder → decode_event_objects → the same dispatch) and (c) what
 the limit-raw-uds subscriber does (scan lengths, msgpack.unpackb, a tuple, the same
 bookkeeping). Reports process CPU per event, so other
 load on the machine matters less than for wall-clock figures.
@@ -70,7 +69,7 @@ def bench_workerbus(chunk: bytes, rounds: int) -> tuple[float, int]:
     return anyio.run(main), tally.count
 
 
-def bench_unframed(chunk: bytes, rounds: int, inline: bool = False) -> tuple[float, int]:
+def bench_unframed(chunk: bytes, rounds: int) -> tuple[float, int]:
     tally = Tally(0, 1, bytearray(1), want_latency=False)
     disp = Dispatcher(1 << 30)
     disp.subscribe("*", "*", tally.handler)
@@ -84,17 +83,8 @@ def bench_unframed(chunk: bytes, rounds: int, inline: bool = False) -> tuple[flo
             await anyio.lowlevel.checkpoint()
             t0 = time.process_time()
             for _ in range(rounds):
-                objects = dec.feed(bare)
-                if not inline:
-                    batch, _ = decode_event_objects(objects)
-                    disp.push_many(batch)
-                for start in range(0, len(objects) if inline else 0, 256):
-                    # (what Client._read_loop does per chunk: decode, run inline, a turn)
-                    batch, _ = decode_event_objects(objects[start : start + 256])
-                    with anyio.CancelScope(shield=True):
-                        handled = await disp.handle_now(batch)
-                    disp.push_many(batch[handled:])
-                    await anyio.lowlevel.checkpoint()
+                batch, _ = decode_event_objects(dec.feed(bare))
+                disp.push_many(batch)
                 await anyio.lowlevel.checkpoint()
                 while disp.depth:
                     await anyio.lowlevel.checkpoint()
@@ -123,7 +113,6 @@ def main() -> None:
     for name, fn, wid in (
         ("workerbus client", bench_workerbus, True),
         ("unframed client", bench_unframed, True),
-        ("unframed + inline", lambda chunk, rounds: bench_unframed(chunk, rounds, inline=True), True),
         ("raw subscriber", bench_raw, False),
     ):
         best = min(fn(frames_chunk(per, wid), rounds)[0] for _ in range(3))

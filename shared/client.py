@@ -1009,7 +1009,6 @@ class Client:
         # then waits in the broker's bounded queue, which reports what it has to drop.
         decoded = self._decoded
         push_many = self._dispatcher.push_many
-        handle_now = self._dispatcher.handle_now
         try:
             while True:
                 payloads = await frames.receive()
@@ -1029,13 +1028,6 @@ class Client:
                                 await anyio.lowlevel.checkpoint()
                         batch = decoded(payloads[start : start + _DECODE_CHUNK])
                         start += _DECODE_CHUNK
-                        # Synchronous handlers run right here while nothing is queued
-                        # (no hand-over to the dispatcher task); shielded like the hand-over:
-                        # a lost connection never cancels a running handler.
-                        with anyio.CancelScope(shield=True):
-                            handled = await handle_now(batch)
-                        if handled:
-                            batch = batch[handled:]
                         taken = push_many(batch)
                         if taken < len(batch):
                             await self._hand_over(batch, taken)

@@ -55,12 +55,6 @@ _MAX_ROUTES = 1024
 _MAX_BURST = 256
 
 
-def _is_async(handler: Handler) -> bool:
-    # A coroutine function, or an object whose __call__ is one (partials are unwrapped).
-    iscoro = inspect.iscoroutinefunction
-    return iscoro(handler) or iscoro(getattr(handler, "__call__", None))  # noqa: B004
-
-
 class Dispatcher:
     """Handler registry plus a bounded inbox drained by :meth:`run`.
 
@@ -97,13 +91,6 @@ class Dispatcher:
         self.waits_for_iterator = 0
         #: True while an event's handlers are running.
         self.busy = False
-        #: Per (source, event): whether its handlers may run in the reader's task
-        #: (handle_now): all synchronous, no iterator. Emptied with the routes.
-        self._inline: dict[tuple[str, str], bool] = {}
-        #: The iterators' sinks (events()): they hand over to a consumer, never inline.
-        self._sinks: set[Handler] = set()
-        #: True while handle_now runs handlers: run() then waits (one event at a time).
-        self._inline_active = False
         #: Called after every (un)subscribe (the client tells the broker, §8 filter).
         self.on_change: Callable[[], None] | None = None
         #: Called for an event no handler takes (not the bus's own): the client may then
@@ -137,7 +124,6 @@ class Dispatcher:
 
     def _changed(self) -> None:
         self._routes.clear()
-        self._inline.clear()
         self._version += 1
         if self.on_change is not None:
             self.on_change()
@@ -187,14 +173,12 @@ class Dispatcher:
                 pass  # the consumer left; the subscription goes with the ``async with``
             return None
 
-        self._sinks.add(sink)
         sub_id = self.subscribe(source, event, sink)
         try:
             async with receive:
                 yield receive
         finally:
             self.unsubscribe(sub_id)
-            self._sinks.discard(sink)
             send.close()
 
     # --- the handler loop ----------------------------------------------------------------
@@ -269,7 +253,7 @@ class Dispatcher:
         routes = self._routes
         isawaitable = inspect.isawaitable
         while True:
-            if not inbox or self._inline_active:
+            if not inbox:
                 self._wakeup = wakeup = anyio.Event()
                 await wakeup.wait()
                 continue
@@ -302,85 +286,6 @@ class Dispatcher:
                 self._room = None
             # Let other tasks run between bursts even when every handler is synchronous.
             await anyio.lowlevel.checkpoint()
-
-    async def handle_now(self, events: list[Fields]) -> int:
-        """Run the handlers of ``events`` right here, in the caller's task (the client's
-        reader), instead of queueing them for :meth:`run`: what the hand-over costs per
-        event (the inbox, a task switch) is saved when nothing is queued or running.
-
-        Only while the inbox is empty and no handler is running, and only for events whose
-        handlers are all synchronous functions (no coroutine function, no iterator: those
-        are handed over, so a slow one does not hold up the reading; a handler that
-        returns an awaitable anyway is awaited here, in order, and its (source, event) is
-        handed over from then on, until the subscriptions change). Handles events from
-        the start of ``events`` and returns how many; the caller queues the rest as
-        before. If a handler queues a local event (a ``current`` publish), the rest of
-        ``events`` goes into the inbox ahead of it, as if it had been queued first (then
-        all count as taken). Each event's handlers run exactly as in :meth:`run` (same
-        loop; tests/test_fast_paths.py holds the client to the reference); the caller
-        gives other tasks their turn between calls (a call takes one read's chunk).
-        """
-        inbox = self._inbox
-        if inbox or self.busy or not events:
-            return 0
-        routes = self._routes
-        inline = self._inline
-        isawaitable = inspect.isawaitable
-        taken = 0
-        self.busy = self._inline_active = True
-        try:
-            for source, event, data, wid in events:
-                key = (source, event)
-                ok = inline.get(key)
-                if ok is None:
-                    ok = self._inline_ok(source, event)
-                if not ok:
-                    break
-                taken += 1
-                route = routes.get(key)
-                if route is None:
-                    route = self._route(source, event)
-                self.delivered += 1
-                version = self._version
-                handlers, levels = route
-                if not handlers and source != "workerbus" and self.on_unwanted is not None:
-                    self.on_unwanted()
-                for done, handler in enumerate(handlers, 1):
-                    try:
-                        result = handler(data, event, source, wid)
-                        if result is not None and isawaitable(result):
-                            # Asynchronous after all (e.g. a function returning a
-                            # coroutine): this one is awaited here, in order; the events
-                            # of this route are handed over from now on.
-                            inline[key] = False
-                            await result
-                    except Exception:  # noqa: BLE001 - logged with its traceback, rate-limited
-                        self._handler_failed(source, event, wid)
-                    if self._version != version:
-                        await self._call_from(levels, done, (data, event, source, wid))
-                        break
-                if inbox:
-                    # A handler queued a local event: the rest of this read goes first.
-                    inbox.extendleft(reversed(events[taken:]))
-                    taken = len(events)
-                    break
-        finally:
-            self.busy = self._inline_active = False
-            if inbox and self._wakeup is not None:
-                self._wakeup.set()
-                self._wakeup = None
-        return taken
-
-    def _inline_ok(self, source: str, event: str) -> bool:
-        route = self._routes.get((source, event))
-        if route is None:
-            route = self._route(source, event)
-        sinks = self._sinks
-        ok = not any(h in sinks or _is_async(h) for h in route[0])
-        if len(self._inline) >= _MAX_ROUTES:
-            self._inline.clear()
-        self._inline[(source, event)] = ok
-        return ok
 
     def _route(self, source: str, event: str) -> _Route:
         """The handlers for one (source, event), level by level, remembered."""

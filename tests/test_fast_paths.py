@@ -678,21 +678,6 @@ def _dispatch_scenario(seed: int, mode: str) -> Any:
             for ev in events:
                 await d.dispatch(ev)
             return
-        if mode == "now":  # the client's reader: handle_now per chunk, the rest queued
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(d.run)
-                fields = [(ev.source, ev.event, ev.data, ev.wid) for ev in events]
-                size = 1 + seed % 3
-                with anyio.fail_after(5):
-                    for start in range(0, len(fields), size):
-                        chunk = fields[start : start + size]
-                        handled = await d.handle_now(chunk)
-                        d.push_many(chunk[handled:])
-                        await anyio.lowlevel.checkpoint()
-                    while d.depth or d.busy:
-                        await anyio.lowlevel.checkpoint()
-                tg.cancel_scope.cancel()
-            return
         for ev in events:
             d.push(ev)
         async with anyio.create_task_group() as tg:
@@ -715,65 +700,6 @@ def test_run_and_dispatch_call_handlers_like_the_reference(caplog: pytest.LogCap
         expected = _dispatch_scenario(seed, "reference")
         assert _dispatch_scenario(seed, "run") == expected, seed
         assert _dispatch_scenario(seed, "dispatch") == expected, seed
-        assert _dispatch_scenario(seed, "now") == expected, seed
-
-
-@pytest.mark.anyio
-async def test_handle_now_keeps_a_local_event_behind_the_rest_of_the_read() -> None:
-    # A handler publishes to "current" (a local event) while its read is handled inline:
-    # the rest of the read still comes first, as when the whole read was queued.
-    seen: list[str] = []
-    orders = []
-    for inline in (False, True):
-        seen.clear()
-        d = Dispatcher(100)
-
-        def handler(data: Any, event: str, source: str, wid: int | None, d: Dispatcher = d) -> None:
-            seen.append(event)
-            if event == "b":
-                d.push(Event("s", "local", None, None))
-
-        d.subscribe("s", "*", handler)
-        batch = [("s", name, None, 1) for name in "abcd"]
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(d.run)
-            await anyio.lowlevel.checkpoint()
-            with anyio.fail_after(5):
-                handled = await d.handle_now(batch) if inline else 0
-                assert handled == (4 if inline else 0)  # (the rest went into the inbox)
-                d.push_many(batch[handled:])
-                while d.depth or d.busy:
-                    await anyio.lowlevel.checkpoint()
-            tg.cancel_scope.cancel()
-        orders.append(list(seen))
-        assert d.delivered == 5
-    assert orders[0] == orders[1] == ["a", "b", "c", "d", "local"]
-
-
-@pytest.mark.anyio
-async def test_handle_now_hands_async_handlers_and_iterators_over() -> None:
-    d = Dispatcher(100)
-    seen: list[str] = []
-
-    async def slow(data: Any, event: str, source: str, wid: int | None) -> None:
-        seen.append(f"slow {event}")
-
-    class Callable:
-        async def __call__(self, data: Any, event: str, source: str, wid: int | None) -> None:
-            seen.append(f"obj {event}")
-
-    d.subscribe("s", "sync", lambda data, event, source, wid: seen.append(event))
-    d.subscribe("s", "async", slow)
-    d.subscribe("s", "obj", Callable())
-    assert await d.handle_now([("s", "sync", None, 1), ("s", "async", None, 1)]) == 1
-    assert await d.handle_now([("s", "obj", None, 1)]) == 0
-    async with d.events("s", "it") as it:
-        assert await d.handle_now([("s", "it", None, 1)]) == 0
-        assert it.statistics().current_buffer_used == 0
-    # Nothing inline while anything is queued (it would overtake it).
-    d.push(Event("s", "sync", None, 1))
-    assert await d.handle_now([("s", "sync", None, 1)]) == 0
-    assert seen == ["sync"]
 
 
 @pytest.mark.anyio
@@ -796,12 +722,10 @@ async def test_push_many_takes_what_fits_and_drops_nothing() -> None:
     assert (d.delivered, d.dropped) == (5, 0)
 
 
-async def _hand_over_scenario(seed: int, bounded: bool, inline: bool = False) -> tuple[list[Any], int]:
+async def _hand_over_scenario(seed: int, bounded: bool) -> tuple[list[Any], int]:
     """A reader pushing reads of random size into a dispatcher whose handlers are a mix
     of synchronous, asynchronous and an iterator with a small buffer. ``bounded``: the
     client's hand-over (push_many, then wait_room for the rest); else an unbounded inbox.
-    ``inline``: handle_now first, as the client's reader does (every 4th event has only
-    the synchronous handler).
     Returns what the handlers and the iterator saw, in order, and the deepest inbox."""
     rng = random.Random(seed)
     limit = rng.choice([1, 2, 7, 50])
@@ -820,16 +744,14 @@ async def _hand_over_scenario(seed: int, bounded: bool, inline: bool = False) ->
     reads = []
     for _ in range(rng.randint(1, 12)):
         size = rng.randint(1, 30)
-        reads.append([("s", "x" if (n + i) % 4 == 0 else "e", n + i, 1) for i in range(size)])
+        reads.append([("s", "e", n + i, 1) for i in range(size)])
         n += size
     async with anyio.create_task_group() as tg:
         tg.start_soon(d.run)
         async with d.events("s", "e", max_buffer=rng.choice([1, 3])) as it:
 
-            iterated = n - (n + 3) // 4  # (the "x" events have only the sync handler)
-
             async def consume() -> None:
-                for _ in range(iterated):
+                for _ in range(n):
                     ev = await it.receive()
                     if ev.data % 5 == 0:
                         await anyio.lowlevel.checkpoint()
@@ -838,15 +760,13 @@ async def _hand_over_scenario(seed: int, bounded: bool, inline: bool = False) ->
             tg.start_soon(consume)
             with anyio.fail_after(20):
                 for batch in reads:
-                    if inline:
-                        batch = batch[await d.handle_now(batch) :]
                     taken = d.push_many(batch)
                     deepest = max(deepest, d.depth)
                     while taken < len(batch):
                         await d.wait_room()
                         taken += d.push_many(batch[taken:])
                         deepest = max(deepest, d.depth)
-                while d.depth or d.busy or len([x for x in seen if x[0] == "iter"]) < iterated:
+                while d.depth or d.busy or len([x for x in seen if x[0] == "iter"]) < n:
                     await anyio.lowlevel.checkpoint()
         tg.cancel_scope.cancel()
     assert d.dropped == 0
@@ -855,18 +775,15 @@ async def _hand_over_scenario(seed: int, bounded: bool, inline: bool = False) ->
     return seen, n
 
 
-@pytest.mark.parametrize("inline", [False, True], ids=["queued", "inline"])
 @pytest.mark.parametrize("seed", range(30))
 @pytest.mark.anyio
-async def test_hand_over_with_backpressure_delivers_what_an_unbounded_inbox_does(seed: int, inline: bool) -> None:
-    bounded, n = await _hand_over_scenario(seed, bounded=True, inline=inline)
+async def test_hand_over_with_backpressure_delivers_what_an_unbounded_inbox_does(seed: int) -> None:
+    bounded, n = await _hand_over_scenario(seed, bounded=True)
     reference, _ = await _hand_over_scenario(seed, bounded=False)
     # Each consumer sees every event once, in order; only the interleaving may differ.
-    assert [x[1] for x in bounded if x[0] == "sync"] == list(range(n))
     for kind in ("sync", "slow", "iter"):
         mine = [x[1] for x in bounded if x[0] == kind]
-        assert mine == [x[1] for x in reference if x[0] == kind]
-    assert [x[1] for x in reference if x[0] == "slow"] == [i for i in range(n) if i % 4]
+        assert mine == [x[1] for x in reference if x[0] == kind] == list(range(n))
 
 
 # --- embed's numbered publishes and checked deliveries ------------------------------------
