@@ -25,6 +25,7 @@ from shared.dispatch import Dispatcher
 from shared.frame import FrameDecoder
 from shared.messages import decode_event_fields, decode_event_objects, encode_event
 from shared.profile import NATIVE
+from shared.stream import OBJECT_RECEIVE_SIZE
 from shared.tools.bench.peers.rawuds import take_events
 from shared.tools.bench.tally import Tally
 
@@ -83,9 +84,11 @@ def bench_unframed(chunk: bytes, rounds: int) -> tuple[float, int]:
             await anyio.lowlevel.checkpoint()
             t0 = time.process_time()
             for _ in range(rounds):
-                batch, _ = decode_event_objects(dec.feed(bare))
-                disp.push_many(batch)
-                await anyio.lowlevel.checkpoint()
+                # (in reads of OBJECT_RECEIVE_SIZE, as an ObjectStream reads them)
+                for start in range(0, len(bare), OBJECT_RECEIVE_SIZE):
+                    batch, _ = decode_event_objects(dec.feed(bare[start : start + OBJECT_RECEIVE_SIZE]))
+                    disp.push_many(batch)
+                    await anyio.lowlevel.checkpoint()
                 while disp.depth:
                     await anyio.lowlevel.checkpoint()
             t1 = time.process_time()
