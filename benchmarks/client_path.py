@@ -25,7 +25,7 @@ from shared.dispatch import Dispatcher
 from shared.frame import FrameDecoder
 from shared.messages import decode_event_fields, decode_event_objects, encode_event
 from shared.profile import NATIVE
-from shared.stream import OBJECT_RECEIVE_SIZE
+from shared.stream import OBJECT_PIECE
 from shared.tools.bench.peers.rawuds import take_events
 from shared.tools.bench.tally import Tally
 
@@ -84,9 +84,9 @@ def bench_unframed(chunk: bytes, rounds: int) -> tuple[float, int]:
             await anyio.lowlevel.checkpoint()
             t0 = time.process_time()
             for _ in range(rounds):
-                # (in reads of OBJECT_RECEIVE_SIZE, as an ObjectStream reads them)
-                for start in range(0, len(bare), OBJECT_RECEIVE_SIZE):
-                    batch, _ = decode_event_objects(dec.feed(bare[start : start + OBJECT_RECEIVE_SIZE]))
+                # (a piece at a time, as an ObjectStream decodes a read)
+                for start in range(0, len(bare), OBJECT_PIECE):
+                    batch, _ = decode_event_objects(dec.feed(bare[start : start + OBJECT_PIECE]))
                     disp.push_many(batch)
                     await anyio.lowlevel.checkpoint()
                 while disp.depth:

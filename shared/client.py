@@ -1034,7 +1034,10 @@ class Client:
                 except BaseException:
                     # Cut off (cancelled) while waiting for room: what this read still
                     # holds goes to the handlers anyway, unless the client is closing.
-                    self._keep(decoded(payloads[start:]))
+                    rest = payloads[start:]
+                    if isinstance(frames, ObjectStream):
+                        rest += frames.rest()  # (bytes read, not decoded yet)
+                    self._keep(decoded(rest))
                     raise
         except anyio.EndOfStream:
             pass

@@ -120,6 +120,11 @@ class MsgpackStreamDecoder:
         """True once the stream is known to be broken; every later call raises."""
         return self._error is not None
 
+    @property
+    def piece_size(self) -> int:
+        """The most bytes fed to the Unpacker at once (``max_len // 4``)."""
+        return self._piece
+
     def feed(self, data: bytes) -> list[object]:
         """Add ``data``; return every object it completed, in order.
 
