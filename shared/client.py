@@ -177,7 +177,7 @@ class ClientHooks:
     Subclass it and override what you need; the defaults are what a plain client does.
     :mod:`shared.embed` composes its pieces (sequence numbers and gap checks, the broker
     watch, the election) through it. Every method runs inside the client's own code paths,
-    the first two on the per-event paths: they must be quick, and none may block or await.
+    the decoders and the encoder on the per-event paths: they must be quick, and none may block or await.
     """
 
     def encode_publish(
