@@ -5,6 +5,8 @@
 Exports the commit's tree to a temp dir (``git archive``: the working tree is not touched),
 copies this checkout's ``shared/tools/bench`` harness into it, and runs the same fan-out
 configurations against both trees, alternating, so that background load hits both alike.
+``--limit``: also ``limit-raw-uds`` (from this checkout) in every round, the yardstick of
+issue #14. Prints every run as it ends, then the medians.
 Only the asyncio and trio scenarios can run on trees whose ``workerbus broker`` has no
 ``--backend uvloop``.
 """
@@ -36,8 +38,9 @@ def export(commit: str) -> str:
     tree = tempfile.mkdtemp(prefix="wb-tree-")
     archive = subprocess.run(["git", "-C", ROOT, "archive", commit], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
-    shutil.rmtree(os.path.join(tree, "shared", "bench"), ignore_errors=True)
-    shutil.copytree(os.path.join(ROOT, "shared", "bench"), os.path.join(tree, "shared", "bench"))
+    harness = os.path.join("shared", "tools", "bench")
+    shutil.rmtree(os.path.join(tree, harness), ignore_errors=True)
+    shutil.copytree(os.path.join(ROOT, harness), os.path.join(tree, harness))
     return tree
 
 
@@ -57,6 +60,7 @@ def main() -> None:
     ap.add_argument("--scenario", default="workerbus-stream-asyncio")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--configs", default="4x1:100000,16x4:50000", help="NxP:events,...")
+    ap.add_argument("--limit", action="store_true", help="also run limit-raw-uds in every round")
     args = ap.parse_args()
     before = export(args.commit)
     try:
@@ -64,9 +68,17 @@ def main() -> None:
             np_, events = cfg.split(":")
             n, p = (int(x) for x in np_.split("x"))
             rows: dict[str, list[dict[str, float]]] = {"before": [], "now": []}
-            for _ in range(args.reps):
-                rows["before"].append(run(before, args.scenario, n, p, int(events)))
-                rows["now"].append(run(ROOT, args.scenario, n, p, int(events)))
+            plan = [("before", before, args.scenario), ("now", ROOT, args.scenario)]
+            if args.limit:
+                rows["limit"] = []
+                plan.append(("limit", ROOT, "limit-raw-uds"))
+            for rep in range(args.reps):
+                for label, tree, scenario in plan if rep % 2 == 0 else plan[::-1]:
+                    result = run(tree, scenario, n, p, int(events))
+                    rows[label].append(result)
+                    print(f"  round {rep} {label:6s} " + "  ".join(
+                        f"{k.replace('_s_per_M', '/M')} {result[k]:,.3f}" for k in KEYS if "cpu" in k
+                    ) + f"  bg {result.get('background_cpu_pct', 0):.0f}%", flush=True)  # fmt: skip
             for label, rs in rows.items():
                 med = {k: statistics.median(r[k] for r in rs) for k in KEYS}
                 bg = statistics.median(r.get("background_cpu_pct", 0) for r in rs)

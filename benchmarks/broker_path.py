@@ -4,7 +4,8 @@
 
 One read's worth (~256 KiB) of native publish frames goes through what the broker does per
 read: FrameDecoder → decode_publish_batch → Router.route_runs → per connection
-take_batch + join. ``--keyed N``: keyed publishes (a client granted ``filter``) cycling
+take_batch + join (``--unframed``: the join of a connection granted ``unframed``, which
+cuts each frame's header off). ``--keyed N``: keyed publishes (a client granted ``filter``) cycling
 through N sources, each subscriber filtered to one of them (issue #14's subset shape). Compared with the limit-raw-uds broker's work on the same bytes (scan
 the lengths, forward the run). Process CPU per publish, best of 5.
 """
@@ -12,6 +13,7 @@ the lengths, forward the run). Process CPU per publish, best of 5.
 from __future__ import annotations
 
 import argparse
+import operator
 import time
 
 from shared.frame import FrameDecoder
@@ -34,7 +36,7 @@ def chunk(count: int, sources: int = 0) -> bytes:
     )
 
 
-def workerbus(data: bytes, subs: int, rounds: int, sources: int = 0) -> float:
+def workerbus(data: bytes, subs: int, rounds: int, sources: int = 0, unframed: bool = False) -> float:
     from shared.messages import RunKeys, decode_publish_batch
 
     router = Router(max_queue_len=10**9)
@@ -44,6 +46,7 @@ def workerbus(data: bytes, subs: int, rounds: int, sources: int = 0) -> float:
             router.set_filter(q, frozenset({(f"s{w % sources}", "*")}))
     keys: list[RunKeys | None] | None = [] if sources else None
     dec = FrameDecoder(2)
+    unframe = operator.itemgetter(slice(2, None))  # (what Broker._write does for "unframed")
     t0 = time.process_time()
     for _ in range(rounds):
         if keys is not None:
@@ -53,7 +56,7 @@ def workerbus(data: bytes, subs: int, rounds: int, sources: int = 0) -> float:
         for q in queues:
             while q.frames:
                 batch = q.take_batch(BATCH)
-                b"".join(batch)
+                b"".join(map(unframe, batch)) if unframed else b"".join(batch)
                 q.mark_sent(len(batch))
     return time.process_time() - t0
 
@@ -71,12 +74,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--subs", type=int, default=4)
     ap.add_argument("--keyed", type=int, default=0, metavar="SOURCES")
+    ap.add_argument("--unframed", action="store_true", help="every subscriber granted 'unframed'")
     args = ap.parse_args()
     per = 3800
     data = chunk(per, args.keyed)
     rounds = 50
     shape = f"{args.subs} subscribers" + (f", keyed, {args.keyed} sources" if args.keyed else "")
-    best = min(workerbus(data, args.subs, rounds, args.keyed) for _ in range(5))
+    shape += ", unframed" if args.unframed else ""
+    best = min(workerbus(data, args.subs, rounds, args.keyed, args.unframed) for _ in range(5))
     print(f"{'workerbus broker':18s} {best / (rounds * per) * 1e9:7.0f} ns/publish ({shape})")
     best = min(raw(data, args.subs, rounds) for _ in range(5))
     print(f"{'raw broker':18s} {best / (rounds * per) * 1e9:7.0f} ns/publish ({shape}, every frame to every one)")

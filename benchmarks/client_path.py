@@ -4,8 +4,10 @@
 
 Builds one 256 KiB read's worth of delivery frames and pushes it through (a) what a
 workerbus Client does per read (FrameDecoder → decode_event_fields → Dispatcher.push_many →
-Dispatcher.run → a handler) and (b) what the limit-raw-uds subscriber does (scan lengths,
-msgpack.unpackb, a tuple, the same bookkeeping). Reports process CPU per event, so other
+Dispatcher.run → a handler), (b) the same with the deliveries unframed (the ``unframed``
+capability: MsgpackStreamDecoder → decode_event_objects → the same dispatch) and (c) what
+the limit-raw-uds subscriber does (scan lengths, msgpack.unpackb, a tuple, the same
+bookkeeping). Reports process CPU per event, so other
 load on the machine matters less than for wall-clock figures.
 """
 
@@ -18,10 +20,12 @@ import anyio
 import anyio.lowlevel
 import msgpack
 
+from shared.codec import MsgpackStreamDecoder
 from shared.dispatch import Dispatcher
 from shared.frame import FrameDecoder
-from shared.messages import decode_event_fields, encode_event
+from shared.messages import decode_event_fields, decode_event_objects, encode_event
 from shared.profile import NATIVE
+from shared.stream import OBJECT_PIECE
 from shared.tools.bench.peers.rawuds import take_events
 from shared.tools.bench.tally import Tally
 
@@ -66,6 +70,34 @@ def bench_workerbus(chunk: bytes, rounds: int) -> tuple[float, int]:
     return anyio.run(main), tally.count
 
 
+def bench_unframed(chunk: bytes, rounds: int) -> tuple[float, int]:
+    tally = Tally(0, 1, bytearray(1), want_latency=False)
+    disp = Dispatcher(1 << 30)
+    disp.subscribe("*", "*", tally.handler)
+    # The same events without their headers: what the broker writes to a granted client.
+    bare = b"".join(FrameDecoder(2).feed(chunk))
+    dec = MsgpackStreamDecoder(NATIVE.max_frame_len)
+
+    async def main() -> float:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(disp.run)
+            await anyio.lowlevel.checkpoint()
+            t0 = time.process_time()
+            for _ in range(rounds):
+                # (a piece at a time, as an ObjectStream decodes a read)
+                for start in range(0, len(bare), OBJECT_PIECE):
+                    batch, _ = decode_event_objects(dec.feed(bare[start : start + OBJECT_PIECE]))
+                    disp.push_many(batch)
+                    await anyio.lowlevel.checkpoint()
+                while disp.depth:
+                    await anyio.lowlevel.checkpoint()
+            t1 = time.process_time()
+            tg.cancel_scope.cancel()
+        return t1 - t0
+
+    return anyio.run(main), tally.count
+
+
 def bench_raw(chunk: bytes, rounds: int) -> tuple[float, int]:
     tally = Tally(0, 1, bytearray(1), want_latency=False)
     unpack = msgpack.unpackb
@@ -81,7 +113,11 @@ def main() -> None:
     args = ap.parse_args()
     per = 4000
     rounds = max(1, args.events // per)
-    for name, fn, wid in (("workerbus client", bench_workerbus, True), ("raw subscriber", bench_raw, False)):
+    for name, fn, wid in (
+        ("workerbus client", bench_workerbus, True),
+        ("unframed client", bench_unframed, True),
+        ("raw subscriber", bench_raw, False),
+    ):
         best = min(fn(frames_chunk(per, wid), rounds)[0] for _ in range(3))
         print(f"{name:18s} {best / (rounds * per) * 1e9:7.0f} ns/event")
 

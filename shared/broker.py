@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import os
 import socket
 import time
@@ -32,6 +33,7 @@ from .messages import (
     CAP_BARRIER,
     CAP_CLUSTER,
     CAP_FILTER,
+    CAP_UNFRAMED,
     CAP_WELCOME,
     PROTOCOL_VERSION,
     RunKeys,
@@ -100,7 +102,7 @@ _TRIM_AFTER_CLOSES = 64
 DIRECT_WRITE_QUIET = 0.00025
 _monotonic = time.monotonic
 #: The capabilities this broker grants when a native hello asks for them (protocol.md §8).
-SUPPORTED_CAPS = frozenset({CAP_WELCOME, CAP_BARRIER, CAP_CLUSTER, CAP_FILTER})
+SUPPORTED_CAPS = frozenset({CAP_WELCOME, CAP_BARRIER, CAP_CLUSTER, CAP_FILTER, CAP_UNFRAMED})
 
 
 def _version() -> str:
@@ -287,6 +289,8 @@ class Broker:
     ) -> None:
         self.transport = get_transport(transport)
         self.profile = get_profile(profile)
+        # (cuts the frame header off a queued delivery for a connection granted "unframed")
+        self._unframe = operator.itemgetter(slice(self.profile.header_len, None))
         limit = self.profile.max_frame_len
         if max_payload_len is None:
             max_payload_len = limit
@@ -586,6 +590,10 @@ class Broker:
         conn = self._register(hello.worker_id, hello.pid, frames, creds)
         if hello.caps:
             conn.caps = hello.caps & SUPPORTED_CAPS
+            if CAP_WELCOME not in conn.caps:
+                # A client learns what was granted from the welcome: without one it
+                # could not know its deliveries come unframed.
+                conn.caps -= {CAP_UNFRAMED}
             if CAP_WELCOME in conn.caps:
                 conn.control.append(self._welcome_frame(conn))
         if self._hold is not None:
@@ -742,7 +750,7 @@ class Broker:
                 n = decode_ping(profile, payload)
             except RemoteProtocolError:
                 raise error from None
-            conn.send_control(self._frame(encode_pong(profile, n)))
+            conn.send_control(self._delivery(conn, encode_pong(profile, n)))
             return
         raise error
 
@@ -841,7 +849,16 @@ class Broker:
             # already routed, and it must not wait behind (or be dropped with) events.
             batch[0:0] = control
             control.clear()
-        return b"".join(batch), batch[len(batch) - events :], reported
+        if CAP_UNFRAMED not in conn.caps:
+            data = b"".join(batch)
+        else:
+            # Granted "unframed" (§8): the queue holds frames, shared by every worker's
+            # queue; their headers are cut here, in the join (one slice per delivery, in
+            # C). The control frames and notices before the events are bare already.
+            cut = len(batch) - events
+            unframed = b"".join(map(self._unframe, batch[cut:]))
+            data = b"".join(batch[:cut]) + unframed if cut else unframed
+        return data, batch[len(batch) - events :], reported
 
     # --- direct writes -------------------------------------------------------------------
     #
@@ -944,10 +961,15 @@ class Broker:
         self.log_limiter.log(
             logging.WARNING, "%s missed %d events (total %d)", conn, count, queue.dropped
         )
-        return self._frame(inner)
+        return self._delivery(conn, inner)
 
     def _frame(self, payload: bytes) -> bytes:
         return encode_frame(payload, self.profile.header_len)
+
+    def _delivery(self, conn: _Connection, payload: bytes) -> bytes:
+        # What the broker itself writes after the welcome (pongs, notices, lifecycle
+        # events): bare for a connection granted "unframed", framed otherwise.
+        return payload if CAP_UNFRAMED in conn.caps else self._frame(payload)
 
     def _welcome_frame(self, conn: _Connection) -> bytes:
         # The native handshake's answer (protocol.md §8), not the lifecycle event below.
@@ -973,7 +995,7 @@ class Broker:
             "welcome",
             {"worker_id": conn.worker_id, "broker": dict(self.identity), "workers": sorted(self._connections)},
         )
-        return self._frame(inner)
+        return self._delivery(conn, inner)
 
     def _announce(self, event: str, conn: _Connection) -> None:
         inner = self._lifecycle_event(event, {"worker_id": conn.worker_id, "pid": conn.pid})

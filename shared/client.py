@@ -28,7 +28,7 @@ import operator
 import os
 import random
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -55,6 +55,7 @@ from .messages import (
     CAP_BARRIER,
     CAP_CLUSTER,
     CAP_FILTER,
+    CAP_UNFRAMED,
     CAP_WELCOME,
     ControlFrame,
     Event,
@@ -63,6 +64,7 @@ from .messages import (
     Welcome,
     build_publish_frame,
     decode_event_batch,
+    decode_event_objects,
     decode_publish,
     decode_welcome,
     encode_hello,
@@ -72,7 +74,7 @@ from .messages import (
 )
 from .profile import Profile, get_profile
 from .router import DEFAULT_MAX_QUEUE_LEN
-from .stream import FrameStream
+from .stream import FrameStream, ObjectStream
 from .transport import Transport, get_transport, parse_address
 
 __all__ = [
@@ -175,7 +177,7 @@ class ClientHooks:
     Subclass it and override what you need; the defaults are what a plain client does.
     :mod:`shared.embed` composes its pieces (sequence numbers and gap checks, the broker
     watch, the election) through it. Every method runs inside the client's own code paths,
-    the first two on the per-event paths: they must be quick, and none may block or await.
+    the decoders and the encoder on the per-event paths: they must be quick, and none may block or await.
     """
 
     def encode_publish(
@@ -210,6 +212,16 @@ class ClientHooks:
         """
         return decode_event_batch(client.profile, payloads)
 
+    def decode_objects(
+        self, client: Client, objects: list[object]
+    ) -> tuple[list[Fields], list[RemoteProtocolError]]:
+        """:meth:`decode_batch` for a session granted ``unframed`` (docs/protocol.md §8):
+        the deliveries of one read, already unpacked. A client asks for ``unframed`` only
+        if its hooks keep the default :meth:`decode_batch` or override this one too (a
+        layer that checks deliveries in :meth:`decode_batch` then gets what it expects).
+        """
+        return decode_event_objects(objects)
+
     def session_started(self, client: Client) -> None:
         """Connected: the hello went out and (native) the welcome came back. May publish."""
 
@@ -224,6 +236,15 @@ class ClientHooks:
 
 
 _PLAIN = ClientHooks()
+
+
+def _decodes_objects(hooks: ClientHooks) -> bool:
+    # Hooks that decode payloads their own way (embed: sequence checks) get frames,
+    # unless they decode objects their own way too.
+    def own(name: str) -> bool:
+        return getattr(getattr(hooks, name), "__func__", None) is not getattr(ClientHooks, name)
+
+    return own("decode_objects") or not own("decode_batch")
 
 
 def _unkeyed(profile: Profile, frame: bytes) -> bytes:
@@ -265,6 +286,10 @@ class Client:
         filtered: native: ask the broker to send only the events this client's handlers
             and iterators take (capability ``filter``, docs/protocol.md §8); handlers see
             the same events either way. False: receive everything, as before.
+        unframed: native: ask the broker to write deliveries as bare MessagePack objects
+            (capability ``unframed``, docs/protocol.md §8), read with one Unpacker per
+            connection: less CPU per event; handlers see the same events either way.
+            False: length-prefixed frames, as before.
 
     Attributes:
         welcome: the broker's welcome of the current or last session (its version, limits,
@@ -289,12 +314,17 @@ class Client:
         reconnect_max: float = DEFAULT_RECONNECT_MAX,
         hooks: ClientHooks | None = None,
         filtered: bool = True,
+        unframed: bool = True,
     ) -> None:
         self.address = address
         self.hooks = _PLAIN if hooks is None else hooks
         # Bound once: these two run per event.
         self._encode_publish = self.hooks.encode_publish
         self._decode_batch = self.hooks.decode_batch
+        self._decode_objects = self.hooks.decode_objects
+        #: The decoder of the current session's reads (payloads, or objects if unframed).
+        self._decode_reads: Callable[[Client, list[Any]], tuple[list[Fields], list[RemoteProtocolError]]]
+        self._decode_reads = self._decode_batch
         self._path = parse_address(address)
         self.transport = get_transport(transport)
         self.profile = get_profile(profile)
@@ -302,6 +332,8 @@ class Client:
         caps: tuple[str, ...] = (CAP_WELCOME, CAP_BARRIER, CAP_CLUSTER)
         if filtered:
             caps += (CAP_FILTER,)
+        if unframed and _decodes_objects(self.hooks):
+            caps += (CAP_UNFRAMED,)
         self._caps: tuple[str, ...] = caps if self.profile.extended_targets else ()
         #: Whether the broker's welcome granted the cluster scope (None: no welcome yet).
         self._cluster: bool | None = None
@@ -865,6 +897,7 @@ class Client:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 logger.info("worker %d: hello failed: %r", self.worker_id, exc)
                 return None
+            unframed = False
             if self._caps:
                 try:
                     welcome, initial = await self._receive_welcome(stream, initial)
@@ -872,7 +905,15 @@ class Client:
                     self._fail_handshake(exc)
                     return exc
                 self._accept_welcome(welcome)
-            frames = FrameStream(stream, header_len=self.profile.header_len, initial=initial)
+                unframed = CAP_UNFRAMED in welcome.caps
+            frames: FrameStream | ObjectStream
+            if unframed:
+                # Deliveries come as bare objects from here on (the welcome was framed).
+                frames = ObjectStream(stream, max_len=self.profile.max_frame_len, initial=initial)
+                self._decode_reads = self._decode_objects
+            else:
+                frames = FrameStream(stream, header_len=self.profile.header_len, initial=initial)
+                self._decode_reads = self._decode_batch
             self.last_error = None
             self._connects += 1
             self._session_over = anyio.Event()
@@ -949,8 +990,9 @@ class Client:
     def _session_ended(self) -> None:
         self.hooks.session_ended(self)
 
-    def _decoded(self, payloads: list[bytes]) -> list[Fields]:
-        batch, errors = self._decode_batch(self, payloads)
+    def _decoded(self, payloads: list[Any]) -> list[Fields]:
+        # (payloads: frames' bytes, or objects in an unframed session)
+        batch, errors = self._decode_reads(self, payloads)
         for exc in errors:
             if type(exc) is ControlFrame:
                 # (a pong: found on the decoders' error path, so the delivery path pays
@@ -968,7 +1010,7 @@ class Client:
                     self._note_broker_drops(data)
         return batch
 
-    async def _read_loop(self, frames: FrameStream) -> None:
+    async def _read_loop(self, frames: FrameStream | ObjectStream) -> None:
         # No Event object per delivery: each read's events go to the dispatcher as
         # (source, event, data, wid) tuples, in one call. When the inbox is full the
         # loop waits for the handlers instead of reading on (backpressure): the backlog
@@ -1000,7 +1042,10 @@ class Client:
                 except BaseException:
                     # Cut off (cancelled) while waiting for room: what this read still
                     # holds goes to the handlers anyway, unless the client is closing.
-                    self._keep(decoded(payloads[start:]))
+                    rest = payloads[start:]
+                    if isinstance(frames, ObjectStream):
+                        rest += frames.rest()  # (bytes read, not decoded yet)
+                    self._keep(decoded(rest))
                     raise
         except anyio.EndOfStream:
             pass
@@ -1089,7 +1134,7 @@ class Client:
             payload = encode_sub(self.profile, frozenset({("*", "*")}))
         return self._frame(payload)
 
-    async def _write_loop(self, frames: FrameStream, scope: anyio.CancelScope) -> None:
+    async def _write_loop(self, frames: FrameStream | ObjectStream, scope: anyio.CancelScope) -> None:
         buffer = self._buffer
         barrier = self._barrier
         pings = self._pings_pending
@@ -1153,7 +1198,7 @@ class Client:
             self._sent += len(batch)
             self._made_progress()
 
-    async def _half_close(self, frames: FrameStream) -> None:
+    async def _half_close(self, frames: FrameStream | ObjectStream) -> None:
         """Closing: say we are done writing, so that the broker sees a clean end of
         stream (no reset), answers with its own, and the reader drains until then."""
         try:

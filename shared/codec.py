@@ -16,7 +16,7 @@ import msgpack
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
-__all__ = ["Codec", "MsgpackCodec"]
+__all__ = ["Codec", "MsgpackCodec", "MsgpackStreamDecoder"]
 
 
 class Codec(Protocol):
@@ -71,3 +71,117 @@ class MsgpackCodec:
             return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise RemoteProtocolError(f"undecodable MessagePack payload: {exc}") from exc
+
+
+class MsgpackStreamDecoder:
+    """Sans-IO reader of MessagePack objects written back to back, no frames (the
+    ``unframed`` deliveries of docs/protocol.md §8): one ``msgpack.Unpacker`` per
+    connection, iterated in C, with the options of :meth:`MsgpackCodec.loads`.
+
+    ``max_len`` is the largest object accepted (the frame payload limit). The Unpacker
+    resumes an incomplete object where the bytes ran out (it keeps what it decoded of it,
+    not its bytes), so its own buffer limit does not bound an object: each read is fed in
+    pieces of at most ``max_len // 4`` bytes, and once more than ``max_len`` + one piece
+    arrived since the last piece that completed an object, no object of ``max_len`` bytes
+    can be under way: the stream is refused. So objects up to ``max_len`` always pass, an
+    incomplete one is refused before more than 1.25x the limit of it was decoded, and
+    none over 1.5x ever passes (between the limit and that, one may: the price of not
+    asking the Unpacker where each object ends). After an error the decoder is latched,
+    as :class:`~shared.frame.FrameDecoder`.
+    """
+
+    __slots__ = ("_error", "_max", "_piece", "_since", "_unpacker")
+
+    def __init__(self, max_len: int) -> None:
+        if max_len < 1:
+            raise ValueError("max_len must be at least 1")
+        self._max = max_len
+        self._piece = max(1, max_len // 4)
+        # A str or bin is buffered whole before it is decoded: room for one of max_len
+        # (and its header) plus the piece that completes it.
+        self._unpacker = msgpack.Unpacker(
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_refuse_ext,
+            max_buffer_size=max_len + self._piece + 16,
+            max_str_len=max_len,
+            max_bin_len=max_len,
+            max_array_len=max_len,
+            max_map_len=max_len,
+            max_ext_len=max_len,
+        )
+        #: Bytes fed since (and including) the last piece that completed an object: an
+        #: upper bound of the incomplete object's size.
+        self._since = 0
+        self._error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """True once the stream is known to be broken; every later call raises."""
+        return self._error is not None
+
+    @property
+    def piece_size(self) -> int:
+        """The most bytes fed to the Unpacker at once (``max_len // 4``)."""
+        return self._piece
+
+    def feed(self, data: bytes) -> list[object]:
+        """Add ``data``; return every object it completed, in order.
+
+        The objects before a bad one are returned; the error is raised by the next call.
+
+        Raises:
+            RemoteProtocolError: undecodable bytes, or an object over ``max_len``.
+        """
+        if self._error is not None:
+            raise RemoteProtocolError(self._error)
+        out: list[object] = []
+        size = len(data)
+        if not size:
+            return out
+        piece = self._piece
+        if size <= piece:
+            self._take(data, out)
+        else:
+            with memoryview(data) as view:
+                for start in range(0, size, piece):
+                    self._take(view[start : start + piece], out)
+                    if self._error is not None:
+                        break
+        if self._error is not None and not out:
+            raise RemoteProtocolError(self._error)
+        return out
+
+    def _take(self, piece: Any, out: list[object]) -> None:
+        count = len(out)
+        try:
+            self._unpacker.feed(piece)
+            out.extend(self._unpacker)
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            self._error = f"undecodable MessagePack delivery: {str(exc) or type(exc).__name__}"
+            return
+        if len(out) > count:
+            self._since = len(piece)
+        else:
+            self._since += len(piece)
+            if self._since > self._max + self._piece:
+                self._error = f"a delivery over the limit of {self._max} bytes"
+
+    def eof(self) -> None:
+        """The stream ended. Raises if it ended inside an object.
+
+        Raises:
+            RemoteProtocolError: an object was incomplete.
+        """
+        if self._error is not None:
+            raise RemoteProtocolError(self._error)
+        # Whether an object is under way is not visible from outside the Unpacker: a nil
+        # (one byte, a whole object) comes back as itself only if none is.
+        try:
+            self._unpacker.feed(b"\xc0")
+            tail = list(self._unpacker)
+        except (ValueError, TypeError, msgpack.UnpackException):
+            tail = []
+        if tail != [None]:
+            self._error = "stream ended inside a delivery"
+            raise RemoteProtocolError(self._error)

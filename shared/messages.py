@@ -31,6 +31,7 @@ __all__ = [
     "CAP_BARRIER",
     "CAP_CLUSTER",
     "CAP_FILTER",
+    "CAP_UNFRAMED",
     "CAP_WELCOME",
     "CURRENT",
     "MAX_CAPS",
@@ -53,6 +54,7 @@ __all__ = [
     "decode_event",
     "decode_event_batch",
     "decode_event_fields",
+    "decode_event_objects",
     "decode_hello",
     "decode_ping",
     "decode_pong",
@@ -282,6 +284,9 @@ CAP_FILTER = "filter"
 #: Checked before anything is kept; over them is a protocol error (docs/protocol.md §8).
 MAX_SUB_PATTERNS = 1024
 MAX_SUB_NAME_LEN = 256
+#: The broker writes this client's deliveries (and its pongs) as bare MessagePack objects
+#: back to back, without frame headers (native only; docs/protocol.md §8).
+CAP_UNFRAMED = "unframed"
 
 
 def encode_hello(
@@ -963,6 +968,37 @@ def decode_event_batch(
     for payload in payloads:
         try:
             append(event_fields(loads(payload)))
+        except RemoteProtocolError as exc:
+            errors.append(exc)
+    return out, errors
+
+
+def decode_event_objects(
+    objects: list[object],
+) -> tuple[list[tuple[str, str, Any, int | None]], list[RemoteProtocolError]]:
+    """:func:`decode_event_batch` for deliveries already unpacked (``unframed``: the
+    connection's Unpacker made the objects). The usual event is taken inline, on exact
+    types; anything else goes through :func:`event_fields` (tests/test_fast_paths.py holds
+    this loop to it).
+    """
+    out: list[tuple[str, str, Any, int | None]] = []
+    errors: list[RemoteProtocolError] = []
+    append = out.append
+    for msg in objects:
+        if type(msg) is dict:
+            source = msg.get("source")
+            event = msg.get("event")
+            wid = msg.get("wid")
+            if (
+                type(source) is str
+                and type(event) is str
+                and (wid is None or type(wid) is int)
+                and "node" not in msg
+            ):
+                append((source, event, msg.get("data"), wid))
+                continue
+        try:
+            append(event_fields(msg))
         except RemoteProtocolError as exc:
             errors.append(exc)
     return out, errors

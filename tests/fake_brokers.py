@@ -37,7 +37,7 @@ UPGRADE = b"kong-worker-events/1"
 SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
              b"Upgrade: Kong-Worker-Events/1\r\n\r\n")
 FLAWS = ("none", "reencode", "drop-after-head", "no-dedup", "die-on-bad-input", "no-welcome",
-         "early-pong", "late-to-worker-1", "scope-for-anyone")
+         "early-pong", "late-to-worker-1", "scope-for-anyone", "unframed-but-framed")
 #: Said in the welcome. The fake's queues are unbounded and it writes inline, so it says
 #: "too large to overflow" (native.pong-overflow skips) rather than deadlock that case.
 MAX_QUEUE_LEN = 1_000_000
@@ -145,6 +145,8 @@ class FakeBroker:
         if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
             raise self.bad("hello")
         granted = set() if self.flaw == "no-welcome" else {"welcome", "barrier"} & set(caps)
+        if self.flaw == "unframed-but-framed" and {"welcome", "unframed"} <= set(caps):
+            granted.add("unframed")  # the flaw: granted, yet deliveries stay framed
         if "welcome" in granted:
             welcome = {"welcome": 1, "broker": "fake", "profile": "native", "id": wid,
                        "caps": sorted(granted), "max_payload_len": 65535,

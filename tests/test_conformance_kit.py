@@ -129,6 +129,8 @@ def test_kit_passes_correct_reference_broker(kit_dir: str, transport: str) -> No
                 "cluster.granted"}
     # The reference fake does not offer "filter" (a negotiated extension): those cases skip.
     expected |= {"filter.honoured", "filter.plain-hello", "filter.bad-sub"}
+    # Nor "unframed" (asked without the welcome it is not granted anywhere: that case runs).
+    expected |= {"unframed.granted"}
     assert skipped == (expected | HANDSHAKE_ONLY if transport == "stream" else expected)
     assert text.splitlines()[-1] == report.totals_line()
 
@@ -178,6 +180,7 @@ def test_kit_passes_serve_and_serve_reports_the_kits_bad_input(
         ("no-welcome", "native.welcome"),
         ("early-pong", "native.barrier"),
         ("scope-for-anyone", "cluster.not-asked"),
+        ("unframed-but-framed", "unframed.granted"),
     ],
 )
 def test_kit_catches_broken_broker(kit_dir: str, flaw: str, case: str) -> None:

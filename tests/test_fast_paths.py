@@ -5,7 +5,9 @@ each fast path is held to them on many generated inputs, never to another fast p
 
 - encode_publish, build_publish_frame: publishes built by concatenation;
 - decode_publish_batch (the one recogniser of the usual publish) and decode_publish;
-- decode_event_batch / decode_event_fields: the one event decoder;
+- decode_event_batch / decode_event_fields: the one event decoder; decode_event_objects
+  (the same for unframed deliveries) and MsgpackStreamDecoder (bare objects on any
+  chunking) against the codec's loads, payload by payload;
 - FrameDecoder's parse loop, and encode_frame;
 - Dispatcher.run and Dispatcher.dispatch against a plain level-by-level dispatch;
 - EmbeddedClient's numbered encoder and its checked batch decoder (the sequence check
@@ -29,7 +31,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.codec import MsgpackCodec
+from shared.codec import MsgpackCodec, MsgpackStreamDecoder
 from shared.dispatch import Dispatcher
 from shared.errors import LocalProtocolError, PayloadTooLarge, RemoteProtocolError
 from shared.frame import FrameDecoder, encode_frame
@@ -44,6 +46,7 @@ from shared.messages import (
     build_publish_frame,
     decode_event_batch,
     decode_event_fields,
+    decode_event_objects,
     decode_publish,
     decode_publish_batch,
     encode_event,
@@ -374,6 +377,109 @@ def _check_event_batch(profile: Any, payloads: list[bytes]) -> None:
 @given(_event_payloads(kong=False))
 def test_decode_event_batch_is_the_reference(payloads: list[bytes]) -> None:
     _check_event_batch(NATIVE, payloads)
+
+
+def _check_event_objects(payloads: list[bytes]) -> None:
+    # What the connection's Unpacker hands over is what the codec makes of each payload;
+    # the unframed decode of those objects must be the framed decode of the payloads.
+    objects = []
+    decodable = []
+    for payload in payloads:
+        try:
+            objects.append(NATIVE.codec.loads(payload))
+        except RemoteProtocolError:
+            continue
+        decodable.append(payload)
+    framed_events, framed_errors = decode_event_batch(NATIVE, decodable)
+    events, errors = decode_event_objects(objects)
+    assert events == framed_events
+    assert [getattr(e[3], "node", None) for e in events] == [getattr(e[3], "node", None) for e in framed_events]
+    assert [type(e) for e in errors] == [type(e) for e in framed_errors]
+    assert [getattr(e, "kind", None) for e in errors] == [getattr(e, "kind", None) for e in framed_errors]
+
+
+@settings(max_examples=400, deadline=None)
+@given(_event_payloads(kong=False))
+def test_decode_event_objects_is_the_reference(payloads: list[bytes]) -> None:
+    _check_event_batch(NATIVE, payloads)  # (the framed decode is the reference's)
+    _check_event_objects(payloads)
+
+
+def _stream_reference(payloads: list[bytes]) -> tuple[list[object], bool]:
+    # Back-to-back payloads read one by one with the codec: the objects up to the first
+    # one it refuses, and whether there was one.
+    out = []
+    for payload in payloads:
+        try:
+            out.append(NATIVE.codec.loads(payload))
+        except RemoteProtocolError:
+            return out, True
+    return out, False
+
+
+def _feed_all(decoder: MsgpackStreamDecoder, data: bytes, cuts: list[int]) -> tuple[list[object], bool]:
+    out: list[object] = []
+    bounds = [0, *sorted(c % (len(data) + 1) for c in cuts), len(data)]
+    try:
+        for start, stop in zip(bounds, bounds[1:], strict=False):
+            out += decoder.feed(data[start:stop])
+        decoder.feed(b"")  # a latched error shows on the next call
+    except RemoteProtocolError:
+        return out, True
+    return out, False
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        _EVENT_MAPS.map(MsgpackCodec().dumps)
+        | st.sampled_from([b"\xc1", b"\xd4\x01\x00", b"\x81\x01\x02", MsgpackCodec().dumps("x" * 300)]),
+        max_size=12,
+    ),
+    st.lists(st.integers(0, 10_000), max_size=6),
+    st.sampled_from([16, 100, 65535]),
+)
+def test_stream_decoder_is_the_codec_on_any_chunking(payloads: list[bytes], cuts: list[int], limit: int) -> None:
+    # (every payload here is a whole object or bytes no object can start with, so the
+    # reference knows where each begins; 0xc1 never occurs, an ext and an int key are refused)
+    expected, bad = _stream_reference(payloads)
+    sizes = [len(p) for p in payloads[: len(expected) + (1 if bad else 0)]]
+    got, failed = _feed_all(MsgpackStreamDecoder(limit), b"".join(payloads), cuts)
+    over = [i for i, size in enumerate(sizes) if size > limit]
+    if not over:
+        assert (got, failed) == (expected, bad)
+        return
+    # Over the limit: everything before the first such object passes; one of up to 1.5x
+    # the limit may pass too (the check is per piece of limit // 4); a larger one never.
+    assert got == expected[: len(got)] and len(got) >= over[0]
+    never = [i for i, size in enumerate(sizes) if size > limit + 2 * (limit // 4)]
+    if never:
+        assert failed and len(got) <= never[0]
+
+
+def test_stream_decoder_limit_and_end_of_stream() -> None:
+    pack = MsgpackCodec().dumps
+    at_limit = pack("x" * 98)  # 100 bytes
+    assert len(at_limit) == 100
+    decoder = MsgpackStreamDecoder(100)
+    data = at_limit + pack({"a": 1}) + at_limit
+    got = []
+    for i in range(len(data)):  # byte by byte: the worst chunking
+        got += decoder.feed(data[i : i + 1])
+    assert got == ["x" * 98, {"a": 1}, "x" * 98]
+    decoder.eof()  # between objects: a clean end
+    # An array that never ends is refused once 1.25x the limit arrived, not later.
+    decoder = MsgpackStreamDecoder(100)
+    with pytest.raises(RemoteProtocolError, match="over the limit of 100 bytes"):
+        for _ in range(200):
+            decoder.feed(b"\x91")
+    # Ending inside an object is an error; so is every call after an error.
+    decoder = MsgpackStreamDecoder(100)
+    assert decoder.feed(pack({"a": 1}) + at_limit[:50]) == [{"a": 1}]
+    with pytest.raises(RemoteProtocolError, match="inside a delivery"):
+        decoder.eof()
+    with pytest.raises(RemoteProtocolError):
+        decoder.feed(at_limit[50:])
 
 
 def test_decode_event_batch_on_known_cases() -> None:

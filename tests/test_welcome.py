@@ -58,7 +58,7 @@ async def test_welcome_tells_limits_id_and_caps(address: str, transport: str) ->
             assert w is not None
             assert (w.version, w.profile, w.worker_id) == (1, "native", 7)
             assert w.broker.startswith("workerbus ")
-            assert w.caps == {"welcome", "barrier", "cluster", "filter"}
+            assert w.caps == {"welcome", "barrier", "cluster", "filter", "unframed"}
             assert (w.max_payload_len, w.max_queue_len, w.unique_timeout) == (300, 77, 1.5)
             assert c.max_payload_len == 300  # min(own 1000, broker's 300)
         tg.cancel_scope.cancel()

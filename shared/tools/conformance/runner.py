@@ -18,6 +18,7 @@ from shared.tools.conformance import (
     cases_handshake,
     cases_native,
     cases_routing,
+    cases_unframed,
 )
 from shared.tools.conformance.casekit import REGISTRY, Case, CaseFailed, CaseSkipped, Ctx, KitConfig
 from shared.tools.conformance.wire import SendFailed
@@ -27,7 +28,9 @@ __all__ = ["CaseResult", "Report", "run_suite", "select", "write_json"]
 
 #: Imported for their @case registrations; this is the run order: connection start first,
 #: then framing, routing, and the bad-input cases last.
-CASE_MODULES = (cases_handshake, cases_frames, cases_routing, cases_native, cases_cluster, cases_filter, cases_bad)
+CASE_MODULES = (
+    cases_handshake, cases_frames, cases_routing, cases_native, cases_cluster, cases_filter, cases_unframed, cases_bad
+)
 
 
 def all_cases() -> list[Case]:

@@ -11,6 +11,8 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+import msgpack
+
 from shared.tools.conformance.profiles import Profile, hexabbr
 
 __all__ = [
@@ -240,6 +242,21 @@ class Conn:
     def read_frame(self, deadline: float, what: str = "a frame") -> bytes:
         header = self.recv_exact(self.profile.header_len, deadline, what)
         return self.recv_exact(int.from_bytes(header, "big"), deadline, what)
+
+    def read_object(self, deadline: float, what: str = "a delivery") -> bytes:
+        """The bytes of the next bare MessagePack object (``unframed`` deliveries,
+        docs/protocol.md §8): msgpack delimits itself; nothing else is checked here."""
+        while True:
+            if self.buf:
+                unpacker = msgpack.Unpacker()
+                unpacker.feed(bytes(self.buf))
+                try:
+                    unpacker.skip()
+                except msgpack.OutOfData:
+                    pass
+                else:
+                    return self.recv_exact(unpacker.tell(), deadline, what)
+            self._fill(deadline, what)
 
     def closed_by_peer(self, deadline: float) -> bool:
         """True once the peer has closed; False if it is still open at the deadline.
