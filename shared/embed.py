@@ -155,6 +155,7 @@ class _Embedding(ClientHooks):
         # Per event: bound straight to the sequencer, no extra call in between.
         self.encode_publish = sequencer.encode_publish  # type: ignore[method-assign]
         self.decode_batch = sequencer.decode_batch  # type: ignore[method-assign]
+        self.decode_objects = sequencer.decode_objects  # type: ignore[method-assign]
 
     def session_started(self, client: Client) -> None:
         # Tell every other worker our latest numbers, so a gap at the end of our stream

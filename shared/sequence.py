@@ -188,7 +188,7 @@ LifecycleObserver = Callable[[str, dict[Any, Any], list[Fields]], None]
 class Sequencer:
     """One embedded client's numbering of its publishes and checks of everybody else's.
 
-    Its :meth:`encode_publish` and :meth:`decode_batch` have the signatures of the
+    Its :meth:`encode_publish`, :meth:`decode_batch` and :meth:`decode_objects` have the signatures of the
     :class:`~shared.client.ClientHooks` methods of the same names. ``on_lifecycle`` sees the
     broker's lifecycle events other than those this class uses itself (it still sees
     ``dropped`` and ``joined``).
@@ -242,6 +242,25 @@ class Sequencer:
     def decode_batch(
         self, client: Client, payloads: list[bytes]
     ) -> tuple[list[Fields], list[RemoteProtocolError]]:
+        # Framed deliveries (a broker that did not grant "unframed"): unpacked here, then
+        # checked as objects. An undecodable one stays in its place as its error (raised
+        # by _check in order), so errors keep the order of the deliveries.
+        loads = client.profile.codec.loads
+        objects: list[object] = []
+        for payload in payloads:
+            try:
+                objects.append(loads(payload))
+            except RemoteProtocolError as exc:
+                objects.append(exc)
+        return self._checked(objects)
+
+    def decode_objects(
+        self, client: Client, objects: list[object]
+    ) -> tuple[list[Fields], list[RemoteProtocolError]]:
+        # Deliveries the connection's Unpacker made ("unframed", docs/protocol.md §8).
+        return self._checked(objects)
+
+    def _checked(self, objects: list[object]) -> tuple[list[Fields], list[RemoteProtocolError]]:
         # One loop over the read, in order, so that a "lost" notice lands right before the
         # event that revealed the gap. The common delivery (a plain event from a numbered
         # publisher whose number is the next expected one, or from ourselves) is checked
@@ -251,14 +270,12 @@ class Sequencer:
         out: list[Fields] = []
         errors: list[RemoteProtocolError] = []
         append = out.append
-        loads = client.profile.codec.loads
         me = self.worker_id
         broadcast = self.seen._broadcast
         per_worker = self.seen._worker
         check = self._check
-        for payload in payloads:
+        for msg in objects:
             try:
-                msg = loads(payload)
                 if type(msg) is dict and "node" not in msg:
                     source = msg.get("source")
                     event = msg.get("event")
@@ -293,6 +310,8 @@ class Sequencer:
 
     def _check(self, msg: object, out: list[Fields]) -> Fields:
         if not isinstance(msg, dict):
+            if isinstance(msg, RemoteProtocolError):
+                raise msg  # (a framed delivery that did not decode: decode_batch)
             raise RemoteProtocolError(f"event must be a map, got {type(msg).__name__}")
         source = msg.get("source")
         event = msg.get("event")
