@@ -204,6 +204,8 @@ async def test_one_host_and_events_cross(address: str, transport: str) -> None:
         for m in ms:
             assert m.lifecycle("welcome")[0]["broker"]["generation"] >= 1
             assert m.bus.lost == 0
+            # the sequence check reads unpacked objects: granted "unframed" (§8)
+            assert m.bus.welcome is not None and "unframed" in m.bus.welcome.caps
 
 
 async def test_all_ids_held_waits_then_fails(address: str) -> None:
