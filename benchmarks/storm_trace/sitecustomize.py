@@ -49,8 +49,8 @@ if os.environ.get("WB_STORM_TRACE"):
 
     _decode_publish_batch = getattr(_broker, "decode_publish_batch")  # noqa: B009
 
-    def _traced_decode_publish_batch(profile: Any, payloads: list[bytes]) -> Any:
-        runs, error = _decode_publish_batch(profile, payloads)
+    def _traced_decode_publish_batch(profile: Any, payloads: list[bytes], keys: Any = None) -> Any:
+        runs, error = _decode_publish_batch(profile, payloads, keys)
         t = _now()
         if runs:
             h = profile.header_len
