@@ -320,6 +320,9 @@ class Client:
         self.hooks = _PLAIN if hooks is None else hooks
         # Bound once: these two run per event.
         self._encode_publish = self.hooks.encode_publish
+        # The default encoder is build_publish_frame: called directly on the per-event
+        # path when the hooks keep it (one layer of calls less per publish).
+        self._plain_encoder = getattr(self._encode_publish, "__func__", None) is ClientHooks.encode_publish
         self._decode_batch = self.hooks.decode_batch
         self._decode_objects = self.hooks.decode_objects
         #: The decoder of the current session's reads (payloads, or objects if unframed).
@@ -532,7 +535,7 @@ class Client:
         ``scope="cluster"`` (targets all, others, unique:KEY) also reaches the workers of
         the other nodes when the broker has a cluster bridge (docs/cluster.md).
         """
-        parsed = parse_target(target)
+        parsed = target if type(target) is Target else parse_target(target)
         if scope != "local":
             parsed = self._scoped(parsed, scope)
         if parsed.kind is _CURRENT:
@@ -560,7 +563,7 @@ class Client:
         Same targets and errors as :meth:`publish_nowait`, except that a full buffer while
         connected waits for room instead of raising ``WouldBlock``.
         """
-        parsed = parse_target(target)
+        parsed = target if type(target) is Target else parse_target(target)
         if scope != "local":
             parsed = self._scoped(parsed, scope)
         if parsed.kind is _CURRENT:
@@ -578,7 +581,19 @@ class Client:
             await self._progress.wait()
         # Encoded once there is room, and buffered with no await in between, so frames
         # enter the buffer in the order they were encoded (ClientHooks.encode_publish).
-        frame = self._encode_publish(self, source, event, data, parsed)
+        if self._plain_encoder:
+            frame = build_publish_frame(
+                self.profile,
+                self.worker_id,
+                source,
+                event,
+                data,
+                parsed,
+                self.max_payload_len,
+                self._filtering,
+            )
+        else:
+            frame = self._encode_publish(self, source, event, data, parsed)
         # _append, inlined: this is the publisher's per-event path.
         self._buffer.append(frame)
         self._published += 1

@@ -571,6 +571,27 @@ def _keyed_parts(source: str, event: str) -> _KeyedParts | None:
     return parts
 
 
+#: (source, event) -> the bytes of its events from the map's head up to ``data``'s value
+#: (MessagePack keeps map order), and its keyed parts: made once, so a publish packs only
+#: its data. Bounded as _KEYED_PARTS.
+_EVENT_PARTS: dict[tuple[str, str], tuple[bytes, _KeyedParts | None]] = {}
+#: wid -> the bytes of an event after ``data``'s value (``"wid"`` and the id).
+_WID_TAILS: dict[int, bytes] = {}
+
+
+def _remember_event_parts(profile: Profile, source: str, event: str, wid: int) -> None:
+    # Called once encode_event's map of these packed: both names are encodable.
+    if len(_EVENT_PARTS) >= _MAX_KEYED_PARTS:
+        _EVENT_PARTS.clear()
+    around = b"\x84\xa6source" + _msgpack_str(source) + b"\xa5event" + _msgpack_str(event) + b"\xa4data"
+    keyed = _KEYED_PARTS.get((source, event)) or _keyed_parts(source, event)
+    _EVENT_PARTS[(source, event)] = (around, keyed)
+    if wid not in _WID_TAILS:
+        if len(_WID_TAILS) >= _MAX_KEYED_PARTS:
+            _WID_TAILS.clear()
+        _WID_TAILS[wid] = b"\xa3wid" + profile.codec.dumps(wid)
+
+
 def _read_str(payload: bytes, pos: int) -> tuple[str, int] | None:
     # A fixstr or str8 at pos: (text, end), or None (not one of those, or cut short).
     size = len(payload)
@@ -882,10 +903,36 @@ def build_publish_frame(
         and event
     ):
         # encode_event's usual case (the client always has an int wid)
+        cached = _EVENT_PARTS.get((source, event)) if data is not None else None
+        if cached is not None and type(wid) is int:
+            wid_tail = _WID_TAILS.get(wid)
+            if wid_tail is not None:
+                # The event's bytes with only data packed here. Packed alone, data sits
+                # one level higher than in the event's map, which matters only for
+                # msgpack's nesting limit (511 levels): any value that deep packs to
+                # over 0xFF bytes, and those take the careful path below.
+                around, keyed_parts = cached
+                packed = profile.codec.dumps(data)
+                size = len(around) + len(packed) + len(wid_tail)
+                if size < 0x100:
+                    if not keyed:
+                        head = _FRAMED_ALL_HEADS[size] if target is ALL else _FRAMED_OTHERS_HEADS[size]
+                        length = len(head) - 2 + size
+                        if length > max_payload_len:
+                            raise PayloadTooLarge(length, max_payload_len)
+                        return b"".join((head, around, packed, wid_tail))
+                    if keyed_parts is not None:
+                        tail, all_heads, others_heads = keyed_parts
+                        head = all_heads[size] if target is ALL else others_heads[size]
+                        if len(head) - 2 + size + len(tail) <= max_payload_len:
+                            return b"".join((head, around, packed, wid_tail, tail))
+                return _careful_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
         if data is None:
             inner = profile.codec.dumps({"source": source, "event": event, "wid": wid})
         else:
             inner = profile.codec.dumps({"source": source, "event": event, "data": data, "wid": wid})
+            if type(wid) is int:
+                _remember_event_parts(profile, source, event, wid)
         size = len(inner)
         if size < 0x100:
             if not keyed:
@@ -904,6 +951,20 @@ def build_publish_frame(
                 head = all_heads[size] if target is ALL else others_heads[size]
                 if len(head) - 2 + size + len(tail) <= max_payload_len:
                     return b"".join((head, inner, tail))
+    return _careful_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
+
+
+def _careful_publish_frame(
+    profile: Profile,
+    wid: int,
+    source: str,
+    event: str,
+    data: object,
+    target: Target,
+    max_payload_len: int,
+    keyed: bool,
+) -> bytes:
+    # build_publish_frame beyond its fast paths: build_publish's checks and errors.
     if keyed:
         inner, _ = build_publish(profile, wid, source, event, data, target, max_payload_len)
         outer = encode_publish_keyed(profile, target, inner, source, event)

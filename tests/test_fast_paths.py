@@ -335,6 +335,33 @@ def test_build_publish_frame_refuses_what_build_publish_refuses() -> None:
         build_publish_frame(NATIVE, 1, "s", "e", object(), ALL, 65535)
 
 
+def _nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_build_publish_frame_with_cached_parts_is_the_reference() -> None:
+    # Once a (source, event) was published, a publish of it packs only its data
+    # (_EVENT_PARTS): the same bytes and refusals for every wid and target, around
+    # msgpack's nesting limit and over the one-byte length of the short path, plain and
+    # keyed, whichever wid came first.
+    values: list[Any] = [_nested(d) for d in (1, 200, 240, 509, 510, 511, 512)]
+    values += [None, "x" * 200, "x" * 300, b"y" * 250, {"a": 1}, object(), 2**70, {"é": ["ü" * 40]}]
+    for source, event in (("cached", "parts"), ("c" * 40, "é" * 20), ("s" * 300, "e")):
+        for keyed in (False, True):
+            reference_frame = _reference_keyed_publish_frame if keyed else _reference_publish_frame
+            for wid in (0, 3, 127, 128, -1, 2**40):
+                for target in (ALL, OTHERS):
+                    for limit in (65535, 120, 90):
+                        for data in values:
+                            args = (NATIVE, wid, source, event, data, target, limit)
+                            expected = _build_or_refusal(reference_frame, *args)
+                            for _ in range(2):  # (the first may fill the cache)
+                                assert _build_or_refusal(build_publish_frame, *args, keyed) == expected
+
+
 # --- decoding deliveries ----------------------------------------------------------------
 
 _EVENT_MAPS = st.fixed_dictionaries(
