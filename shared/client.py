@@ -59,6 +59,7 @@ from .messages import (
     CAP_WELCOME,
     ControlFrame,
     Event,
+    PublishEncoder,
     Target,
     TargetKind,
     Welcome,
@@ -71,6 +72,7 @@ from .messages import (
     encode_ping,
     encode_sub,
     parse_target,
+    publish_encoder,
 )
 from .profile import Profile, get_profile
 from .router import DEFAULT_MAX_QUEUE_LEN
@@ -320,8 +322,9 @@ class Client:
         self.hooks = _PLAIN if hooks is None else hooks
         # Bound once: these two run per event.
         self._encode_publish = self.hooks.encode_publish
-        # The default encoder is build_publish_frame: called directly on the per-event
-        # path when the hooks keep it (one layer of calls less per publish).
+        # The default encoder is build_publish_frame; when the hooks keep it, publishes
+        # go through a publish_encoder of this client's settings instead (the same bytes
+        # and errors, less work per publish), made anew whenever a setting changes.
         self._plain_encoder = getattr(self._encode_publish, "__func__", None) is ClientHooks.encode_publish
         self._decode_batch = self.hooks.decode_batch
         self._decode_objects = self.hooks.decode_objects
@@ -373,6 +376,7 @@ class Client:
         # pattern set (narrowing is lazy, so "connect, then subscribe" races nothing), and
         # from then on every change is sent before the next batch (one pending at most).
         self._filtering = False
+        self._new_encoder()
         self._sub_pending = False
         self._sub_sent: frozenset[tuple[str, str]] | None = None
         self._hello = self._frame(encode_hello(self.profile, worker_id, self.pid, self._caps))
@@ -512,6 +516,14 @@ class Client:
     def _encode(self, source: str, event: str, data: object, target: Target) -> bytes:
         return self._encode_publish(self, source, event, data, target)
 
+    def _new_encoder(self) -> None:
+        # After a change of what a publish's bytes depend on (max_payload_len, _filtering).
+        self._encoder: PublishEncoder
+        if self._plain_encoder:
+            self._encoder = publish_encoder(self.profile, self.worker_id, self.max_payload_len, self._filtering)
+        else:
+            self._encoder = self._encode
+
     def publish_nowait(
         self,
         source: str,
@@ -547,7 +559,7 @@ class Client:
             self._dropped += 1
             raise PublishBufferFull(f"publish buffer full ({self.max_buffer_len}) while disconnected")
         # Encoded once there is room, and buffered at once (ClientHooks.encode_publish).
-        self._append(self._encode_publish(self, source, event, data, parsed))
+        self._append(self._encoder(source, event, data, parsed))
 
     async def publish(
         self,
@@ -581,19 +593,7 @@ class Client:
             await self._progress.wait()
         # Encoded once there is room, and buffered with no await in between, so frames
         # enter the buffer in the order they were encoded (ClientHooks.encode_publish).
-        if self._plain_encoder:
-            frame = build_publish_frame(
-                self.profile,
-                self.worker_id,
-                source,
-                event,
-                data,
-                parsed,
-                self.max_payload_len,
-                self._filtering,
-            )
-        else:
-            frame = self._encode_publish(self, source, event, data, parsed)
+        frame = self._encoder(source, event, data, parsed)
         # _append, inlined: this is the publisher's per-event path.
         self._buffer.append(frame)
         self._published += 1
@@ -865,6 +865,7 @@ class Client:
         if limit < self.max_payload_len:
             logger.info("worker %d: the broker accepts publishes up to %d bytes", self.worker_id, limit)
         self.max_payload_len = limit
+        self._new_encoder()  # (after _filtering and max_payload_len, before anything publishes)
         # Publishes encoded before we knew the broker's limit: the broker would close the
         # connection on each of them (and again after every reconnect). Refuse them here.
         too_big = [f for f in self._buffer if len(f) - self.profile.header_len > limit]

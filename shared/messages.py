@@ -19,6 +19,7 @@ so integral floats are accepted wherever an int is expected.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -571,27 +572,6 @@ def _keyed_parts(source: str, event: str) -> _KeyedParts | None:
     return parts
 
 
-#: (source, event) -> the bytes of its events from the map's head up to ``data``'s value
-#: (MessagePack keeps map order), and its keyed parts: made once, so a publish packs only
-#: its data. Bounded as _KEYED_PARTS.
-_EVENT_PARTS: dict[tuple[str, str], tuple[bytes, _KeyedParts | None]] = {}
-#: wid -> the bytes of an event after ``data``'s value (``"wid"`` and the id).
-_WID_TAILS: dict[int, bytes] = {}
-
-
-def _remember_event_parts(profile: Profile, source: str, event: str, wid: int) -> None:
-    # Called once encode_event's map of these packed: both names are encodable.
-    if len(_EVENT_PARTS) >= _MAX_KEYED_PARTS:
-        _EVENT_PARTS.clear()
-    around = b"\x84\xa6source" + _msgpack_str(source) + b"\xa5event" + _msgpack_str(event) + b"\xa4data"
-    keyed = _KEYED_PARTS.get((source, event)) or _keyed_parts(source, event)
-    _EVENT_PARTS[(source, event)] = (around, keyed)
-    if wid not in _WID_TAILS:
-        if len(_WID_TAILS) >= _MAX_KEYED_PARTS:
-            _WID_TAILS.clear()
-        _WID_TAILS[wid] = b"\xa3wid" + profile.codec.dumps(wid)
-
-
 def _read_str(payload: bytes, pos: int) -> tuple[str, int] | None:
     # A fixstr or str8 at pos: (text, end), or None (not one of those, or cut short).
     size = len(payload)
@@ -903,36 +883,10 @@ def build_publish_frame(
         and event
     ):
         # encode_event's usual case (the client always has an int wid)
-        cached = _EVENT_PARTS.get((source, event)) if data is not None else None
-        if cached is not None and type(wid) is int:
-            wid_tail = _WID_TAILS.get(wid)
-            if wid_tail is not None:
-                # The event's bytes with only data packed here. Packed alone, data sits
-                # one level higher than in the event's map, which matters only for
-                # msgpack's nesting limit (511 levels): any value that deep packs to
-                # over 0xFF bytes, and those take the careful path below.
-                around, keyed_parts = cached
-                packed = profile.codec.dumps(data)
-                size = len(around) + len(packed) + len(wid_tail)
-                if size < 0x100:
-                    if not keyed:
-                        head = _FRAMED_ALL_HEADS[size] if target is ALL else _FRAMED_OTHERS_HEADS[size]
-                        length = len(head) - 2 + size
-                        if length > max_payload_len:
-                            raise PayloadTooLarge(length, max_payload_len)
-                        return b"".join((head, around, packed, wid_tail))
-                    if keyed_parts is not None:
-                        tail, all_heads, others_heads = keyed_parts
-                        head = all_heads[size] if target is ALL else others_heads[size]
-                        if len(head) - 2 + size + len(tail) <= max_payload_len:
-                            return b"".join((head, around, packed, wid_tail, tail))
-                return _careful_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
         if data is None:
             inner = profile.codec.dumps({"source": source, "event": event, "wid": wid})
         else:
             inner = profile.codec.dumps({"source": source, "event": event, "data": data, "wid": wid})
-            if type(wid) is int:
-                _remember_event_parts(profile, source, event, wid)
         size = len(inner)
         if size < 0x100:
             if not keyed:
@@ -952,6 +906,78 @@ def build_publish_frame(
                 if len(head) - 2 + size + len(tail) <= max_payload_len:
                     return b"".join((head, inner, tail))
     return _careful_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
+
+
+#: What :func:`publish_encoder` makes: ``(source, event, data, target) -> frame``.
+PublishEncoder = Callable[[str, str, object, Target], bytes]
+
+
+def publish_encoder(profile: Profile, wid: int, max_payload_len: int, keyed: bool = False) -> PublishEncoder:
+    """:func:`build_publish_frame` with ``profile``, ``wid``, ``max_payload_len`` and
+    ``keyed`` fixed: the same bytes and errors, for a publisher's per-event path.
+
+    Once a publish of a (source, event) to all or others went through, the encoder keeps
+    the bytes around its data: the frame heads per length, the event map up to ``data``,
+    ``wid`` and (keyed) the ``src``/``ev`` tail. A later publish of it packs only its
+    data and joins. Packed alone, data sits one level higher than in the event's map,
+    which matters only at msgpack's nesting limit (511 levels): a value that deep packs
+    to far more than the 255 bytes this path takes; anything longer, or over the limit,
+    goes through :func:`build_publish_frame` (which says why it is refused).
+    """
+    if profile is not NATIVE or type(wid) is not int or not -(2**63) <= wid < 2**64:
+
+        def careful(source: str, event: str, data: object, target: Target) -> bytes:
+            return build_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
+
+        return careful
+
+    dumps = profile.codec.dumps
+    every, others = ALL, OTHERS
+    wid_tail = b"\xa3wid" + dumps(wid)
+    # (source, event) -> (map head up to data, bytes after data, their length,
+    #   framed heads to all and to others per event length, and the longest event that
+    #   fits the limit and a one-byte length, to all and to others; -1: never here)
+    known: dict[tuple[str, str], tuple[bytes, bytes, int, tuple[bytes, ...], tuple[bytes, ...], int, int]] = {}
+
+    def remember(source: str, event: str) -> None:
+        # After a publish of these names went through: both are encodable.
+        around = b"\x84\xa6source" + _msgpack_str(source) + b"\xa5event" + _msgpack_str(event) + b"\xa4data"
+        fixed = len(around) + len(wid_tail)
+        if not keyed:
+            suffix, all_heads, others_heads, extra = wid_tail, _FRAMED_ALL_HEADS, _FRAMED_OTHERS_HEADS, 0
+        else:
+            parts = _KEYED_PARTS.get((source, event)) or _keyed_parts(source, event)
+            if parts is None:  # names too long for a native frame's short path
+                known[(source, event)] = (around, b"", fixed, (), (), -1, -1)
+                return
+            tail, all_heads, others_heads = parts
+            suffix, extra = wid_tail + tail, len(tail)
+        room_all = min(0xFF, max_payload_len - (len(all_heads[0]) - 2) - extra)
+        room_others = min(0xFF, max_payload_len - (len(others_heads[0]) - 2) - extra)
+        if len(known) >= _MAX_KEYED_PARTS:
+            known.clear()
+        known[(source, event)] = (around, suffix, fixed, all_heads, others_heads, room_all, room_others)
+
+    def encode(source: str, event: str, data: object, target: Target) -> bytes:
+        if (target is others or target is every) and type(source) is str and type(event) is str:
+            entry = known.get((source, event))
+            if entry is not None and data is not None:
+                around, suffix, fixed, all_heads, others_heads, room_all, room_others = entry
+                size = fixed + len(packed := dumps(data))
+                if target is others:
+                    if size <= room_others:
+                        return b"".join((others_heads[size], around, packed, suffix))
+                elif size <= room_all:
+                    return b"".join((all_heads[size], around, packed, suffix))
+                # (long, or too large: build_publish_frame's own short path could not take it either)
+                return _careful_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
+            frame = build_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
+            if entry is None and data is not None:
+                remember(source, event)
+            return frame
+        return build_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
+
+    return encode
 
 
 def _careful_publish_frame(
