@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .codec import MsgpackCodec
 from .errors import PayloadTooLarge, RemoteProtocolError
 from .frame import encode_frame
 from .profile import NATIVE, Profile
@@ -924,16 +925,21 @@ def publish_encoder(profile: Profile, wid: int, max_payload_len: int, keyed: boo
     to far more than the 255 bytes this path takes; anything longer, or over the limit,
     goes through :func:`build_publish_frame` (which says why it is refused).
     """
-    if profile is not NATIVE or type(wid) is not int or not -(2**63) <= wid < 2**64:
+    codec = profile.codec
+    if profile is not NATIVE or not isinstance(codec, MsgpackCodec) or type(wid) is not int or not -(2**63) <= wid < 2**64:
 
         def careful(source: str, event: str, data: object, target: Target) -> bytes:
             return build_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
 
         return careful
 
-    dumps = profile.codec.dumps
+    new_pack = codec.new_pack
+    # This encoder's own packer (the codec's pool costs as much as packing a small
+    # value): taken out while in use, so a publish made while packing (a dict subclass's
+    # items()) or from another thread finds none and goes the long way.
+    spare = [new_pack()]
     every, others = ALL, OTHERS
-    wid_tail = b"\xa3wid" + dumps(wid)
+    wid_tail = b"\xa3wid" + codec.dumps(wid)
     # (source, event) -> (map head up to data, bytes after data, their length,
     #   framed heads to all and to others per event length, and the longest event that
     #   fits the limit and a one-byte length, to all and to others; -1: never here)
@@ -962,8 +968,22 @@ def publish_encoder(profile: Profile, wid: int, max_payload_len: int, keyed: boo
         if (target is others or target is every) and type(source) is str and type(event) is str:
             entry = known.get((source, event))
             if entry is not None and data is not None:
+                try:
+                    pack = spare.pop()
+                except IndexError:
+                    return build_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
+                try:
+                    packed = pack(data)
+                except (TypeError, ValueError, OverflowError):
+                    # Refused: the codec says why. (This packer may hold half a value.)
+                    spare.append(new_pack())
+                    return _careful_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
+                except BaseException:
+                    spare.append(new_pack())
+                    raise
+                spare.append(pack)
                 around, suffix, fixed, all_heads, others_heads, room_all, room_others = entry
-                size = fixed + len(packed := dumps(data))
+                size = fixed + len(packed)
                 if target is others:
                     if size <= room_others:
                         return b"".join((others_heads[size], around, packed, suffix))

@@ -379,6 +379,38 @@ def test_publish_encoder_is_the_reference() -> None:
         assert _build_or_refusal(encode, "s", "e", data, ALL) == _build_or_refusal(_reference_publish_frame, *args)
 
 
+@pytest.mark.parametrize("keyed", [False, True])
+def test_publish_encoder_reentry_and_errors(keyed: bool) -> None:
+    # Its own packer is taken out while in use: a publish made while packing (here from a
+    # dict subclass's items()) gets the same bytes the long way, and so does the outer one;
+    # after a refusal or a foreign error the encoder carries on with a fresh packer.
+    reference_frame = _reference_keyed_publish_frame if keyed else _reference_publish_frame
+    encode = publish_encoder(NATIVE, 5, 65535, keyed)
+    inner_frames: list[bytes] = []
+
+    class Publishing(dict[str, Any]):
+        def items(self) -> Any:
+            inner_frames.append(encode("s", "e", {"inner": 1}, OTHERS))
+            return super().items()
+
+    class Failing(dict[str, Any]):
+        def items(self) -> Any:
+            raise RuntimeError("items failed")
+
+    def expect(data: Any) -> Any:
+        return reference_frame(NATIVE, 5, "s", "e", data, OTHERS, 65535)
+
+    assert encode("s", "e", {"warm": 1}, OTHERS) == expect({"warm": 1})
+    assert encode("s", "e", Publishing(a=1), OTHERS) == expect({"a": 1})
+    assert inner_frames == [expect({"inner": 1})]
+    with pytest.raises(LocalProtocolError):
+        encode("s", "e", {"x": object()}, OTHERS)
+    with pytest.raises(RuntimeError, match="items failed"):
+        encode("s", "e", Failing(a=1), OTHERS)
+    for i in range(3):
+        assert encode("s", "e", {"i": i}, OTHERS) == expect({"i": i})
+
+
 # --- decoding deliveries ----------------------------------------------------------------
 
 _EVENT_MAPS = st.fixed_dictionaries(
