@@ -584,7 +584,8 @@ class Client:
             self._dispatcher.push(Event(source, event, data, None))
             await anyio.lowlevel.checkpoint()
             return
-        while len(self._buffer) >= self.max_buffer_len:
+        buffer = self._buffer
+        while len(buffer) >= self.max_buffer_len:
             if not self._connected:
                 self._dropped += 1
                 raise PublishBufferFull(
@@ -593,9 +594,8 @@ class Client:
             await self._progress.wait()
         # Encoded once there is room, and buffered with no await in between, so frames
         # enter the buffer in the order they were encoded (ClientHooks.encode_publish).
-        frame = self._encoder(source, event, data, parsed)
-        # _append, inlined: this is the publisher's per-event path.
-        self._buffer.append(frame)
+        # (_append, inlined: this is the publisher's per-event path.)
+        buffer.append(self._encoder(source, event, data, parsed))
         self._published += 1
         if self._writer_wakeup is not None:
             self._writer_wakeup.set()
