@@ -22,6 +22,7 @@ on the next one (at-least-once) and counted in ``statistics().unconfirmed``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import operator
@@ -522,7 +523,7 @@ class Client:
         if self._plain_encoder:
             self._encoder = publish_encoder(self.profile, self.worker_id, self.max_payload_len, self._filtering)
         else:
-            self._encoder = self._encode
+            self._encoder = functools.partial(self._encode_publish, self)
 
     def publish_nowait(
         self,
