@@ -942,8 +942,15 @@ def publish_encoder(profile: Profile, wid: int, max_payload_len: int, keyed: boo
     wid_tail = b"\xa3wid" + codec.dumps(wid)
     # (source, event) -> (map head up to data, bytes after data, their length,
     #   framed heads to all and to others per event length, and the longest event that
-    #   fits the limit and a one-byte length, to all and to others; -1: never here)
+    #   fits the limit and a one-byte length, to all and to others)
     known: dict[tuple[str, str], tuple[bytes, bytes, int, tuple[bytes, ...], tuple[bytes, ...], int, int]] = {}
+    unfit: set[tuple[str, str]] = set()
+
+    def never(source: str, event: str) -> None:
+        # Publishes of these names go straight to build_publish_frame (no packing first).
+        if len(unfit) >= _MAX_KEYED_PARTS:
+            unfit.clear()
+        unfit.add((source, event))
 
     def remember(source: str, event: str) -> None:
         # After a publish of these names went through: both are encodable.
@@ -953,13 +960,16 @@ def publish_encoder(profile: Profile, wid: int, max_payload_len: int, keyed: boo
             suffix, all_heads, others_heads, extra = wid_tail, _FRAMED_ALL_HEADS, _FRAMED_OTHERS_HEADS, 0
         else:
             parts = _KEYED_PARTS.get((source, event)) or _keyed_parts(source, event)
-            if parts is None:  # names too long for a native frame's short path
-                known[(source, event)] = (around, b"", fixed, (), (), -1, -1)
+            if parts is None:  # names too long for the short path
+                never(source, event)
                 return
             tail, all_heads, others_heads = parts
             suffix, extra = wid_tail + tail, len(tail)
         room_all = min(0xFF, max_payload_len - (len(all_heads[0]) - 2) - extra)
         room_others = min(0xFF, max_payload_len - (len(others_heads[0]) - 2) - extra)
+        if max(room_all, room_others) <= fixed:  # no data fits (long names, a tiny limit)
+            never(source, event)
+            return
         if len(known) >= _MAX_KEYED_PARTS:
             known.clear()
         known[(source, event)] = (around, suffix, fixed, all_heads, others_heads, room_all, room_others)
@@ -992,7 +1002,7 @@ def publish_encoder(profile: Profile, wid: int, max_payload_len: int, keyed: boo
                 # (long, or too large: build_publish_frame's own short path could not take it either)
                 return _careful_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
             frame = build_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
-            if entry is None and data is not None:
+            if entry is None and data is not None and (source, event) not in unfit:
                 remember(source, event)
             return frame
         return build_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
