@@ -191,7 +191,8 @@ class ClientHooks:
         Called only once the publish has room in the buffer, and the frame goes into the
         buffer right after with nothing in between: frames are buffered (and sent) in the
         order of these calls, and a publish that gets here is never refused afterwards.
-        Raise (e.g. :class:`PayloadTooLarge`) to refuse it.
+        Raise (e.g. :class:`PayloadTooLarge`) to refuse it. (A client whose hooks keep
+        this default calls an equivalent :func:`~shared.messages.publish_encoder` instead.)
         """
         return build_publish_frame(
             client.profile,
