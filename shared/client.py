@@ -22,6 +22,7 @@ on the next one (at-least-once) and counted in ``statistics().unconfirmed``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import operator
@@ -59,6 +60,7 @@ from .messages import (
     CAP_WELCOME,
     ControlFrame,
     Event,
+    PublishEncoder,
     Target,
     TargetKind,
     Welcome,
@@ -71,6 +73,7 @@ from .messages import (
     encode_ping,
     encode_sub,
     parse_target,
+    publish_encoder,
 )
 from .profile import Profile, get_profile
 from .router import DEFAULT_MAX_QUEUE_LEN
@@ -188,7 +191,8 @@ class ClientHooks:
         Called only once the publish has room in the buffer, and the frame goes into the
         buffer right after with nothing in between: frames are buffered (and sent) in the
         order of these calls, and a publish that gets here is never refused afterwards.
-        Raise (e.g. :class:`PayloadTooLarge`) to refuse it.
+        Raise (e.g. :class:`PayloadTooLarge`) to refuse it. (A client whose hooks keep
+        this default calls an equivalent :func:`~shared.messages.publish_encoder` instead.)
         """
         return build_publish_frame(
             client.profile,
@@ -320,6 +324,10 @@ class Client:
         self.hooks = _PLAIN if hooks is None else hooks
         # Bound once: these two run per event.
         self._encode_publish = self.hooks.encode_publish
+        # The default encoder is build_publish_frame; when the hooks keep it, publishes
+        # go through a publish_encoder of this client's settings instead (the same bytes
+        # and errors, less work per publish), made anew whenever a setting changes.
+        self._plain_encoder = getattr(self._encode_publish, "__func__", None) is ClientHooks.encode_publish
         self._decode_batch = self.hooks.decode_batch
         self._decode_objects = self.hooks.decode_objects
         #: The decoder of the current session's reads (payloads, or objects if unframed).
@@ -370,6 +378,7 @@ class Client:
         # pattern set (narrowing is lazy, so "connect, then subscribe" races nothing), and
         # from then on every change is sent before the next batch (one pending at most).
         self._filtering = False
+        self._new_encoder()
         self._sub_pending = False
         self._sub_sent: frozenset[tuple[str, str]] | None = None
         self._hello = self._frame(encode_hello(self.profile, worker_id, self.pid, self._caps))
@@ -509,6 +518,14 @@ class Client:
     def _encode(self, source: str, event: str, data: object, target: Target) -> bytes:
         return self._encode_publish(self, source, event, data, target)
 
+    def _new_encoder(self) -> None:
+        # After a change of what a publish's bytes depend on (max_payload_len, _filtering).
+        self._encoder: PublishEncoder
+        if self._plain_encoder:
+            self._encoder = publish_encoder(self.profile, self.worker_id, self.max_payload_len, self._filtering)
+        else:
+            self._encoder = functools.partial(self._encode_publish, self)
+
     def publish_nowait(
         self,
         source: str,
@@ -532,7 +549,7 @@ class Client:
         ``scope="cluster"`` (targets all, others, unique:KEY) also reaches the workers of
         the other nodes when the broker has a cluster bridge (docs/cluster.md).
         """
-        parsed = parse_target(target)
+        parsed = target if type(target) is Target else parse_target(target)
         if scope != "local":
             parsed = self._scoped(parsed, scope)
         if parsed.kind is _CURRENT:
@@ -544,7 +561,7 @@ class Client:
             self._dropped += 1
             raise PublishBufferFull(f"publish buffer full ({self.max_buffer_len}) while disconnected")
         # Encoded once there is room, and buffered at once (ClientHooks.encode_publish).
-        self._append(self._encode_publish(self, source, event, data, parsed))
+        self._append(self._encoder(source, event, data, parsed))
 
     async def publish(
         self,
@@ -560,7 +577,7 @@ class Client:
         Same targets and errors as :meth:`publish_nowait`, except that a full buffer while
         connected waits for room instead of raising ``WouldBlock``.
         """
-        parsed = parse_target(target)
+        parsed = target if type(target) is Target else parse_target(target)
         if scope != "local":
             parsed = self._scoped(parsed, scope)
         if parsed.kind is _CURRENT:
@@ -569,7 +586,8 @@ class Client:
             self._dispatcher.push(Event(source, event, data, None))
             await anyio.lowlevel.checkpoint()
             return
-        while len(self._buffer) >= self.max_buffer_len:
+        buffer = self._buffer
+        while len(buffer) >= self.max_buffer_len:
             if not self._connected:
                 self._dropped += 1
                 raise PublishBufferFull(
@@ -578,9 +596,8 @@ class Client:
             await self._progress.wait()
         # Encoded once there is room, and buffered with no await in between, so frames
         # enter the buffer in the order they were encoded (ClientHooks.encode_publish).
-        frame = self._encode_publish(self, source, event, data, parsed)
-        # _append, inlined: this is the publisher's per-event path.
-        self._buffer.append(frame)
+        # (_append, inlined: this is the publisher's per-event path.)
+        buffer.append(self._encoder(source, event, data, parsed))
         self._published += 1
         if self._writer_wakeup is not None:
             self._writer_wakeup.set()
@@ -850,6 +867,7 @@ class Client:
         if limit < self.max_payload_len:
             logger.info("worker %d: the broker accepts publishes up to %d bytes", self.worker_id, limit)
         self.max_payload_len = limit
+        self._new_encoder()  # (after _filtering and max_payload_len, before anything publishes)
         # Publishes encoded before we knew the broker's limit: the broker would close the
         # connection on each of them (and again after every reconnect). Refuse them here.
         too_big = [f for f in self._buffer if len(f) - self.profile.header_len > limit]

@@ -10,6 +10,7 @@ Error contract: ``dumps`` raises only :class:`LocalProtocolError`, ``loads`` rai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgpack
@@ -65,6 +66,14 @@ class MsgpackCodec:
             raise LocalProtocolError(f"cannot encode as MessagePack: {exc}") from exc
         pool.append(packer)
         return out
+
+    def new_pack(self) -> Callable[[object], bytes]:
+        """A fresh packer's ``pack``, with :meth:`dumps`'s options but not its pool or its
+        errors: for a caller on a per-event path that keeps it to itself (it holds a
+        buffer: one use at a time) and calls :meth:`dumps` instead when it is in use or
+        raised (TypeError, ValueError, OverflowError: then dumps says why)."""
+        pack: Callable[[object], bytes] = msgpack.Packer(use_bin_type=True).pack
+        return pack
 
     def loads(self, data: bytes) -> object:
         try:

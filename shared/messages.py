@@ -19,9 +19,11 @@ so integral floats are accepted wherever an int is expected.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .codec import MsgpackCodec
 from .errors import PayloadTooLarge, RemoteProtocolError
 from .frame import encode_frame
 from .profile import NATIVE, Profile
@@ -904,6 +906,121 @@ def build_publish_frame(
                 head = all_heads[size] if target is ALL else others_heads[size]
                 if len(head) - 2 + size + len(tail) <= max_payload_len:
                     return b"".join((head, inner, tail))
+    return _careful_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
+
+
+#: What :func:`publish_encoder` makes: ``(source, event, data, target) -> frame``.
+PublishEncoder = Callable[[str, str, object, Target], bytes]
+
+
+def publish_encoder(profile: Profile, wid: int, max_payload_len: int, keyed: bool = False) -> PublishEncoder:
+    """:func:`build_publish_frame` with ``profile``, ``wid``, ``max_payload_len`` and
+    ``keyed`` fixed: the same bytes and errors, for a publisher's per-event path.
+
+    Once a publish of a (source, event) to all or others went through, the encoder keeps
+    the bytes around its data: the frame heads per length, the event map up to ``data``,
+    ``wid`` and (keyed) the ``src``/``ev`` tail. A later publish of it packs only its
+    data and joins. Packed alone, data sits one level higher than in the event's map,
+    which matters only at msgpack's nesting limit (511 levels): a value that deep packs
+    to far more than the 255 bytes this path takes; anything longer, or over the limit,
+    goes through :func:`build_publish_frame` (which says why it is refused).
+    """
+    codec = profile.codec
+    if profile is not NATIVE or not isinstance(codec, MsgpackCodec) or type(wid) is not int or not -(2**63) <= wid < 2**64:
+
+        def careful(source: str, event: str, data: object, target: Target) -> bytes:
+            return build_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
+
+        return careful
+
+    new_pack = codec.new_pack
+    # This encoder's own packer (the codec's pool costs as much as packing a small
+    # value): taken out while in use, so a publish made while packing (a dict subclass's
+    # items()) or from another thread finds none and goes the long way.
+    spare = [new_pack()]
+    every, others = ALL, OTHERS
+    wid_tail = b"\xa3wid" + codec.dumps(wid)
+    # (source, event) -> (map head up to data, bytes after data, their length,
+    #   framed heads to all and to others per event length, and the longest event that
+    #   fits the limit and a one-byte length, to all and to others)
+    known: dict[tuple[str, str], tuple[bytes, bytes, int, tuple[bytes, ...], tuple[bytes, ...], int, int]] = {}
+    unfit: set[tuple[str, str]] = set()
+
+    def never(source: str, event: str) -> None:
+        # Publishes of these names go straight to build_publish_frame (no packing first).
+        if len(unfit) >= _MAX_KEYED_PARTS:
+            unfit.clear()
+        unfit.add((source, event))
+
+    def remember(source: str, event: str) -> None:
+        # After a publish of these names went through: both are encodable.
+        around = b"\x84\xa6source" + _msgpack_str(source) + b"\xa5event" + _msgpack_str(event) + b"\xa4data"
+        fixed = len(around) + len(wid_tail)
+        if not keyed:
+            suffix, all_heads, others_heads, extra = wid_tail, _FRAMED_ALL_HEADS, _FRAMED_OTHERS_HEADS, 0
+        else:
+            parts = _KEYED_PARTS.get((source, event)) or _keyed_parts(source, event)
+            if parts is None:  # names too long for the short path
+                never(source, event)
+                return
+            tail, all_heads, others_heads = parts
+            suffix, extra = wid_tail + tail, len(tail)
+        room_all = min(0xFF, max_payload_len - (len(all_heads[0]) - 2) - extra)
+        room_others = min(0xFF, max_payload_len - (len(others_heads[0]) - 2) - extra)
+        if max(room_all, room_others) <= fixed:  # no data fits (long names, a tiny limit)
+            never(source, event)
+            return
+        if len(known) >= _MAX_KEYED_PARTS:
+            known.clear()
+        known[(source, event)] = (around, suffix, fixed, all_heads, others_heads, room_all, room_others)
+
+    def encode(source: str, event: str, data: object, target: Target) -> bytes:
+        if (target is others or target is every) and type(source) is str and type(event) is str:
+            entry = known.get((source, event))
+            if entry is not None and data is not None:
+                try:
+                    pack = spare.pop()
+                except IndexError:
+                    return build_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
+                try:
+                    packed = pack(data)
+                except (TypeError, ValueError, OverflowError):
+                    # Refused: the codec says why. (This packer may hold half a value.)
+                    spare.append(new_pack())
+                    return _careful_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
+                except BaseException:
+                    spare.append(new_pack())
+                    raise
+                spare.append(pack)
+                around, suffix, fixed, all_heads, others_heads, room_all, room_others = entry
+                size = fixed + len(packed)
+                if target is others:
+                    if size <= room_others:
+                        return b"".join((others_heads[size], around, packed, suffix))
+                elif size <= room_all:
+                    return b"".join((all_heads[size], around, packed, suffix))
+                # (long, or too large: build_publish_frame's own short path could not take it either)
+                return _careful_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
+            frame = build_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
+            if entry is None and data is not None and (source, event) not in unfit:
+                remember(source, event)
+            return frame
+        return build_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
+
+    return encode
+
+
+def _careful_publish_frame(
+    profile: Profile,
+    wid: int,
+    source: str,
+    event: str,
+    data: object,
+    target: Target,
+    max_payload_len: int,
+    keyed: bool,
+) -> bytes:
+    # build_publish_frame beyond its fast paths: build_publish's checks and errors.
     if keyed:
         inner, _ = build_publish(profile, wid, source, event, data, target, max_payload_len)
         outer = encode_publish_keyed(profile, target, inner, source, event)

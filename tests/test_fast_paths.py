@@ -53,6 +53,7 @@ from shared.messages import (
     encode_publish,
     encode_publish_keyed,
     parse_target,
+    publish_encoder,
 )
 from shared.profile import NATIVE, get_profile
 from shared.router import OverflowPolicy, Router, WorkerQueue
@@ -301,6 +302,9 @@ def _reference_keyed_publish_frame(profile: Any, wid: int, source: Any, event: A
     return reference.frame(outer, profile.header_len)
 
 
+_ENCODERS: dict[tuple[bool, int, bool], Any] = {}
+
+
 @settings(max_examples=400, deadline=None)
 @given(
     target=_TARGETS,
@@ -320,6 +324,11 @@ def test_build_publish_frame_is_the_reference(
     reference_frame = _reference_keyed_publish_frame if keyed else _reference_publish_frame
     expected = _build_or_refusal(reference_frame, *args)
     assert _build_or_refusal(build_publish_frame, *args, keyed) == expected
+    # and a client's encoder of these settings, with what it kept from earlier examples
+    encode = _ENCODERS.get((kong, limit, keyed))
+    if encode is None:
+        encode = _ENCODERS[(kong, limit, keyed)] = publish_encoder(profile, 3, limit, keyed)
+    assert _build_or_refusal(encode, source, event, data, target) == expected
     if keyed:
         return
     if not isinstance(expected, tuple):
@@ -333,6 +342,73 @@ def test_build_publish_frame_refuses_what_build_publish_refuses() -> None:
             build_publish_frame(NATIVE, 1, source, event, None, ALL, 65535)  # type: ignore[arg-type]
     with pytest.raises(LocalProtocolError):
         build_publish_frame(NATIVE, 1, "s", "e", object(), ALL, 65535)
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_publish_encoder_is_the_reference() -> None:
+    # Once a (source, event) went through, a publish of it packs only its data: the same
+    # bytes and refusals for every wid and target, around msgpack's nesting limit, at and
+    # over the one-byte length of the short path and the payload limit, plain and keyed.
+    values: list[Any] = [_nested(d) for d in (1, 200, 240, 509, 510, 511, 512)]
+    values += [None, "x" * 200, "x" * 300, b"y" * 250, {"a": 1}, object(), 2**70, {"é": ["ü" * 40]}]
+    values += ["z" * n for n in range(180, 240, 3)]
+    names = [("cached", "parts"), ("c" * 40, "é" * 20), ("s" * 300, "e"), ("", "e"), ("s", "\ud800")]
+    for keyed in (False, True):
+        reference_frame = _reference_keyed_publish_frame if keyed else _reference_publish_frame
+        for wid in (0, 3, 127, 128, -1, 2**40, -(2**63), 2**64 - 1, 2**64):
+            for limit in (65535, 250, 120, 90):
+                encode = publish_encoder(NATIVE, wid, limit, keyed)
+                for source, event in names:
+                    for target in (ALL, OTHERS, Target(TargetKind.WORKER, worker_id=2)):
+                        for data in values:
+                            args = (NATIVE, wid, source, event, data, target, limit)
+                            expected = _build_or_refusal(reference_frame, *args)
+                            for _ in range(2):  # (the first may fill the encoder's cache)
+                                assert _build_or_refusal(encode, source, event, data, target) == expected
+    # kong: build_publish_frame's
+    kong = get_profile("kong")
+    encode = publish_encoder(kong, -1, 65536)
+    for data in values[7:12]:
+        args = (kong, -1, "s", "e", data, ALL, 65536)
+        assert _build_or_refusal(encode, "s", "e", data, ALL) == _build_or_refusal(_reference_publish_frame, *args)
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_publish_encoder_reentry_and_errors(keyed: bool) -> None:
+    # Its own packer is taken out while in use: a publish made while packing (here from a
+    # dict subclass's items()) gets the same bytes the long way, and so does the outer one;
+    # after a refusal or a foreign error the encoder carries on with a fresh packer.
+    reference_frame = _reference_keyed_publish_frame if keyed else _reference_publish_frame
+    encode = publish_encoder(NATIVE, 5, 65535, keyed)
+    inner_frames: list[bytes] = []
+
+    class Publishing(dict[str, Any]):
+        def items(self) -> Any:
+            inner_frames.append(encode("s", "e", {"inner": 1}, OTHERS))
+            return super().items()
+
+    class Failing(dict[str, Any]):
+        def items(self) -> Any:
+            raise RuntimeError("items failed")
+
+    def expect(data: Any) -> Any:
+        return reference_frame(NATIVE, 5, "s", "e", data, OTHERS, 65535)
+
+    assert encode("s", "e", {"warm": 1}, OTHERS) == expect({"warm": 1})
+    assert encode("s", "e", Publishing(a=1), OTHERS) == expect({"a": 1})
+    assert inner_frames == [expect({"inner": 1})]
+    with pytest.raises(LocalProtocolError):
+        encode("s", "e", {"x": object()}, OTHERS)
+    with pytest.raises(RuntimeError, match="items failed"):
+        encode("s", "e", Failing(a=1), OTHERS)
+    for i in range(3):
+        assert encode("s", "e", {"i": i}, OTHERS) == expect({"i": i})
 
 
 # --- decoding deliveries ----------------------------------------------------------------
