@@ -33,5 +33,8 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-"$VENV/bin/python" -m pip install -q -e ".[dev,servers,bench,top,plot,channels,nats,redis]"
+# (setuptools >= 80 prints an informational "Editable installation" warning on every editable
+# install; it says nothing about this project, so it is filtered, and only it)
+PYTHONWARNINGS="ignore:Editable installation" \
+    "$VENV/bin/python" -m pip install -q -e ".[dev,servers,bench,top,plot,channels,nats,redis]"
 echo "setup: ready ($VENV, $("$VENV/bin/python" -V))"
