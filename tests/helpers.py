@@ -1,13 +1,17 @@
-"""Small test helpers: bounded waits and event recorders."""
+"""Small test helpers: bounded waits, event recorders, an in-process broker."""
 
 from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+
+from shared.broker import Broker
+from shared.router import QueueStatistics
 
 Record = tuple[str, str, Any, "int | None"]
 
@@ -52,6 +56,22 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
     with anyio.fail_after(timeout):
         while not predicate():  # noqa: ASYNC110
             await anyio.sleep(0.005)
+
+
+@asynccontextmanager
+async def serving(address: str, **options: Any) -> AsyncIterator[Broker]:
+    """``Broker(**options)`` serving on ``address`` while the block runs."""
+    broker = Broker(**options)
+    async with anyio.create_task_group() as tg:
+        await tg.start(broker.serve, address)
+        yield broker
+        tg.cancel_scope.cancel()
+
+
+def queue_of(broker: Broker, worker_id: int) -> QueueStatistics:
+    """The statistics of ``worker_id``'s queue (there must be exactly one)."""
+    (queue,) = [q for q in broker.statistics().router.queues if q.worker_id == worker_id]
+    return queue
 
 
 def kong_captures() -> pathlib.Path:

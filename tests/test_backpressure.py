@@ -14,8 +14,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
@@ -24,10 +23,10 @@ import pytest
 from shared.broker import Broker
 from shared.client import Client
 from shared.logutil import reason
-from shared.router import QueueStatistics
 from shared.testing import LocalBus
 
-from .helpers import wait_until
+from . import helpers
+from .helpers import queue_of, wait_until
 from .proc import PY, broker, running, stop, workerbus
 from .servers import BIN
 from .servers import running as running_server
@@ -37,20 +36,10 @@ from .servers import running as running_server
 PAD = "x" * 1000
 
 
-@asynccontextmanager
-async def serving(address: str, transport: str, **options: Any) -> AsyncIterator[Broker]:
+def serving(address: str, transport: str, **options: Any) -> AbstractAsyncContextManager[Broker]:
     # Worker 0's queue exists from the start: a client's wait_ready() may return before
     # the broker has read its hello, and what is published before that would miss it.
-    b = Broker(transport=transport, expected_workers=1, **options)
-    async with anyio.create_task_group() as tg:
-        await tg.start(b.serve, address)
-        yield b
-        tg.cancel_scope.cancel()
-
-
-def queue_of(b: Broker, worker_id: int) -> QueueStatistics:
-    (q,) = [q for q in b.statistics().router.queues if q.worker_id == worker_id]
-    return q
+    return helpers.serving(address, transport=transport, expected_workers=1, **options)
 
 
 class Gate:

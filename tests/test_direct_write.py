@@ -16,9 +16,9 @@ import pytest
 from shared import stream as stream_module
 from shared.broker import Broker
 from shared.client import Client
-from shared.router import QueueStatistics
 
-from .helpers import Recorder, wait_until
+from . import helpers
+from .helpers import Recorder, queue_of, wait_until
 
 #: ~1 KiB events: a few hundred fill a Unix socket's buffer.
 PAD = "x" * 1000
@@ -29,18 +29,11 @@ async def serving(
     address: str, transport: str, quiet: float = 0.0, **options: Any
 ) -> AsyncIterator[Broker]:
     # quiet=0: write directly whenever the writer is idle, however recent its last write
-    # (the default DIRECT_WRITE_QUIET depends on how fast this machine turns around)
-    b = Broker(transport=transport, expected_workers=2, **options)
-    b.direct_write_quiet = quiet
-    async with anyio.create_task_group() as tg:
-        await tg.start(b.serve, address)
+    # (the default DIRECT_WRITE_QUIET depends on how fast this machine turns around); set
+    # before any worker connects.
+    async with helpers.serving(address, transport=transport, expected_workers=2, **options) as b:
+        b.direct_write_quiet = quiet
         yield b
-        tg.cancel_scope.cancel()
-
-
-def queue_of(b: Broker, worker_id: int) -> QueueStatistics:
-    (q,) = [q for q in b.statistics().router.queues if q.worker_id == worker_id]
-    return q
 
 
 class Writes:

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import logging
 import tracemalloc
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
 
 import anyio
 import pytest
@@ -21,25 +18,15 @@ from anyio.abc import ByteStream
 import httpbus
 from httpbus.handshake import REQUEST
 from httpbus.transport import HttpTransport
-from shared.broker import Broker
 from shared.client import Client
 from shared.frame import encode_frame
 from shared.messages import encode_hello
 from shared.profile import NATIVE
 from shared.stream import FrameStream
 from shared.transportnames import load_transport
-from tests.helpers import wait_until
+from tests.helpers import serving, wait_until
 
 pytestmark = pytest.mark.anyio
-
-
-@asynccontextmanager
-async def serving(address: str, **options: Any) -> AsyncIterator[Broker]:
-    broker = Broker(**options)
-    async with anyio.create_task_group() as tg:
-        await tg.start(broker.serve, address)
-        yield broker
-        tg.cancel_scope.cancel()
 
 
 async def closed_by_peer(stream: ByteStream, wait: float) -> bool:
