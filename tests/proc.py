@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 PY = sys.executable
 
@@ -67,3 +71,31 @@ def broker(path: str, *extra: str, transport: str = "http") -> Iterator[subproce
 
 def env() -> dict[str, str]:
     return dict(os.environ)
+
+
+class JsonLinesChild:
+    """A worker script as a child process: one JSON command per line on its stdin
+    (:meth:`send`), one JSON object per line on its stdout, read by a thread into
+    ``lines`` so that tests can wait for them with a deadline."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(json.loads(line))
+
+    def send(self, **cmd: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def kill(self) -> None:
+        """SIGKILL (if still running) and close the pipes."""
+        stop(self.proc, signal.SIGKILL)
+        for s in (self.proc.stdin, self.proc.stdout):
+            if s is not None:
+                s.close()

@@ -14,7 +14,6 @@ import os
 import queue
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,7 +22,7 @@ import pytest
 
 from shared.election import lock_path
 
-from .proc import PY, stop
+from .proc import PY, JsonLinesChild
 
 pytestmark = pytest.mark.slow
 
@@ -31,29 +30,13 @@ WORKERS = 4
 _TIMEOUT = 20.0
 
 
-class Member:
+class Member(JsonLinesChild):
     """One embedded worker process and everything it printed."""
 
     def __init__(self, address: str, transport: str, backend: str) -> None:
-        self.proc = subprocess.Popen(
-            [PY, "-m", "tests.embed_worker", address, str(WORKERS), transport, backend],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
+        super().__init__([PY, "-m", "tests.embed_worker", address, str(WORKERS), transport, backend])
         self.pid = self.proc.pid
-        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
         self.seen: list[dict[str, Any]] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(json.loads(line))
-
-    def send(self, **cmd: Any) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
-        self.proc.stdin.flush()
 
     def until(self, predicate: Callable[[list[dict[str, Any]]], bool], what: str) -> None:
         """Read lines until ``predicate(everything seen)`` holds (bounded)."""
@@ -80,10 +63,7 @@ class Member:
         return stats
 
     def close(self) -> None:
-        stop(self.proc, signal.SIGKILL)
-        for s in (self.proc.stdin, self.proc.stdout):
-            if s is not None:
-                s.close()
+        self.kill()
 
 
 @pytest.fixture

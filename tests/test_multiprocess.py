@@ -2,44 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import os
-import queue
 import signal
 import subprocess
-import threading
 import time
 from typing import Any
 
 import pytest
 
-from .proc import PY, broker, stop
+from .proc import PY, JsonLinesChild, broker
 
 pytestmark = pytest.mark.slow
 
 
-class Worker:
+class Worker(JsonLinesChild):
     """A tests/mp_worker.py process with a bounded way to read what it printed."""
 
     def __init__(self, address: str, transport: str, wid: int, backend: str = "asyncio") -> None:
+        super().__init__([PY, "-m", "tests.mp_worker", address, transport, str(wid), backend])
         self.wid = wid
-        self.proc = subprocess.Popen(
-            [PY, "-m", "tests.mp_worker", address, transport, str(wid), backend],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        )
-        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
         self.events: list[list[Any]] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(json.loads(line))
-
-    def send(self, **cmd: Any) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
-        self.proc.stdin.flush()
 
     def expect(self, key: str, timeout: float = 10.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -63,10 +45,7 @@ class Worker:
                 self.proc.wait(timeout=5)
             except (OSError, subprocess.TimeoutExpired):
                 pass
-        stop(self.proc, signal.SIGKILL)
-        for s in (self.proc.stdin, self.proc.stdout):
-            if s is not None:
-                s.close()
+        self.kill()
 
 
 @pytest.fixture
