@@ -2,7 +2,9 @@
 # Set up everything workerbus needs on a fresh Debian machine, idempotently:
 # Debian packages (luajit for the Kong-codec oracle tests, redis-server and wrk for the
 # benchmarks and the cluster bridge tests, nats-server for the bridge, chromium and its
-# webdriver for the browser tests), a virtualenv, and the project with all its extras.
+# webdriver for the browser tests, nginx with its Lua and stream modules for the opt-in
+# interop test against lua-resty-events, docs/kong.md §4), a virtualenv, and the project
+# with all its extras.
 #
 #   PYTHON=python3.13 VENV=.venv-3.13 bash scripts/setup.sh
 #
@@ -18,6 +20,12 @@ command -v wrk >/dev/null || missing+=(wrk)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
 command -v nats-server >/dev/null || missing+=(nats-server)
+# nginx lives in /usr/sbin, which is not on every user's PATH
+[ -x /usr/sbin/nginx ] || missing+=(nginx)
+for module in http-lua stream; do
+    [ -e "/usr/lib/nginx/modules/ngx_${module/-/_}_module.so" ] || missing+=("libnginx-mod-$module")
+done
+[ -e /usr/share/lua/5.1/resty/core.lua ] || missing+=(lua-resty-core lua-resty-lrucache lua-cjson)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     echo "setup: installing Debian packages: ${missing[*]}"

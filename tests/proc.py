@@ -36,6 +36,32 @@ def wait_for_socket(path: str, proc: subprocess.Popen[bytes] | None = None, time
     raise TimeoutError(f"nothing listens on {path} after {timeout}s")
 
 
+def _unix_listening(path: str) -> bool:
+    """Whether a socket bound to ``path`` is listening, read from /proc/net/unix (Linux)."""
+    with open("/proc/net/unix", encoding="utf-8", errors="replace") as table:
+        next(table)  # the header
+        for line in table:
+            fields = line.split()
+            # Num RefCount Protocol Flags Type St Inode [Path]; flag 0x10000 = accepting
+            if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+                return True
+    return False
+
+
+def wait_for_listening(path: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 10.0) -> None:
+    """Like :func:`wait_for_socket`, without connecting: for servers where a probe
+    connection is not harmless (nginx's stream subsystem runs its Lua handler on connect,
+    and a connection closed before it sends anything is logged as an error)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        if _unix_listening(path):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {path} after {timeout}s")
+
+
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
     """Signal ``proc`` and wait for it; kill it if it does not exit in time."""
     if proc.poll() is None:
