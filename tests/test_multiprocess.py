@@ -48,6 +48,14 @@ class Worker(JsonLinesChild):
         self.kill()
 
 
+def _close_while_the_broker_runs(workers: list[Worker]) -> None:
+    """A worker's quit flushes, and a flush waits for a broker: close them before it stops
+    (the fixture's close after the broker has gone would wait out each worker's 5 s)."""
+    for w in workers:
+        w.close()
+    assert [w.proc.returncode for w in workers] == [0] * len(workers)  # quit, not killed
+
+
 @pytest.fixture
 def workers() -> Any:
     made: list[Worker] = []
@@ -86,6 +94,7 @@ def test_broadcast_unique_and_targets_across_processes(sock_dir: str, transport:
                 expected = [s for s in ("cache", "router", "ping", "demo") if s in sources]
                 assert sources == expected, (w.wid, wid, sources)
         assert sum(1 for w in workers for e in w.events if e[0] == "router") == 1
+        _close_while_the_broker_runs(workers)
 
 
 def test_killed_broker_loses_nothing_buffered_and_handlers_keep_running(sock_dir: str, workers: list[Worker]) -> None:
@@ -112,3 +121,4 @@ def test_killed_broker_loses_nothing_buffered_and_handlers_keep_running(sock_dir
             assert [n for n in names if n.startswith("during")] == ["during-0", "during-1", "during-2"]
         workers[0].send(cmd="stats")
         assert workers[0].expect("stats")["stats"]["reconnects"] == 1
+        _close_while_the_broker_runs(workers)
