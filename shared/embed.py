@@ -56,6 +56,7 @@ from .election import (
 )
 from .errors import PayloadTooLarge, PublishBufferFull
 from .hosting import Hosting
+from .inproc import LocalFirst
 from .messages import OTHERS
 from .sequence import Sequencer, as_int
 from .transport import parse_address
@@ -194,6 +195,7 @@ class EmbeddedClient(Client):
         bridge: str | None = None,
         node: str | None = None,
         cluster: str | None = None,
+        in_process: bool = True,
         **client_options: Any,
     ) -> None:
         client_options.setdefault("reconnect_min", EMBED_RECONNECT_MIN)
@@ -221,6 +223,12 @@ class EmbeddedClient(Client):
             cluster=cluster,
         )
         hooks.hosting = self.hosting
+        if in_process:
+            # While this worker hosts the broker, its own client connects to it in process
+            # (shared/inproc.py); otherwise, and after a takeover until the new broker
+            # listens, over the socket like every worker.
+            self.transport = LocalFirst(self.transport, self.hosting.attach)
+        self.in_process = in_process
         self.workers = workers
         self.max_worker_id = max_worker_id
         self.mode = mode

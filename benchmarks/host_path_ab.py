@@ -1,0 +1,92 @@
+"""A/B of the seed experiment's embedded route between two trees, alternated.
+
+Each repetition runs, one window each: no events, the shared-memory poller, and the
+embedded route with this tree's code and with the other tree's (``--before``, e.g. a
+checkout of main), in an order that alternates between repetitions, so both see the same
+minutes of this shared machine. The seed's server processes import ``shared`` from
+``PYTHONPATH``, which is set per window. Prints one line per window (with the background
+CPU the bench measured) and the medians, paired per repetition.
+
+    .venv/bin/python -m benchmarks.host_path_ab --before /work/main --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from shared.tools.bench.seed import SeedSettings, Storm, run_once
+
+HERE = str(Path(__file__).resolve().parent.parent)
+
+
+def _window(s: SeedSettings, mode: str, storm: Storm | None, tree: str) -> dict[str, Any]:
+    os.environ["PYTHONPATH"] = tree
+    return run_once(s, mode, storm)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--before", required=True, help="the other tree (its directory holds shared/)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--burst", type=int, default=1000)
+    ap.add_argument("--every", type=float, default=0.1)
+    ap.add_argument("--transport", default="stream")
+    ap.add_argument("--json", help="write every window here")
+    args = ap.parse_args()
+    storm = Storm("heavy", args.burst, args.every)
+    s = SeedSettings(duration=args.duration, reps=args.reps, storms=[storm], transport=args.transport)
+    # The servers are started from a directory without shared/ in it, so PYTHONPATH decides.
+    scratch = "/tmp/hostpath-ab"
+    os.makedirs(scratch, exist_ok=True)
+    os.chdir(scratch)
+    plan_a = [("none", None, HERE, "none"), ("shm-poll", storm, HERE, "poller"),
+              ("workerbus-embedded", storm, HERE, "after"),
+              ("workerbus-embedded", storm, args.before, "before")]  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    for rep in range(args.reps):
+        plan = plan_a if rep % 2 == 0 else [plan_a[0], plan_a[3], plan_a[1], plan_a[2]]
+        for mode, st, tree, label in plan:
+            r = _window(s, mode, st, tree)
+            r.update(rep=rep, label=label)
+            rows.append(r)
+            if r.get("ok"):
+                print(
+                    f"rep {rep} {label:7s} {r['requests_per_s']:>9,.0f} req/s  p99 {r['latency_p99_ms']:6.2f} ms"
+                    f"  delay p50 {r.get('event_delay_p50_ms', float('nan')):6.2f} p99"
+                    f" {r.get('event_delay_p99_ms', float('nan')):7.2f} ms  events {r['received_per_s']:>8,.0f}/s"
+                    f"  bg {r['background_cpu_pct']:4.1f}%",
+                    flush=True,
+                )
+            else:
+                print(f"rep {rep} {label:7s} FAILED: {r.get('error')}", flush=True)
+    print("medians (ratios paired per repetition):")
+    for label in ("after", "before"):
+        ratios: dict[str, list[float]] = {"rps/none": [], "rps/poller": [], "p99/poller": [], "delay50/poller": []}
+        for rep in range(args.reps):
+            got = {r["label"]: r for r in rows if r["rep"] == rep and r.get("ok")}
+            mine, none, shm = got.get(label), got.get("none"), got.get("poller")
+            if not mine:
+                continue
+            if none:
+                ratios["rps/none"].append(mine["requests_per_s"] / none["requests_per_s"])
+            if shm:
+                ratios["rps/poller"].append(mine["requests_per_s"] / shm["requests_per_s"])
+                ratios["p99/poller"].append(mine["latency_p99_ms"] / shm["latency_p99_ms"])
+                if mine.get("event_delay_p50_ms") and shm.get("event_delay_p50_ms"):
+                    ratios["delay50/poller"].append(mine["event_delay_p50_ms"] / shm["event_delay_p50_ms"])
+        print(f"  {label:7s} " + "  ".join(
+            f"{k} {statistics.median(v):.3f}" if v else f"{k} -" for k, v in ratios.items()))  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
