@@ -178,8 +178,12 @@ class _Embedding(ClientHooks):
 class EmbeddedClient(Client):
     """A :class:`Client` that may also host the broker. Build it with :func:`join`.
 
+    ``in_process`` (default True): while this worker hosts the broker, its own client
+    connects to it in process rather than over the socket (:mod:`shared.inproc`; the same
+    frames and rules, fewer system calls and loop turns).
+
     Extra attributes: ``workers`` (the expected worker count, or None), ``is_broker``,
-    ``generation`` (of the broker it is connected to), ``broker_moves``, ``lost``,
+    ``connected_in_process``, ``generation`` (of the broker it is connected to), ``broker_moves``, ``lost``,
     ``welcomed_at``, ``lost_at``.
     """
 
@@ -223,12 +227,13 @@ class EmbeddedClient(Client):
             cluster=cluster,
         )
         hooks.hosting = self.hosting
+        #: Set when the host's own client may connect in process (``in_process``).
+        self._local: LocalFirst | None = None
         if in_process:
             # While this worker hosts the broker, its own client connects to it in process
             # (shared/inproc.py); otherwise, and after a takeover until the new broker
             # listens, over the socket like every worker.
-            self.transport = LocalFirst(self.transport, self.hosting.attach)
-        self.in_process = in_process
+            self._local = self.transport = LocalFirst(self.transport, self.hosting.attach)
         self.workers = workers
         self.max_worker_id = max_worker_id
         self.mode = mode
@@ -277,6 +282,12 @@ class EmbeddedClient(Client):
     def is_broker(self) -> bool:
         """True while this process hosts the broker."""
         return self.hosting.broker is not None
+
+    @property
+    def connected_in_process(self) -> bool:
+        """True when the latest connection to the broker is in process: this worker hosts
+        it and its own client skips the socket (shared/inproc.py)."""
+        return self._local is not None and self._local.attached
 
     @property
     def lost(self) -> int:
@@ -362,7 +373,8 @@ async def join(
             ``WORKERBUS_BRIDGE`` environment variable, else host-local only.
         node: this host's name in the cluster; default ``WORKERBUS_NODE``, else the host
             name. cluster: the namespace; default ``WORKERBUS_CLUSTER``, else ``workerbus``.
-        client_options: extra :class:`Client` arguments.
+        client_options: extra :class:`Client` arguments, and ``in_process`` (default
+            True; :class:`EmbeddedClient`): the host's own client skips the socket.
 
     Raises:
         WorkerIdUnavailable: no free worker id.

@@ -198,12 +198,15 @@ class LocalFirst:
         self.inner = inner
         self.name = inner.name
         self._attach = attach
+        #: Whether the latest connection made was in process.
+        self.attached = False
 
     async def connect(self, path: str) -> tuple[ByteStream, bytes]:
         return await self.connect_with(path, b"")
 
     async def connect_with(self, path: str, first: bytes) -> tuple[ByteStream, bytes]:
         mine = self._attach()
+        self.attached = mine is not None
         if mine is not None:
             if first:
                 mine.send_nowait(first)  # (an empty pipe takes it whole)
