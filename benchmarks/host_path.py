@@ -1,6 +1,6 @@
 """The embedded host's own path, in one process: in process vs over the socket.
 
-    python -m benchmarks.host_path [--burst 1000] [--rounds 40] [--busy-ms 0.5] [--backend asyncio]
+    python -m benchmarks.host_path [--burst 1000] [--rounds 40] [--busy-ms 0.5] [--backend asyncio|uvloop|trio]
 
 Two embedded workers (:func:`shared.embed.join`, stream transport) share one event loop,
 as in the seed experiment's two servers: the first hosts the broker. Each round both
@@ -114,11 +114,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--busy-ms", type=float, default=0.0)
-    ap.add_argument("--backend", default="asyncio", choices=("asyncio", "trio"))
+    ap.add_argument("--backend", default="asyncio", choices=("asyncio", "uvloop", "trio"))
     args = ap.parse_args()
     import streambus  # noqa: F401  (registers transport="stream")
 
-    anyio.run(main_async, args, backend=args.backend)
+    if args.backend == "uvloop":  # (what uvicorn runs the seed's servers on)
+        anyio.run(main_async, args, backend="asyncio", backend_options={"use_uvloop": True})
+    else:
+        anyio.run(main_async, args, backend=args.backend)
 
 
 if __name__ == "__main__":

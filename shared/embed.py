@@ -58,6 +58,7 @@ from .errors import PayloadTooLarge, PublishBufferFull
 from .hosting import Hosting
 from .inproc import LocalFirst
 from .messages import OTHERS
+from .numbered import NumberedEncoder
 from .sequence import Sequencer, as_int
 from .transport import parse_address
 from .transportnames import with_transport
@@ -153,8 +154,9 @@ class _Embedding(ClientHooks):
         self.watch = watch
         #: Set once the client exists (the hosting shares its transport and profile).
         self.hosting: Hosting | None = None
-        # Per event: bound straight to the sequencer, no extra call in between.
-        self.encode_publish = sequencer.encode_publish  # type: ignore[method-assign]
+        # Per event: bound straight to the sequencer, no extra call in between; publishes
+        # through its short path (shared/numbered.py: the same bytes).
+        self.encode_publish = NumberedEncoder(sequencer)  # type: ignore[method-assign]
         self.decode_batch = sequencer.decode_batch  # type: ignore[method-assign]
         self.decode_objects = sequencer.decode_objects  # type: ignore[method-assign]
 
