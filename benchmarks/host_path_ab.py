@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ def _window(s: SeedSettings, mode: str, storm: Storm | None, tree: str) -> dict[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--before", required=True, help="the other tree (its directory holds shared/)")
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=TREE", help="a third tree (repeatable)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--burst", type=int, default=1000)
@@ -46,12 +46,17 @@ def main() -> None:
     scratch = "/tmp/hostpath-ab"
     os.makedirs(scratch, exist_ok=True)
     os.chdir(scratch)
-    plan_a = [("none", None, HERE, "none"), ("shm-poll", storm, HERE, "poller"),
-              ("workerbus-embedded", storm, HERE, "after"),
-              ("workerbus-embedded", storm, args.before, "before")]  # fmt: skip
+    variants = [("after", HERE), ("before", args.before)]
+    for also in args.also:
+        name, _, tree = also.partition("=")
+        variants.append((name, tree))
+    labels = [label for label, _ in variants]
     rows: list[dict[str, Any]] = []
     for rep in range(args.reps):
-        plan = plan_a if rep % 2 == 0 else [plan_a[0], plan_a[3], plan_a[1], plan_a[2]]
+        # the routes of this repetition, the embedded variants in an order that rotates
+        turn = variants[rep % len(variants) :] + variants[: rep % len(variants)]
+        plan = [("none", None, HERE, "none"), ("shm-poll", storm, HERE, "poller")]
+        plan += [("workerbus-embedded", storm, tree, label) for label, tree in turn]
         for mode, st, tree, label in plan:
             r = _window(s, mode, st, tree)
             r.update(rep=rep, label=label)
@@ -67,7 +72,7 @@ def main() -> None:
             else:
                 print(f"rep {rep} {label:7s} FAILED: {r.get('error')}", flush=True)
     print("medians (ratios paired per repetition):")
-    for label in ("after", "before"):
+    for label in labels:
         ratios: dict[str, list[float]] = {"rps/none": [], "rps/poller": [], "p99/poller": [], "delay50/poller": []}
         for rep in range(args.reps):
             got = {r["label"]: r for r in rows if r["rep"] == rep and r.get("ok")}
@@ -89,4 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

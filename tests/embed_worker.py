@@ -53,7 +53,17 @@ async def main(address: str, workers: int, transport: str) -> None:
             if cmd["cmd"] == "publish":
                 bus.publish_nowait(cmd["source"], cmd["event"], cmd.get("data"), cmd.get("target", "all"))
             elif cmd["cmd"] == "stats":
-                emit({"stats": {"lost": bus.lost, "moves": bus.broker_moves, "ready": bus.is_ready}})
+                emit(
+                    {
+                        "stats": {
+                            "lost": bus.lost,
+                            "moves": bus.broker_moves,
+                            "ready": bus.is_ready,
+                            "host": bus.is_broker,
+                            "in_process": bus.connected_in_process,
+                        }
+                    }
+                )
             elif cmd["cmd"] == "quit":
                 await bus.flush()
                 return

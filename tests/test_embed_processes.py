@@ -2,7 +2,8 @@
 
 Each member is a tests/embed_worker.py process that joined with ``join()``; the test kills
 the host, checks that the survivors move to one new broker (whose takeover holds routing
-until their hellos are in: shared/broker.py ``await_reconnects``), that what they publish
+until their hellos are in: shared/broker.py ``await_reconnects``; the new host's own
+client switches from the socket to in process, shared/inproc.py), that what they publish
 afterwards reaches every other survivor in order with nothing reported lost, that a
 respawned worker takes the dead one's id, and that everybody leaves politely.
 """
@@ -99,6 +100,10 @@ def test_kill_9_of_the_host_survivors_move_over_and_nothing_is_lost(
     wids = {m.welcomes()[-1]["wid"] for m in fleet}
     assert wids == set(range(WORKERS))
 
+    # the host's own client is connected to its broker in process, the others by socket
+    for m in fleet:
+        stats = m.stats()
+        assert (stats["host"], stats["in_process"]) == ((True, True) if m is host else (False, False)), stats
     for m in fleet:
         m.send(cmd="publish", source="t", event="before", data=m.welcomes()[-1]["wid"], target="others")
     for m in fleet:
@@ -134,6 +139,8 @@ def test_kill_9_of_the_host_survivors_move_over_and_nothing_is_lost(
         stats = m.stats()
         assert stats["lost"] == 0, stats
         assert stats["moves"] == 1, stats
+        # the new host's client switched to in process when it took over; the rest did not
+        assert stats["in_process"] == stats["host"], stats
 
     # The server respawns the dead worker: it takes the freed id and joins the new broker.
     again = Member(address, transport, backend)
