@@ -6,8 +6,8 @@ Two embedded workers (:func:`shared.embed.join`, stream transport) share one eve
 as in the seed experiment's two servers: the first hosts the broker. Each round both
 publish a burst of ``--burst`` events to ``all`` (the seed's storm) and wait until both
 handlers have seen all ``2 x burst``. Blocks alternate between the host's own client
-connected in process (``in_process=True``, the default) and over the Unix socket
-(``in_process=False``), fresh workers per block. Printed per mode: the process CPU per
+connected in process (``in_process=True``) and over the Unix socket (``in_process=False``,
+the default), fresh workers per block. Printed per mode: the process CPU per
 handled event (best block), and the medians over rounds of the time from the round's
 first publish to the last handler call of the host and of the other worker.
 

@@ -180,9 +180,10 @@ class _Embedding(ClientHooks):
 class EmbeddedClient(Client):
     """A :class:`Client` that may also host the broker. Build it with :func:`join`.
 
-    ``in_process`` (default True): while this worker hosts the broker, its own client
+    ``in_process`` (default False): while this worker hosts the broker, its own client
     connects to it in process rather than over the socket (:mod:`shared.inproc`; the same
-    frames and rules, fewer system calls and loop turns).
+    frames and rules, no system calls). It saves a loop turn per hop on asyncio's own
+    loop, none on uvloop or trio (docs/benchmarks.md, "Embedded host path, session 4").
 
     Extra attributes: ``workers`` (the expected worker count, or None), ``is_broker``,
     ``connected_in_process``, ``generation`` (of the broker it is connected to), ``broker_moves``, ``lost``,
@@ -201,7 +202,7 @@ class EmbeddedClient(Client):
         bridge: str | None = None,
         node: str | None = None,
         cluster: str | None = None,
-        in_process: bool = True,
+        in_process: bool = False,
         **client_options: Any,
     ) -> None:
         client_options.setdefault("reconnect_min", EMBED_RECONNECT_MIN)
@@ -232,9 +233,9 @@ class EmbeddedClient(Client):
         #: Set when the host's own client may connect in process (``in_process``).
         self._local: LocalFirst | None = None
         if in_process:
-            # While this worker hosts the broker, its own client connects to it in process
-            # (shared/inproc.py); otherwise, and after a takeover until the new broker
-            # listens, over the socket like every worker.
+            # Asked for: while this worker hosts the broker, its own client connects to it
+            # in process (shared/inproc.py); otherwise, and after a takeover until the new
+            # broker listens, over the socket like every worker.
             self._local = self.transport = LocalFirst(self.transport, self.hosting.attach)
         self.workers = workers
         self.max_worker_id = max_worker_id
@@ -376,7 +377,7 @@ async def join(
         node: this host's name in the cluster; default ``WORKERBUS_NODE``, else the host
             name. cluster: the namespace; default ``WORKERBUS_CLUSTER``, else ``workerbus``.
         client_options: extra :class:`Client` arguments, and ``in_process`` (default
-            True; :class:`EmbeddedClient`): the host's own client skips the socket.
+            False; :class:`EmbeddedClient`): the host's own client skips the socket.
 
     Raises:
         WorkerIdUnavailable: no free worker id.

@@ -34,8 +34,9 @@ _TIMEOUT = 20.0
 class Member(JsonLinesChild):
     """One embedded worker process and everything it printed."""
 
-    def __init__(self, address: str, transport: str, backend: str) -> None:
-        super().__init__([PY, "-m", "tests.embed_worker", address, str(WORKERS), transport, backend])
+    def __init__(self, address: str, transport: str, backend: str, in_process: bool = False) -> None:
+        argv = [PY, "-m", "tests.embed_worker", address, str(WORKERS), transport, backend]
+        super().__init__(argv + ["in-process"] * in_process)
         self.pid = self.proc.pid
         self.seen: list[dict[str, Any]] = []
 
@@ -81,13 +82,15 @@ def _host_record(path: str) -> dict[str, Any]:
     return record
 
 
-@pytest.mark.parametrize(("transport", "backend"), [("http", "asyncio"), ("stream", "trio")])
+@pytest.mark.parametrize(
+    ("transport", "backend", "in_process"), [("http", "asyncio", True), ("stream", "trio", False)]
+)
 def test_kill_9_of_the_host_survivors_move_over_and_nothing_is_lost(
-    sock_dir: str, transport: str, backend: str, fleet: list[Member]
+    sock_dir: str, transport: str, backend: str, in_process: bool, fleet: list[Member]
 ) -> None:
     path = os.path.join(sock_dir, "bus.sock")
     address = f"unix:{path}"
-    fleet.extend(Member(address, transport, backend) for _ in range(WORKERS))
+    fleet.extend(Member(address, transport, backend, in_process) for _ in range(WORKERS))
     for m in fleet:
         m.until(lambda seen: any("welcome" in x for x in seen), "first welcome")
     # Everybody on the one broker of the lock record (a worker started early may have
@@ -100,10 +103,11 @@ def test_kill_9_of_the_host_survivors_move_over_and_nothing_is_lost(
     wids = {m.welcomes()[-1]["wid"] for m in fleet}
     assert wids == set(range(WORKERS))
 
-    # the host's own client is connected to its broker in process, the others by socket
+    # asked for, the host's own client is connected to its broker in process; the others
+    # by socket
     for m in fleet:
         stats = m.stats()
-        assert (stats["host"], stats["in_process"]) == ((True, True) if m is host else (False, False)), stats
+        assert (stats["host"], stats["in_process"]) == (m is host, m is host and in_process), stats
     for m in fleet:
         m.send(cmd="publish", source="t", event="before", data=m.welcomes()[-1]["wid"], target="others")
     for m in fleet:
@@ -139,11 +143,11 @@ def test_kill_9_of_the_host_survivors_move_over_and_nothing_is_lost(
         stats = m.stats()
         assert stats["lost"] == 0, stats
         assert stats["moves"] == 1, stats
-        # the new host's client switched to in process when it took over; the rest did not
-        assert stats["in_process"] == stats["host"], stats
+        # asked for, the new host's client switched to in process when it took over
+        assert stats["in_process"] == (stats["host"] and in_process), stats
 
     # The server respawns the dead worker: it takes the freed id and joins the new broker.
-    again = Member(address, transport, backend)
+    again = Member(address, transport, backend, in_process)
     fleet.append(again)
     again.until(lambda seen: any("welcome" in x for x in seen), "the respawned worker's welcome")
     assert again.welcomes()[-1]["wid"] == host.welcomes()[-1]["wid"]

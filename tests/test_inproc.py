@@ -137,7 +137,7 @@ async def test_pipe_receive_cancelled_loses_nothing() -> None:
 
 
 async def test_the_host_client_is_in_process_and_events_cross(address: str, transport: str) -> None:
-    async with members(address, 3, workers=3, transport=transport) as ms:
+    async with members(address, 3, workers=3, transport=transport, in_process=True) as ms:
         (host,) = hosts(ms)
         assert host.bus.connected_in_process
         assert not any(m.bus.connected_in_process for m in ms if m is not host)
@@ -165,8 +165,8 @@ async def test_the_host_client_is_in_process_and_events_cross(address: str, tran
         )
 
 
-async def test_in_process_can_be_turned_off(address: str) -> None:
-    async with members(address, 2, workers=2, transport="stream", in_process=False) as ms:
+async def test_in_process_is_asked_for(address: str) -> None:
+    async with members(address, 2, workers=2, transport="stream") as ms:
         (host,) = hosts(ms)
         assert not host.bus.connected_in_process
         await host.bus.publish("t", "n", 1)
@@ -185,7 +185,7 @@ async def test_a_host_client_that_stops_reading_gets_the_broker_policy(address: 
             await release.wait()
         handled.append(data)
 
-    options: dict[str, Any] = {"workers": 2, "transport": "stream", "max_queue_len": 8}
+    options: dict[str, Any] = {"workers": 2, "transport": "stream", "max_queue_len": 8, "in_process": True}
     broker_options: dict[str, Any] = {"max_queue_len": 64, "overflow": OverflowPolicy.DROP_OLDEST}
     async with join(address, broker_options=broker_options, **options) as host:
         async with join(address, **options) as other:
@@ -213,7 +213,7 @@ def _dropped(host: Any) -> int:
 
 
 async def test_a_new_host_switches_its_client_to_in_process(address: str, transport: str) -> None:
-    async with members(address, 3, workers=3, transport=transport) as ms:
+    async with members(address, 3, workers=3, transport=transport, in_process=True) as ms:
         (old,) = hosts(ms)
         rest = [m for m in ms if m is not old]
         assert not any(m.bus.connected_in_process for m in rest)
@@ -239,7 +239,7 @@ async def test_host_leaving_hands_over_in_order(address: str) -> None:
     # A host whose own client is in process publishes and leaves at once: its exit flushes
     # through the pipe, the broker drains to the other worker, which gets every event in
     # order, then the host's "left", and then hosts itself (in process in turn).
-    async with members(address, 2, workers=2, transport="stream") as ms:
+    async with members(address, 2, workers=2, transport="stream", in_process=True) as ms:
         (host,) = hosts(ms)
         (other,) = [m for m in ms if m is not host]
         for i in range(100):
