@@ -236,7 +236,8 @@ class EmbeddedClient(Client):
             # Asked for: while this worker hosts the broker, its own client connects to it
             # in process (shared/inproc.py); otherwise, and after a takeover until the new
             # broker listens, over the socket like every worker.
-            self._local = self.transport = LocalFirst(self.transport, self.hosting.attach)
+            hosting = self.hosting
+            self._local = self.transport = LocalFirst(self.transport, hosting.attach, lambda: hosting.holding)
         self.workers = workers
         self.max_worker_id = max_worker_id
         self.mode = mode

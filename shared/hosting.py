@@ -147,6 +147,8 @@ class Hosting:
         self.locked_at: float | None = None
         self.listening_at: float | None = None
         self._socket_inode = -1
+        #: This process holds the election lock (hosting, or about to).
+        self._holding = False
         #: Where the in-process connections of this worker's own client are served while
         #: it hosts (they end with the broker): see :meth:`attach`.
         self._local: TaskGroup | None = None
@@ -156,15 +158,28 @@ class Hosting:
 
     def attach(self) -> PipeEnd | None:
         """This worker's own client's connection to the broker it hosts, in process
-        (:mod:`shared.inproc`: no socket, no system calls, one loop turn per hop instead of
-        two); None while another worker hosts it. The broker serves the other end like any
-        accepted connection, from the hello on."""
+        (:mod:`shared.inproc`: no socket, no system calls); None while another worker
+        hosts it. The broker serves the other end like any accepted connection, from the
+        hello on.
+
+        Raises:
+            ConnectionRefusedError: this worker won the election and its broker is not
+                serving yet (the client retries after its backoff, as for a socket that
+                does not answer yet; over the socket it would stay on it for the session).
+        """
         broker, local = self.broker, self._local
         if broker is None or local is None:
+            if self._holding:
+                raise ConnectionRefusedError(f"worker {self.worker_id}'s own broker is starting")
             return None
         mine, theirs = pipe()
         local.start_soon(broker.handle, theirs)
         return mine
+
+    @property
+    def holding(self) -> bool:
+        """This process holds the election lock: it hosts the broker, or is starting it."""
+        return self._holding
 
     def contend(self) -> None:
         """The broker may be gone (our client lost it): try the lock now, then often for
@@ -191,9 +206,11 @@ class Hosting:
                 )
                 lock = None
             if lock is not None:
+                self._holding = True
                 try:
                     await self._host(lock, announce)
                 finally:
+                    self._holding = False
                     lock.release()
             if announce is not None:
                 announce()

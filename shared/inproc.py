@@ -188,16 +188,20 @@ def pipe() -> tuple[PipeEnd, PipeEnd]:
 class LocalFirst:
     """A client transport that connects in process when it can: ``attach()`` returns an
     end whose peer the broker serves (:meth:`shared.hosting.Hosting.attach`), or None, and
-    then the ``inner`` transport connects over the socket as usual.
+    then the ``inner`` transport connects over the socket as usual; an ``OSError`` from it
+    is a failed connect (retried after the client's backoff).
 
     In process there is no connection start (the broker side skips it for a pipe end);
     the hello is written at once, as ``connect_with`` promises.
     """
 
-    def __init__(self, inner: Transport, attach: Callable[[], PipeEnd | None]) -> None:
+    def __init__(
+        self, inner: Transport, attach: Callable[[], PipeEnd | None], hosting: Callable[[], bool]
+    ) -> None:
         self.inner = inner
         self.name = inner.name
         self._attach = attach
+        self._hosting = hosting
         #: Whether the latest connection made was in process.
         self.attached = False
 
@@ -205,7 +209,8 @@ class LocalFirst:
         return await self.connect_with(path, b"")
 
     async def connect_with(self, path: str, first: bytes) -> tuple[ByteStream, bytes]:
-        mine = self._attach()
+        self.attached = False
+        mine = self._attach()  # (raises OSError while our own broker is starting)
         self.attached = mine is not None
         if mine is not None:
             if first:
@@ -214,8 +219,16 @@ class LocalFirst:
         early = getattr(self.inner, "connect_with", None)
         if early is not None:
             stream, initial = await early(path, first)
-            return stream, initial
-        stream, initial = await self.inner.connect(path)
+            first = b""
+        else:
+            stream, initial = await self.inner.connect(path)
+        if self._hosting():
+            # This worker won the election while the socket connected (a takeover): that
+            # is our own broker. Connect again, in process: a failed connect for the client
+            # (with the http transport its hello is in already; the broker then sees it
+            # come and go, in the takeover's held lifecycle events).
+            await anyio.aclose_forcefully(stream)
+            raise ConnectionRefusedError("this worker hosts the broker now")
         if first:
             try:
                 await stream.send(first)

@@ -316,3 +316,28 @@ def test_numbered_encoder_makes_the_careful_bytes() -> None:
     with pytest.raises(PayloadTooLarge):
         careful.encode_publish(client, "cache", "purge", {"i": 12345}, ALL)
     assert careful.out.marks() == short.out.marks()
+
+
+async def test_a_socket_connect_that_meets_our_own_election_is_dropped(address: str) -> None:
+    # The race of a takeover: the client's socket connect was under way when this worker
+    # won the election, so the socket reaches our own broker. LocalFirst drops it (before
+    # the hello with the stream transport) and the client connects again, in process.
+    import streambus
+    from shared.broker import Broker
+    from shared.inproc import LocalFirst
+
+    broker = Broker(transport=streambus.TRANSPORT)
+    hosting = False
+    local = LocalFirst(streambus.TRANSPORT, lambda: None, lambda: hosting)
+    async with anyio.create_task_group() as tg:
+        await tg.start(broker.serve, address)
+        stream, _ = await local.connect_with(address[len("unix:") :], b"")  # another's broker
+        assert not local.attached
+        await stream.aclose()  # (closed before a hello: the broker counts it refused)
+        await wait_until(lambda: broker.statistics().refused == 1)
+        hosting = True
+        with pytest.raises(ConnectionRefusedError):
+            await local.connect_with(address[len("unix:") :], b"hello")
+        await wait_until(lambda: broker.statistics().refused == 2 and broker.statistics().open_connections == 0)
+        assert broker.statistics().accepted == 0  # no hello got through
+        tg.cancel_scope.cancel()
