@@ -11,7 +11,8 @@ an ASGI lifespan). What happens underneath:
    gets it runs :meth:`Broker.serve` in a background task of its own event loop; the
    kernel releases the lock when that process dies, however it dies.
 3. **Client.** Every worker, the host included, is an ordinary client of that broker over
-   the Unix socket: this object *is* a :class:`Client`.
+   the Unix socket (the host, with ``in_process=True``, through an in-memory pipe:
+   :mod:`shared.inproc`): this object *is* a :class:`Client`.
 4. **Failover.** When a worker's connection drops it tries the lock at once and then every
    few milliseconds for a short while (and once a second always, as a safety net). The
    winner replaces the dead broker's stale socket file and serves; everybody's client
@@ -25,7 +26,8 @@ an ASGI lifespan). What happens underneath:
    can and cannot be detected.
 
 The pieces, one job each: :mod:`shared.election` (ids and the lock), :mod:`shared.hosting`
-(the election loop, serving, handing over), :mod:`shared.sequence` (numbers and gaps), and
+(the election loop, serving, handing over), :mod:`shared.sequence` (numbers and gaps),
+:mod:`shared.numbered` (numbered publishes, the short way), and
 here :class:`BrokerWatch` (which broker we are connected to) and the composition: an
 :class:`EmbeddedClient` is a plain :class:`Client` given :class:`ClientHooks` that route
 each hook to the piece whose job it is.
