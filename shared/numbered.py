@@ -10,7 +10,7 @@ isolation; docs/benchmarks.md, "Embedded host path, session 4").
 :class:`NumberedEncoder` is that method with the plain encoder's idea: once a
 ``(source, event)`` went through the careful path, the bytes around its data are kept,
 and a later publish packs only its data and its number and joins. The bytes are exactly
-those of :meth:`Sequencer.encode_publish` (held to it in tests/test_inproc.py); anything
+those of :meth:`Sequencer.encode_publish` (held to it in tests/test_numbered.py); anything
 else (other targets, the bus's own source, no data, a long event, a refusal, another
 profile) goes the careful way, which also says why it is refused.
 """
