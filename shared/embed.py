@@ -11,8 +11,7 @@ an ASGI lifespan). What happens underneath:
    gets it runs :meth:`Broker.serve` in a background task of its own event loop; the
    kernel releases the lock when that process dies, however it dies.
 3. **Client.** Every worker, the host included, is an ordinary client of that broker over
-   the Unix socket (the host, with ``in_process=True``, through an in-memory pipe:
-   :mod:`shared.inproc`): this object *is* a :class:`Client`.
+   the Unix socket: this object *is* a :class:`Client`.
 4. **Failover.** When a worker's connection drops it tries the lock at once and then every
    few milliseconds for a short while (and once a second always, as a safety net). The
    winner replaces the dead broker's stale socket file and serves; everybody's client
@@ -58,7 +57,6 @@ from .election import (
 )
 from .errors import PayloadTooLarge, PublishBufferFull
 from .hosting import Hosting
-from .inproc import LocalFirst
 from .messages import OTHERS
 from .numbered import NumberedEncoder
 from .sequence import Sequencer, as_int
@@ -182,13 +180,8 @@ class _Embedding(ClientHooks):
 class EmbeddedClient(Client):
     """A :class:`Client` that may also host the broker. Build it with :func:`join`.
 
-    ``in_process`` (default False): while this worker hosts the broker, its own client
-    connects to it in process rather than over the socket (:mod:`shared.inproc`; the same
-    frames and rules, no system calls). It saves a loop turn per hop on asyncio's own
-    loop, none on uvloop or trio (docs/benchmarks.md, "Embedded host path, session 4").
-
     Extra attributes: ``workers`` (the expected worker count, or None), ``is_broker``,
-    ``connected_in_process``, ``generation`` (of the broker it is connected to), ``broker_moves``, ``lost``,
+    ``generation`` (of the broker it is connected to), ``broker_moves``, ``lost``,
     ``welcomed_at``, ``lost_at``.
     """
 
@@ -204,7 +197,6 @@ class EmbeddedClient(Client):
         bridge: str | None = None,
         node: str | None = None,
         cluster: str | None = None,
-        in_process: bool = False,
         **client_options: Any,
     ) -> None:
         client_options.setdefault("reconnect_min", EMBED_RECONNECT_MIN)
@@ -232,14 +224,6 @@ class EmbeddedClient(Client):
             cluster=cluster,
         )
         hooks.hosting = self.hosting
-        #: Set when the host's own client may connect in process (``in_process``).
-        self._local: LocalFirst | None = None
-        if in_process:
-            # Asked for: while this worker hosts the broker, its own client connects to it
-            # in process (shared/inproc.py); otherwise, and after a takeover until the new
-            # broker listens, over the socket like every worker.
-            hosting = self.hosting
-            self._local = self.transport = LocalFirst(self.transport, hosting.attach, lambda: hosting.holding)
         self.workers = workers
         self.max_worker_id = max_worker_id
         self.mode = mode
@@ -288,12 +272,6 @@ class EmbeddedClient(Client):
     def is_broker(self) -> bool:
         """True while this process hosts the broker."""
         return self.hosting.broker is not None
-
-    @property
-    def connected_in_process(self) -> bool:
-        """True when the latest connection to the broker is in process: this worker hosts
-        it and its own client skips the socket (shared/inproc.py)."""
-        return self._local is not None and self._local.attached
 
     @property
     def lost(self) -> int:
@@ -379,8 +357,7 @@ async def join(
             ``WORKERBUS_BRIDGE`` environment variable, else host-local only.
         node: this host's name in the cluster; default ``WORKERBUS_NODE``, else the host
             name. cluster: the namespace; default ``WORKERBUS_CLUSTER``, else ``workerbus``.
-        client_options: extra :class:`Client` arguments, and ``in_process`` (default
-            False; :class:`EmbeddedClient`): the host's own client skips the socket.
+        client_options: extra :class:`Client` arguments.
 
     Raises:
         WorkerIdUnavailable: no free worker id.

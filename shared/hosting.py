@@ -20,13 +20,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import anyio
-from anyio.abc import ByteStream, TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 
 from .bridge import DEFAULT_CLUSTER, Bridge
 from .broker import LIFECYCLE_SOURCE, Broker
 from .election import FileLock, held_worker_ids, lock_path
 from .errors import AddressInUse, RemoteProtocolError
-from .inproc import PipeEnd, pipe
 from .logutil import LogLimiter
 from .messages import decode_event_fields, encode_event, parse_target
 from .profile import Profile
@@ -69,29 +68,6 @@ class _Started(TaskStatus[Any]):
 
     def started(self, value: object = None) -> None:
         self._callback()
-
-
-class _LocalAccepting:
-    """The broker's transport in a host: a connection from this process's own client (a
-    :class:`~shared.inproc.PipeEnd`) has no connection start to do (nothing to upgrade;
-    the client sent its hello straight away); any other is the real transport's."""
-
-    def __init__(self, inner: Transport) -> None:
-        self.inner = inner
-        self.name = inner.name
-
-    async def connect(self, path: str) -> tuple[ByteStream, bytes]:
-        return await self.inner.connect(path)
-
-    async def accept(self, stream: ByteStream) -> bytes:
-        if isinstance(stream, PipeEnd):
-            return b""
-        return await self.inner.accept(stream)
-
-    async def refuse(self, stream: ByteStream, status: int, text: str) -> None:
-        refuse = getattr(self.inner, "refuse", None)
-        if refuse is not None and not isinstance(stream, PipeEnd):
-            await refuse(stream, status, text)
 
 
 class Hosting:
@@ -147,39 +123,9 @@ class Hosting:
         self.locked_at: float | None = None
         self.listening_at: float | None = None
         self._socket_inode = -1
-        #: This process holds the election lock (hosting, or about to).
-        self._holding = False
-        #: Where the in-process connections of this worker's own client are served while
-        #: it hosts (they end with the broker): see :meth:`attach`.
-        self._local: TaskGroup | None = None
         self._rapid_until = 0.0
         self._poke: anyio.Event | None = None
         self._log = LogLimiter(logger)
-
-    def attach(self) -> PipeEnd | None:
-        """This worker's own client's connection to the broker it hosts, in process
-        (:mod:`shared.inproc`: no socket, no system calls); None while another worker
-        hosts it. The broker serves the other end like any accepted connection, from the
-        hello on.
-
-        Raises:
-            ConnectionRefusedError: this worker won the election and its broker is not
-                serving yet (the client retries after its backoff, as for a socket that
-                does not answer yet; over the socket it would stay on it for the session).
-        """
-        broker, local = self.broker, self._local
-        if broker is None or local is None:
-            if self._holding:
-                raise ConnectionRefusedError(f"worker {self.worker_id}'s own broker is starting")
-            return None
-        mine, theirs = pipe()
-        local.start_soon(broker.handle, theirs)
-        return mine
-
-    @property
-    def holding(self) -> bool:
-        """This process holds the election lock: it hosts the broker, or is starting it."""
-        return self._holding
 
     def contend(self) -> None:
         """The broker may be gone (our client lost it): try the lock now, then often for
@@ -206,11 +152,9 @@ class Hosting:
                 )
                 lock = None
             if lock is not None:
-                self._holding = True
                 try:
                     await self._host(lock, announce)
                 finally:
-                    self._holding = False
                     lock.release()
             if announce is not None:
                 announce()
@@ -232,7 +176,7 @@ class Hosting:
         self.generation = generation
         while True:
             broker = Broker(
-                transport=_LocalAccepting(self.transport),
+                transport=self.transport,
                 profile=self.profile,
                 expected_workers=self.workers or 0,
                 lifecycle_events=True,
@@ -267,28 +211,22 @@ class Hosting:
                     previous or "none",
                 )
 
-            # The in-process connections (attach) live in this task group: they end with
-            # the broker, whichever way it ends.
-            async with anyio.create_task_group() as local:
-                self._local = local
-                try:
-                    await broker.serve(self.address, mode=self.mode, task_status=_Started(ready))
-                except (AddressInUse, OSError) as exc:
-                    if announce is not None:
-                        announce()  # joining must not hang on a broker that cannot start
-                        announce = None
-                    self._log.log(
-                        logging.ERROR,
-                        "worker %d holds the election lock but cannot serve %s: %s; retrying in %ss",
-                        self.worker_id,
-                        self.address,
-                        exc,
-                        HOST_RETRY,
-                    )
-                finally:
-                    self.broker = None
-                    self._local = None
-                    local.cancel_scope.cancel()
+            try:
+                await broker.serve(self.address, mode=self.mode, task_status=_Started(ready))
+            except (AddressInUse, OSError) as exc:
+                if announce is not None:
+                    announce()  # joining must not hang on a broker that cannot start
+                    announce = None
+                self._log.log(
+                    logging.ERROR,
+                    "worker %d holds the election lock but cannot serve %s: %s; retrying in %ss",
+                    self.worker_id,
+                    self.address,
+                    exc,
+                    HOST_RETRY,
+                )
+            finally:
+                self.broker = None
             await anyio.sleep(HOST_RETRY)
 
     def _make_bridge(self) -> Bridge | None:

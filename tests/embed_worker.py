@@ -1,7 +1,7 @@
 """An embedded worker process (``join()``) driven over stdin/stdout by
 tests/test_embed_processes.py.
 
-    python -m tests.embed_worker ADDRESS WORKERS TRANSPORT BACKEND [in-process]
+    python -m tests.embed_worker ADDRESS WORKERS TRANSPORT BACKEND
 
 Prints JSON lines: ``{"welcome": ...}`` for every broker welcome (generation, whether this
 process hosts, its worker id and pid), ``{"ev": [source, event, data, wid]}`` for every
@@ -28,8 +28,8 @@ def emit(obj: object) -> None:
     sys.stdout.flush()
 
 
-async def main(address: str, workers: int, transport: str, in_process: bool) -> None:
-    async with join(address, workers=workers, transport=transport, in_process=in_process) as bus:
+async def main(address: str, workers: int, transport: str) -> None:
+    async with join(address, workers=workers, transport=transport) as bus:
 
         def record(data: Any, event: str, source: str, wid: int | None) -> None:
             if source == "workerbus" and event == "welcome":
@@ -53,17 +53,7 @@ async def main(address: str, workers: int, transport: str, in_process: bool) -> 
             if cmd["cmd"] == "publish":
                 bus.publish_nowait(cmd["source"], cmd["event"], cmd.get("data"), cmd.get("target", "all"))
             elif cmd["cmd"] == "stats":
-                emit(
-                    {
-                        "stats": {
-                            "lost": bus.lost,
-                            "moves": bus.broker_moves,
-                            "ready": bus.is_ready,
-                            "host": bus.is_broker,
-                            "in_process": bus.connected_in_process,
-                        }
-                    }
-                )
+                emit({"stats": {"lost": bus.lost, "moves": bus.broker_moves, "ready": bus.is_ready}})
             elif cmd["cmd"] == "quit":
                 await bus.flush()
                 return
@@ -71,5 +61,4 @@ async def main(address: str, workers: int, transport: str, in_process: bool) -> 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    in_process = sys.argv[5:] == ["in-process"]
-    anyio.run(main, sys.argv[1], int(sys.argv[2]), sys.argv[3], in_process, backend=sys.argv[4])
+    anyio.run(main, sys.argv[1], int(sys.argv[2]), sys.argv[3], backend=sys.argv[4])

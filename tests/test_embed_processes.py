@@ -2,8 +2,7 @@
 
 Each member is a tests/embed_worker.py process that joined with ``join()``; the test kills
 the host, checks that the survivors move to one new broker (whose takeover holds routing
-until their hellos are in: shared/broker.py ``await_reconnects``; the new host's own
-client switches from the socket to in process, shared/inproc.py), that what they publish
+until their hellos are in: shared/broker.py ``await_reconnects``), that what they publish
 afterwards reaches every other survivor in order with nothing reported lost, that a
 respawned worker takes the dead one's id, and that everybody leaves politely.
 """
@@ -34,9 +33,8 @@ _TIMEOUT = 20.0
 class Member(JsonLinesChild):
     """One embedded worker process and everything it printed."""
 
-    def __init__(self, address: str, transport: str, backend: str, in_process: bool = False) -> None:
-        argv = [PY, "-m", "tests.embed_worker", address, str(WORKERS), transport, backend]
-        super().__init__(argv + ["in-process"] * in_process)
+    def __init__(self, address: str, transport: str, backend: str) -> None:
+        super().__init__([PY, "-m", "tests.embed_worker", address, str(WORKERS), transport, backend])
         self.pid = self.proc.pid
         self.seen: list[dict[str, Any]] = []
 
@@ -82,15 +80,13 @@ def _host_record(path: str) -> dict[str, Any]:
     return record
 
 
-@pytest.mark.parametrize(
-    ("transport", "backend", "in_process"), [("http", "asyncio", True), ("stream", "trio", False)]
-)
+@pytest.mark.parametrize(("transport", "backend"), [("http", "asyncio"), ("stream", "trio")])
 def test_kill_9_of_the_host_survivors_move_over_and_nothing_is_lost(
-    sock_dir: str, transport: str, backend: str, in_process: bool, fleet: list[Member]
+    sock_dir: str, transport: str, backend: str, fleet: list[Member]
 ) -> None:
     path = os.path.join(sock_dir, "bus.sock")
     address = f"unix:{path}"
-    fleet.extend(Member(address, transport, backend, in_process) for _ in range(WORKERS))
+    fleet.extend(Member(address, transport, backend) for _ in range(WORKERS))
     for m in fleet:
         m.until(lambda seen: any("welcome" in x for x in seen), "first welcome")
     # Everybody on the one broker of the lock record (a worker started early may have
@@ -103,11 +99,6 @@ def test_kill_9_of_the_host_survivors_move_over_and_nothing_is_lost(
     wids = {m.welcomes()[-1]["wid"] for m in fleet}
     assert wids == set(range(WORKERS))
 
-    # asked for, the host's own client is connected to its broker in process; the others
-    # by socket
-    for m in fleet:
-        stats = m.stats()
-        assert (stats["host"], stats["in_process"]) == (m is host, m is host and in_process), stats
     for m in fleet:
         m.send(cmd="publish", source="t", event="before", data=m.welcomes()[-1]["wid"], target="others")
     for m in fleet:
@@ -143,11 +134,9 @@ def test_kill_9_of_the_host_survivors_move_over_and_nothing_is_lost(
         stats = m.stats()
         assert stats["lost"] == 0, stats
         assert stats["moves"] == 1, stats
-        # asked for, the new host's client switched to in process when it took over
-        assert stats["in_process"] == (stats["host"] and in_process), stats
 
     # The server respawns the dead worker: it takes the freed id and joins the new broker.
-    again = Member(address, transport, backend, in_process)
+    again = Member(address, transport, backend)
     fleet.append(again)
     again.until(lambda seen: any("welcome" in x for x in seen), "the respawned worker's welcome")
     assert again.welcomes()[-1]["wid"] == host.welcomes()[-1]["wid"]

@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "streambus", "streambus.transport")),
     # the edges a program meets: names -> transports, embedding, integrations, cluster engines
     ("edges", ("shared.transportnames", "shared.embed", "shared.hosting", "shared.election", "shared.blocking",
-               "shared.inproc", "shared.numbered",
+               "shared.numbered",
                "shared.integrations", "shared.integrations.*", "shared.bridges", "shared.bridges.*")),
     # the tools: command line, demos, stats server, live view, bench suite, conformance kit
     ("tools", ("shared.tools", "shared.tools.*")),
