@@ -503,7 +503,7 @@ class Broker:
 
     async def handle(self, stream: ByteStream) -> None:
         """Serve one accepted connection until it ends. Never raises for peer faults."""
-        stream = guard(stream)
+        stream = await guard(stream)
         async with stream:
             creds = peer_credentials(stream)
             if self._open >= self.max_connections:
