@@ -1202,7 +1202,12 @@ class Client:
             if sub:
                 data = sub + data  # before the batch: it applies to what follows
             try:
-                await frames.send(data)
+                # Written at once when the socket takes it all (the usual case): no schedule
+                # point here, the wait for the next batch is one (a turn of the loop less
+                # per batch); what the socket does not take is sent the waiting way.
+                written = frames.send_nowait(data)
+                if written < len(data):
+                    await frames.send(data[written:] if written else data)
             except BaseException as exc:
                 if not barrier:  # (with the barrier, the batch is already kept)
                     buffer.extendleft(reversed(batch))
