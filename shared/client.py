@@ -1034,7 +1034,8 @@ class Client:
         # loop waits for the handlers instead of reading on (backpressure): the backlog
         # then waits in the broker's bounded queue, which reports what it has to drop.
         decoded = self._decoded
-        push_many = self._dispatcher.push_many
+        # (the handlers run right here when the handler loop is idle: Dispatcher.take)
+        take = self._dispatcher.take
         try:
             while True:
                 payloads = await frames.receive()
@@ -1054,7 +1055,7 @@ class Client:
                                 await anyio.lowlevel.checkpoint()
                         batch = decoded(payloads[start : start + _DECODE_CHUNK])
                         start += _DECODE_CHUNK
-                        taken = push_many(batch)
+                        taken = take(batch)
                         if taken < len(batch):
                             await self._hand_over(batch, taken)
                 except BaseException:
