@@ -207,7 +207,7 @@ class TransportStream(ByteStream):
             # this task from letting others run); a cancellation leaves them buffered.
             await anyio.lowlevel.checkpoint()
         else:
-            await anyio.lowlevel.checkpoint_if_cancelled()
+            # (No checkpoint_if_cancelled first: a cancelled scope cancels the wait below.)
             while not proto.chunks and not proto.eof and not proto.lost and not self._closed:
                 proto.waiter = waiter = asyncio.get_running_loop().create_future()
                 try:
