@@ -265,7 +265,8 @@ class Dispatcher:
                 if self._resume is not None:
                     break
         finally:
-            self.busy = False
+            # (still busy while an event is half done: the handler loop finishes it)
+            self.busy = self._resume is not None
         if (inbox or self._resume is not None) and self._wakeup is not None:
             self._wakeup.set()
             self._wakeup = None
