@@ -1,7 +1,7 @@
 """CPU per wake-up of every process of the latency test: where a burst's latency goes.
 
     python benchmarks/lat_wakeups.py [SCENARIO,..] [--reps 3] [--rate 10000] [--duration 2]
-                                     [--subs 4] [--strace DIR]
+                                     [--subs 4] [--strace DIR] [--json PATH --tag NAME]
 
 Runs the bench's fixed-rate latency test (``workerbus bench --tests lat``: one publisher,
 ``--subs`` subscribers, ~10 events per 1 ms tick) for each scenario in turn, ``--reps``
@@ -19,6 +19,7 @@ meaningless: ptrace slows every syscall down).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import statistics
@@ -123,8 +124,8 @@ class _Probe:
 def run(scenario: str, args: argparse.Namespace) -> dict[str, Any]:
     probe = _Probe(args.subs, args.strace, scenario)
     real_cpu, real_machine = procfs.cpu_seconds, procfs.machine_sample
-    procfs.cpu_seconds = probe.cpu_seconds  # type: ignore[assignment]
-    procfs.machine_sample = probe.machine_sample  # type: ignore[assignment]
+    procfs.cpu_seconds = probe.cpu_seconds
+    procfs.machine_sample = probe.machine_sample
     try:
         events = int(args.rate * args.duration)
         res = fanout.run_one(
@@ -159,6 +160,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=2.0)
     ap.add_argument("--subs", type=int, default=4)
     ap.add_argument("--strace", metavar="DIR")
+    ap.add_argument("--json", metavar="PATH", help="append every run (JSON lines), with --tag")
+    ap.add_argument("--tag", default="", help="what this run measures (e.g. a tree), in --json")
     args = ap.parse_args()
     if args.strace:
         os.makedirs(args.strace, exist_ok=True)
@@ -171,6 +174,9 @@ def main() -> None:
                 print(f"{s}: FAILED {res.get('error')}", file=sys.stderr)
                 continue
             table[s].append(res)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps({"tag": args.tag, "at": time.time(), **res}) + "\n")
             per = res["per_process"]
             subs = [v for k, v in per.items() if k.startswith("sub")]
             print(
