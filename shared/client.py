@@ -6,7 +6,8 @@ One :class:`Client` per process. It keeps three independent tasks:
   runs a reader (frames → decoded events → dispatcher) and a writer (publish buffer →
   socket, everything buffered since the last write coalesced into one ``send``);
 - the dispatcher task (:mod:`shared.dispatch`): runs handlers one event at a time, and
-  keeps running while the broker is unreachable;
+  keeps running while the broker is unreachable (while it is idle, the reader runs the
+  synchronous handlers of a read itself: ``Dispatcher.take``);
 - nothing else: publishing is a synchronous append plus a wake-up.
 
 Publishes made while disconnected wait in a bounded buffer and go out in order after the

@@ -7,7 +7,9 @@ function, called as ``handler(data, event, source, wid)``. An exception in one h
 logged with its traceback and counted; the next handler still runs.
 
 The loop belongs to the client, not to its broker connection, so a lost connection never
-cancels a running handler.
+cancels a running handler. (The client's reader may run synchronous handlers itself while
+the loop is idle, :meth:`Dispatcher.take`; those have no await to be cancelled at, and
+anything awaitable still goes to the loop.)
 
 Backpressure, not drops: the inbox is bounded for events read from the broker
 (:meth:`Dispatcher.push_many` takes what fits, :meth:`Dispatcher.wait_room` waits for the
