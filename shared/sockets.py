@@ -193,6 +193,8 @@ class TransportStream(ByteStream):
         self._transport = transport
         self._protocol = protocol
         self._closed = False
+        # (asyncio.get_running_loop() asks the kernel for the pid each time: once is enough)
+        self._loop = asyncio.get_running_loop()
         transport.set_write_buffer_limits(high=0, low=0)
 
     def _broken(self) -> BaseException:
@@ -209,7 +211,7 @@ class TransportStream(ByteStream):
         else:
             # (No checkpoint_if_cancelled first: a cancelled scope cancels the wait below.)
             while not proto.chunks and not proto.eof and not proto.lost and not self._closed:
-                proto.waiter = waiter = asyncio.get_running_loop().create_future()
+                proto.waiter = waiter = self._loop.create_future()
                 try:
                     await waiter
                 finally:
@@ -256,7 +258,7 @@ class TransportStream(ByteStream):
             raise self._broken()
         while proto.writing_paused and not proto.lost:
             # The socket did not take it all: wait until the transport has written the rest.
-            proto.drained = drained = asyncio.get_running_loop().create_future()
+            proto.drained = drained = self._loop.create_future()
             try:
                 await drained
             finally:
