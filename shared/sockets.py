@@ -48,8 +48,13 @@ class GuardedStream(ByteStream):
         self._closed = False
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
-        await anyio.lowlevel.checkpoint()
+        # As trio's own socket streams: a cancellation is taken first; a receive that has
+        # to wait yields in the wait; one that finds bytes at once yields after reading
+        # them, shielded (so a cancellation cannot lose them). One schedule point per
+        # receive either way, not one plus the wait.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         sock = self._sock
+        waited = False
         while True:
             if self._closed:
                 raise anyio.ClosedResourceError
@@ -57,11 +62,14 @@ class GuardedStream(ByteStream):
                 data = sock.recv(max_bytes)
             except BlockingIOError:
                 await anyio.wait_readable(sock)
+                waited = True
                 continue
             except OSError as exc:
                 if self._closed or exc.errno == errno.EBADF:
                     raise anyio.ClosedResourceError from None
                 raise anyio.BrokenResourceError from exc
+            if not waited:
+                await anyio.lowlevel.cancel_shielded_checkpoint()
             if not data:
                 raise anyio.EndOfStream
             return data
