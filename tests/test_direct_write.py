@@ -219,3 +219,49 @@ async def test_a_burst_to_many_unframed_subscribers_is_joined_once(address: str,
             # one join per burst for the four unframed connections (a little slack: a write
             # left to a writer task joins on its own)
             assert (bursts - 1) * size <= cuts[0] < 2 * (bursts - 1) * size
+
+
+@pytest.mark.anyio
+async def test_flush_writes_itself_and_the_writer_finishes_the_rest(
+    address: str, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The client's side of direct writes: flush() writes its ping and the buffered
+    # publishes itself (Client._write_now); a burst bigger than the socket takes is
+    # finished by the writer task, in order, before anything published after it.
+    outcomes: list[bool] = []
+    real = Client._write_now
+
+    def recording(self: Client) -> bool:
+        done = real(self)
+        outcomes.append(done)
+        return done
+
+    monkeypatch.setattr(Client, "_write_now", recording)
+    async with serving(address, transport) as b:
+        async with Client(address, transport=transport, worker_id=0) as sub, \
+                Client(address, transport=transport, worker_id=1) as pub:  # fmt: skip
+            rec = Recorder()
+            sub.subscribe("s", "*", rec)
+            await sub.wait_ready()
+            await pub.wait_ready()
+            with anyio.fail_after(20):
+                await pub.flush()  # (the session's writer task may not have started yet)
+                outcomes.clear()
+                for i in range(5):  # small: written whole by flush()
+                    await pub.publish("s", "small", i, "others")
+                await pub.flush()
+                for i in range(3000):  # ~3 MiB: more than the socket takes at once
+                    await pub.publish("s", "big", [i, PAD], "others")
+                await pub.flush()
+                await pub.publish("s", "after", 0, "others")
+                await pub.flush()
+                await rec.wait_for(5 + 3000 + 1, timeout=20)
+            # the small burst written by flush() itself, the big one's rest left to the
+            # writer (the last flush may find the writer still finishing it)
+            assert outcomes[:2] == [True, False] and len(outcomes) == 3
+            events = [(e[1], e[2] if e[1] != "big" else e[2][0]) for e in rec.events]
+            assert events == [("small", i) for i in range(5)] + [("big", i) for i in range(3000)] + [("after", 0)]
+            stats = pub.statistics()
+            assert (stats.published, stats.sent, stats.buffered, stats.unconfirmed) == (3006, 3006, 0, 0)
+            q = queue_of(b, 0)
+            assert (q.dropped, q.in_flight) == (0, 0)
