@@ -330,6 +330,11 @@ class Broker:
         self._direct = False
         #: Connections claimed that way, to write to when the routing ends.
         self._ready: list[_Connection] = []
+        #: While _routed writes: the last unframed batch joined, (its frames, its bytes).
+        #: A burst routed to every worker is the same frames for each connection: joined
+        #: once, not once per connection.
+        self._joined: tuple[list[bytes], bytes] | None = None
+        self._in_routed = False
         #: Seconds a connection must have been quiet for a routing task to write to it
         #: directly (see _claim); 0 writes directly whenever the writer is idle.
         self.direct_write_quiet = DIRECT_WRITE_QUIET
@@ -503,7 +508,7 @@ class Broker:
 
     async def handle(self, stream: ByteStream) -> None:
         """Serve one accepted connection until it ends. Never raises for peer faults."""
-        stream = guard(stream)
+        stream = await guard(stream)
         async with stream:
             creds = peer_credentials(stream)
             if self._open >= self.max_connections:
@@ -856,7 +861,15 @@ class Broker:
             # queue; their headers are cut here, in the join (one slice per delivery, in
             # C). The control frames and notices before the events are bare already.
             cut = len(batch) - events
-            unframed = b"".join(map(self._unframe, batch[cut:]))
+            frames = batch[cut:] if cut else batch
+            joined = self._joined
+            if joined is not None and joined[0] == frames:
+                # (equal frames join to equal bytes; the same objects compare at once)
+                unframed = joined[1]
+            else:
+                unframed = b"".join(map(self._unframe, frames))
+                if self._in_routed:
+                    self._joined = (frames, unframed)
             data = b"".join(batch[:cut]) + unframed if cut else unframed
         return data, batch[len(batch) - events :], reported
 
@@ -882,11 +895,18 @@ class Broker:
             return  # (nested: the outer routing writes)
         self._direct = False
         ready = self._ready
-        while ready:  # (nothing a write does claims another connection; just in case)
-            claimed = ready.copy()
-            ready.clear()
-            for conn in claimed:
-                self._write_now(conn)
+        if not ready:
+            return
+        self._in_routed = True
+        try:
+            while ready:  # (nothing a write does claims another connection; just in case)
+                claimed = ready.copy()
+                ready.clear()
+                for conn in claimed:
+                    self._write_now(conn)
+        finally:
+            self._in_routed = False
+            self._joined = None
 
     def _claim(self, conn: _Connection) -> None:
         # The idle writer's queue.wakeup: called once (the caller disarms it) when its queue

@@ -6,7 +6,8 @@ One :class:`Client` per process. It keeps three independent tasks:
   runs a reader (frames → decoded events → dispatcher) and a writer (publish buffer →
   socket, everything buffered since the last write coalesced into one ``send``);
 - the dispatcher task (:mod:`shared.dispatch`): runs handlers one event at a time, and
-  keeps running while the broker is unreachable;
+  keeps running while the broker is unreachable (while it is idle, the reader runs the
+  synchronous handlers of a read itself: ``Dispatcher.take``);
 - nothing else: publishing is a synchronous append plus a wake-up.
 
 Publishes made while disconnected wait in a bounded buffer and go out in order after the
@@ -399,6 +400,13 @@ class Client:
         self._session_no = 0
         self._buffer: deque[bytes] = deque()
         self._writer_wakeup: anyio.Event | None = None
+        #: The session's frame stream while its writer runs (flush() writes to it: _write_now).
+        self._frames_out: FrameStream | ObjectStream | None = None
+        #: True while the writer is in the middle of a write.
+        self._writing = False
+        #: What _write_now could not write whole: (the bytes left, the publishes in them),
+        #: for the writer to finish first.
+        self._pending_write: tuple[bytes, list[bytes]] | None = None
         self._in_flight = 0
         # Created in __aenter__ (an anyio.Event needs a running event loop):
         self._progress: anyio.Event  # set (and replaced) whenever the buffer shrinks
@@ -641,7 +649,7 @@ class Client:
         self._ping_seq += 1
         n = self._ping_seq
         self._pings_pending.append(n)
-        if self._writer_wakeup is not None:
+        if not self._write_now() and self._writer_wakeup is not None:
             self._writer_wakeup.set()
             self._writer_wakeup = None
         while self._pong_seen < n:
@@ -1034,7 +1042,8 @@ class Client:
         # loop waits for the handlers instead of reading on (backpressure): the backlog
         # then waits in the broker's bounded queue, which reports what it has to drop.
         decoded = self._decoded
-        push_many = self._dispatcher.push_many
+        # (the handlers run right here when the handler loop is idle: Dispatcher.take)
+        take = self._dispatcher.take
         try:
             while True:
                 payloads = await frames.receive()
@@ -1054,7 +1063,7 @@ class Client:
                                 await anyio.lowlevel.checkpoint()
                         batch = decoded(payloads[start : start + _DECODE_CHUNK])
                         start += _DECODE_CHUNK
-                        taken = push_many(batch)
+                        taken = take(batch)
                         if taken < len(batch):
                             await self._hand_over(batch, taken)
                 except BaseException:
@@ -1152,69 +1161,111 @@ class Client:
             payload = encode_sub(self.profile, frozenset({("*", "*")}))
         return self._frame(payload)
 
-    async def _write_loop(self, frames: FrameStream | ObjectStream, scope: anyio.CancelScope) -> None:
+    def _next_write(self) -> tuple[bytes, list[bytes]] | None:
+        """The next write: a changed sub, everything buffered and the pings asked for, as
+        one bytes object, and the publishes in it (taken out of the buffer); None when
+        there is nothing to write."""
         buffer = self._buffer
-        barrier = self._barrier
         pings = self._pings_pending
-        while True:
-            if self._closing:
-                await self._half_close(frames)
-                return
-            sub = self._sub_frame() if self._sub_pending else b""
-            if not buffer and not pings:
-                if sub:
-                    try:
-                        await frames.send(sub)
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+        sub = self._sub_frame() if self._sub_pending else b""
+        if not buffer and not pings:
+            return (sub, []) if sub else None
+        batch = list(buffer)
+        buffer.clear()
+        if self._barrier:
+            # Keep the batch until a pong confirms it (re-sent if the connection dies
+            # first, _end_barrier). One ping is kept in flight while anything is
+            # unconfirmed (see _on_pong), so what is kept stays about one round trip's
+            # worth, and a connection that dies after a quiet moment re-sends nothing.
+            end = self._written + len(batch)
+            if batch:
+                self._unconfirmed.append((end, batch))
+                if not pings and not self._pings_sent:
+                    self._ping_seq += 1
+                    pings.append(self._ping_seq)
+            if pings:
+                frames_out = batch.copy()  # (the batch itself is kept as it was)
+                for n in pings:
+                    frames_out.append(self._frame(encode_ping(self.profile, n)))
+                    self._pings_sent.append((n, end))
+                pings.clear()
+                data = b"".join(frames_out)
+            else:
+                data = b"".join(batch)
+            self._written = end
+        else:
+            data = b"".join(batch)
+        if sub:
+            data = sub + data  # before the batch: it applies to what follows
+        return data, batch
+
+    def _write_now(self) -> bool:
+        """What flush() does with the barrier's ping: write it, and what is buffered, right
+        here (as far as the socket takes it) rather than wake the writer task to do it
+        on a later turn of the loop. Only while the writer is not in the middle of a
+        write; what the socket does not take, or a failed write, the writer finishes (and
+        deals with, as always). Returns False when the writer has to be woken."""
+        frames = self._frames_out
+        if frames is None or self._writing or self._closing or self._pending_write is not None:
+            return False
+        out = self._next_write()
+        if out is None:
+            return True
+        data, batch = out
+        try:
+            written = frames.send_nowait(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            written = 0  # the writer tries again, and ends the session as it always does
+        if written == len(data):
+            self._sent += len(batch)
+            self._made_progress()
+            return True
+        self._pending_write = (data[written:] if written else data, batch)
+        return False
+
+    async def _write_loop(self, frames: FrameStream | ObjectStream, scope: anyio.CancelScope) -> None:
+        barrier = self._barrier
+        self._frames_out = frames
+        try:
+            while True:
+                if self._closing:
+                    await self._half_close(frames)
+                    return
+                # The rest of a write that flush() began goes first (_write_now).
+                out, self._pending_write = self._pending_write, None
+                if out is None:
+                    out = self._next_write()
+                    if out is None:
+                        self._writer_wakeup = wakeup = anyio.Event()
+                        await wakeup.wait()
+                        continue
+                data, batch = out
+                self._in_flight = len(batch)
+                self._writing = True
+                try:
+                    # Written at once when the socket takes it all (the usual case): no
+                    # schedule point here, the wait for the next batch is one (a turn of the
+                    # loop less per batch); what the socket does not take is sent the
+                    # waiting way.
+                    written = frames.send_nowait(data)
+                    if written < len(data):
+                        await frames.send(data[written:] if written else data)
+                except BaseException as exc:
+                    if not barrier:  # (with the barrier, the batch is already kept)
+                        self._buffer.extendleft(reversed(batch))
+                    if isinstance(exc, (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)):
                         logger.info("worker %d: write failed: %r", self.worker_id, exc)
                         scope.cancel()
                         return
-                    continue
-                self._writer_wakeup = wakeup = anyio.Event()
-                await wakeup.wait()
-                continue
-            batch = list(buffer)
-            buffer.clear()
-            self._in_flight = len(batch)
-            if barrier:
-                # Keep the batch until a pong confirms it (re-sent if the connection dies
-                # first, _end_barrier). One ping is kept in flight while anything is
-                # unconfirmed (see _on_pong), so what is kept stays about one round trip's
-                # worth, and a connection that dies after a quiet moment re-sends nothing.
-                end = self._written + len(batch)
-                if batch:
-                    self._unconfirmed.append((end, batch))
-                    if not pings and not self._pings_sent:
-                        self._ping_seq += 1
-                        pings.append(self._ping_seq)
-                if pings:
-                    frames_out = batch.copy()  # (the batch itself is kept as it was)
-                    for n in pings:
-                        frames_out.append(self._frame(encode_ping(self.profile, n)))
-                        self._pings_sent.append((n, end))
-                    pings.clear()
-                    data = b"".join(frames_out)
-                else:
-                    data = b"".join(batch)
-                self._written = end
-            else:
-                data = b"".join(batch)
-            if sub:
-                data = sub + data  # before the batch: it applies to what follows
-            try:
-                await frames.send(data)
-            except BaseException as exc:
-                if not barrier:  # (with the barrier, the batch is already kept)
-                    buffer.extendleft(reversed(batch))
-                if isinstance(exc, (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)):
-                    logger.info("worker %d: write failed: %r", self.worker_id, exc)
-                    scope.cancel()
-                    return
-                raise
-            finally:
-                self._in_flight = 0
-            self._sent += len(batch)
-            self._made_progress()
+                    raise
+                finally:
+                    self._in_flight = 0
+                    self._writing = False
+                self._sent += len(batch)
+                self._made_progress()
+        finally:
+            self._frames_out = None
+            self._pending_write = None
 
     async def _half_close(self, frames: FrameStream | ObjectStream) -> None:
         """Closing: say we are done writing, so that the broker sees a clean end of

@@ -7,7 +7,9 @@ function, called as ``handler(data, event, source, wid)``. An exception in one h
 logged with its traceback and counted; the next handler still runs.
 
 The loop belongs to the client, not to its broker connection, so a lost connection never
-cancels a running handler.
+cancels a running handler. (The client's reader may run synchronous handlers itself while
+the loop is idle, :meth:`Dispatcher.take`; those have no await to be cancelled at, and
+anything awaitable still goes to the loop.)
 
 Backpressure, not drops: the inbox is bounded for events read from the broker
 (:meth:`Dispatcher.push_many` takes what fits, :meth:`Dispatcher.wait_room` waits for the
@@ -91,6 +93,10 @@ class Dispatcher:
         self.waits_for_iterator = 0
         #: True while an event's handlers are running.
         self.busy = False
+        #: What :meth:`take` left to the handler loop of the event it stopped in: the
+        #: awaitable a handler returned (or None: a handler changed the subscriptions), the
+        #: event's levels, how many of its handlers ran, and the event's arguments.
+        self._resume: tuple[Awaitable[None] | None, _Levels, int, tuple[Any, str, str, int | None]] | None = None
         #: Called after every (un)subscribe (the client tells the broker, §8 filter).
         self.on_change: Callable[[], None] | None = None
         #: Called for an event no handler takes (not the bus's own): the client may then
@@ -211,6 +217,79 @@ class Dispatcher:
             self._wakeup = None
         return taken
 
+    def take(self, events: Sequence[Fields]) -> int:
+        """:meth:`push_many`, except when the handler loop is idle (waiting, nothing
+        queued): then the events' handlers run right here, in the caller's task (the
+        client's reader), and the handler loop is not woken at all. At a fixed rate every
+        read wakes the process, and the hand-over to the handler loop costs a turn of the
+        event loop and a task switch per read (docs/benchmarks.md, "Latency at a fixed
+        rate, session 4").
+
+        Only synchronous work runs here: at the first handler that returns an awaitable
+        (a coroutine handler, an iterator waiting for its consumer) or changes the
+        subscriptions, the rest of that event and the events after it go to the handler
+        loop (the awaitable is awaited there, never by the reader), ahead of anything
+        queued meanwhile; so do the events after one whose handler queued a local event,
+        which then comes after them, as it would in the handler loop. Same order, same
+        counts, same error handling as :meth:`run`. Returns how many events were taken.
+        """
+        inbox = self._inbox
+        if self._wakeup is None or inbox or self._resume is not None or len(events) > self.max_queue_len:
+            return self.push_many(events)
+        routes = self._routes
+        isawaitable = inspect.isawaitable
+        self.busy = True
+        try:
+            for index, (source, event, data, wid) in enumerate(events):
+                if inbox:
+                    # A handler queued a local event: it comes after the rest of this batch.
+                    inbox.extendleft(reversed(events[index:]))
+                    break
+                route = routes.get((source, event))
+                if route is None:
+                    route = self._route(source, event)
+                self.delivered += 1
+                version = self._version
+                handlers, levels = route
+                if not handlers and source != "workerbus" and self.on_unwanted is not None:
+                    self.on_unwanted()
+                for done, handler in enumerate(handlers, 1):
+                    try:
+                        result = handler(data, event, source, wid)
+                    except Exception:  # noqa: BLE001 - logged with its traceback, rate-limited
+                        self._handler_failed(source, event, wid)
+                        result = None
+                    pending = result is not None and isawaitable(result)
+                    if pending or self._version != version:
+                        self._resume = (result if pending else None, levels, done, (data, event, source, wid))
+                        inbox.extendleft(reversed(events[index + 1 :]))
+                        break
+                if self._resume is not None:
+                    break
+        finally:
+            # (still busy while an event is half done: the handler loop finishes it)
+            self.busy = self._resume is not None
+        if (inbox or self._resume is not None) and self._wakeup is not None:
+            self._wakeup.set()
+            self._wakeup = None
+        return len(events)
+
+    async def _finish(self) -> None:
+        # The rest of the event take() stopped in (see there), as run() would have done it.
+        assert self._resume is not None
+        awaitable, levels, done, args = self._resume
+        self._resume = None
+        self.busy = True
+        try:
+            if awaitable is not None:
+                try:
+                    await awaitable
+                except Exception:  # noqa: BLE001 - logged with its traceback, rate-limited
+                    self._handler_failed(args[2], args[1], args[3])
+            await self._call_from(levels, done, args)
+        finally:
+            self.busy = False
+
     def push_all(self, events: Sequence[Fields]) -> None:
         """Queue events already read even over the bound (a reader cut off while it
         waited for room hands over what it holds: at most one read's worth)."""
@@ -253,6 +332,9 @@ class Dispatcher:
         routes = self._routes
         isawaitable = inspect.isawaitable
         while True:
+            if self._resume is not None:
+                await self._finish()
+                continue
             if not inbox:
                 self._wakeup = wakeup = anyio.Event()
                 await wakeup.wait()
@@ -285,7 +367,10 @@ class Dispatcher:
                 self._room.set()  # the reader waits for room: it may read again
                 self._room = None
             # Let other tasks run between bursts even when every handler is synchronous.
-            await anyio.lowlevel.checkpoint()
+            # (An empty inbox makes the wait above the schedule point: a turn of the loop
+            # less per wake-up of a subscriber.)
+            if inbox:
+                await anyio.lowlevel.checkpoint()
 
     def _route(self, source: str, event: str) -> _Route:
         """The handlers for one (source, event), level by level, remembered."""

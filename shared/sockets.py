@@ -9,14 +9,26 @@ connection), the queued ``set_result`` runs on a cancelled future and asyncio lo
 it and the raw socket; it sends the same way (``anyio.wait_writable``: a writer waiting for
 room has the same race), and leaves everything else to the wrapped anyio stream.
 
-Remove this module once anyio's ``_RawSocketMixin`` tolerates the race (it already does so
-in ``aclose``, anyio PR #1269).
+Remove :class:`GuardedStream` once anyio's ``_RawSocketMixin`` tolerates the race (it
+already does so in ``aclose``, anyio PR #1269).
+
+On asyncio's own (selector) event loop the socket goes to an asyncio transport instead
+(:class:`TransportStream`): the socket stays registered for reading while the connection
+lives, and what arrives is read by the loop's callback, so a receive that waits costs one
+task wake-up and no system call beyond the read itself. A raw-socket receive costs a
+schedule point, a ``recv`` that finds nothing, an ``epoll_ctl`` to register and one to
+unregister, and a loop turn more, per wake-up: at a fixed rate, where every event wakes
+every process, that is a good part of each process's CPU per event (docs/benchmarks.md,
+"Latency at a fixed rate, session 4"). A transport has no such race: a cancelled receive
+leaves the bytes in the buffer.
 """
 
 from __future__ import annotations
 
+import asyncio  # noqa: TID251 - the transport below is asyncio's; used only on asyncio's loop
 import errno
 import socket
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,7 +36,7 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import ByteStream, SocketAttribute
 
-__all__ = ["GuardedStream", "connect_unix", "guard"]
+__all__ = ["GuardedStream", "TransportStream", "connect_unix", "guard"]
 
 
 class GuardedStream(ByteStream):
@@ -36,8 +48,13 @@ class GuardedStream(ByteStream):
         self._closed = False
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
-        await anyio.lowlevel.checkpoint()
+        # As trio's own socket streams: a cancellation is taken first; a receive that has
+        # to wait yields in the wait; one that finds bytes at once yields after reading
+        # them, shielded (so a cancellation cannot lose them). One schedule point per
+        # receive either way, not one plus the wait.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         sock = self._sock
+        waited = False
         while True:
             if self._closed:
                 raise anyio.ClosedResourceError
@@ -45,11 +62,14 @@ class GuardedStream(ByteStream):
                 data = sock.recv(max_bytes)
             except BlockingIOError:
                 await anyio.wait_readable(sock)
+                waited = True
                 continue
             except OSError as exc:
                 if self._closed or exc.errno == errno.EBADF:
                     raise anyio.ClosedResourceError from None
                 raise anyio.BrokenResourceError from exc
+            if not waited:
+                await anyio.lowlevel.cancel_shielded_checkpoint()
             if not data:
                 raise anyio.EndOfStream
             return data
@@ -104,15 +124,223 @@ class GuardedStream(ByteStream):
         return self._inner.extra_attributes
 
 
-def guard(stream: ByteStream) -> ByteStream:
-    """Wrap an anyio socket stream; any other stream is returned as it is."""
+#: Bytes a TransportStream holds unread before it stops reading the socket (then the
+#: kernel's buffer fills and the peer's writes wait, as without the transport).
+_READ_AHEAD = 256 * 1024
+
+
+class _Protocol(asyncio.Protocol):
+    """What the transport calls back: bytes in, end of stream, loss, write pressure."""
+
+    def __init__(self) -> None:
+        self.chunks: deque[bytes] = deque()
+        self.size = 0
+        self.eof = False
+        self.lost = False
+        self.exc: BaseException | None = None
+        self.reading_paused = False
+        self.writing_paused = False
+        #: The task waiting in receive (a future it awaits), if any.
+        self.waiter: asyncio.Future[None] | None = None
+        #: The task waiting in send for the transport's buffer to empty, if any.
+        self.drained: asyncio.Future[None] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        if self.size >= _READ_AHEAD and not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        self.wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.wake()
+        return True  # half-closed: we may still write (a polite close drains both ways)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if exc is not None:
+            self.exc = exc
+        self.wake()
+        self.writing_paused = False
+        drained = self.drained
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        drained = self.drained
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+
+class TransportStream(ByteStream):
+    """A connected Unix socket on an asyncio transport (asyncio's selector loop only); see
+    the module docstring. Same contract as :class:`GuardedStream`: ``receive`` and
+    ``send`` are schedule points, ``send`` returns once the socket took every byte (the
+    transport's buffer holds nothing: its high-water mark is 0), ``send_nowait`` writes
+    what the socket takes at once."""
+
+    def __init__(self, inner: ByteStream, sock: socket.socket, transport: asyncio.Transport, protocol: _Protocol) -> None:
+        self._inner = inner
+        self._sock = sock
+        self._transport = transport
+        self._protocol = protocol
+        self._closed = False
+        # (asyncio.get_running_loop() asks the kernel for the pid each time: once is enough)
+        self._loop = asyncio.get_running_loop()
+        transport.set_write_buffer_limits(high=0, low=0)
+
+    def _broken(self) -> BaseException:
+        if self._closed:
+            return anyio.ClosedResourceError()
+        return anyio.BrokenResourceError()
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        proto = self._protocol
+        if proto.chunks:
+            # Bytes are here already: still a schedule point (a busy peer must not keep
+            # this task from letting others run); a cancellation leaves them buffered.
+            await anyio.lowlevel.checkpoint()
+        else:
+            # (No checkpoint_if_cancelled first: a cancelled scope cancels the wait below.)
+            while not proto.chunks and not proto.eof and not proto.lost and not self._closed:
+                proto.waiter = waiter = self._loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    proto.waiter = None
+        chunks = proto.chunks
+        if not chunks:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            if proto.exc is not None:
+                raise anyio.BrokenResourceError from proto.exc
+            raise anyio.EndOfStream  # (eof, or lost without an error: the peer closed)
+        data = chunks.popleft()
+        if len(data) > max_bytes:
+            chunks.appendleft(data[max_bytes:])
+            data = data[:max_bytes]
+        elif chunks and len(data) + len(chunks[0]) <= max_bytes:
+            parts = [data]
+            size = len(data)
+            while chunks and size + len(chunks[0]) <= max_bytes:
+                part = chunks.popleft()
+                parts.append(part)
+                size += len(part)
+            data = b"".join(parts)
+        proto.size -= len(data)
+        if proto.reading_paused and proto.size < _READ_AHEAD and not proto.lost:
+            proto.reading_paused = False
+            self._transport.resume_reading()
+        return data
+
+    async def send(self, item: bytes) -> None:
+        # As GuardedStream.send: a cancellation is taken before anything is written, the
+        # schedule point comes after.
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        proto = self._protocol
+        if self._closed or proto.lost or self._transport.is_closing():
+            raise self._broken()
+        transport = self._transport
+        try:
+            transport.write(item)
+        except RuntimeError:  # after send_eof: a raw socket says EPIPE
+            raise anyio.BrokenResourceError from None
+        if transport.is_closing():
+            # The write failed (the transport closes itself; connection_lost comes later).
+            raise self._broken()
+        while proto.writing_paused and not proto.lost:
+            # The socket did not take it all: wait until the transport has written the rest.
+            proto.drained = drained = self._loop.create_future()
+            try:
+                await drained
+            finally:
+                proto.drained = None
+        if proto.lost:
+            raise self._broken()
+        await anyio.lowlevel.cancel_shielded_checkpoint()
+
+    def send_nowait(self, data: bytes) -> int:
+        """As :meth:`GuardedStream.send_nowait`. (The transport's buffer is empty whenever
+        no :meth:`send` is in progress, so writing to the socket directly keeps the order.)"""
+        proto = self._protocol
+        if self._closed or proto.lost:
+            raise self._broken()
+        if self._transport.get_write_buffer_size():
+            return 0
+        try:
+            return self._sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            if self._closed or exc.errno == errno.EBADF:
+                raise anyio.ClosedResourceError from None
+            raise anyio.BrokenResourceError from exc
+
+    async def send_eof(self) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._protocol.lost:
+            raise anyio.BrokenResourceError
+        # (after what is buffered, if anything; send() leaves nothing buffered)
+        self._transport.write_eof()
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            # Like closing a raw socket: what a cancelled send left behind is not written.
+            self._transport.abort()
+            self._protocol.wake()
+        await anyio.lowlevel.checkpoint()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self._inner.extra_attributes
+
+
+def _on_selector_loop() -> bool:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return False  # (trio)
+    return isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
+
+
+async def guard(stream: ByteStream) -> ByteStream:
+    """Wrap an anyio socket stream: on asyncio's selector loop in a :class:`TransportStream`,
+    elsewhere (trio, uvloop) in a :class:`GuardedStream`; any other stream is returned as
+    it is."""
     try:
         sock = stream.extra(SocketAttribute.raw_socket)
     except anyio.TypedAttributeLookupError:
         return stream
+    if _on_selector_loop() and sock.family == socket.AF_UNIX:
+        loop = asyncio.get_running_loop()
+        try:
+            transport, protocol = await loop.connect_accepted_socket(_Protocol, sock)
+        except BaseException:
+            await anyio.aclose_forcefully(stream)
+            raise
+        assert isinstance(transport, asyncio.Transport) and isinstance(protocol, _Protocol)
+        return TransportStream(stream, sock, transport, protocol)
     return GuardedStream(stream, sock)
 
 
 async def connect_unix(path: str) -> ByteStream:
     """``anyio.connect_unix``, guarded."""
-    return guard(await anyio.connect_unix(path))
+    return await guard(await anyio.connect_unix(path))

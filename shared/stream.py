@@ -148,10 +148,11 @@ class ObjectStream:
         initial: bytes already read past the welcome.
     """
 
-    __slots__ = ("_decoder", "_held", "_pos", "stream")
+    __slots__ = ("_decoder", "_held", "_pos", "_send_nowait", "stream")
 
     def __init__(self, stream: ByteStream, *, max_len: int, initial: bytes = b"") -> None:
         self.stream = stream
+        self._send_nowait: Callable[[bytes], int] | None = getattr(stream, "send_nowait", None)
         self._decoder = MsgpackStreamDecoder(max_len)
         #: The last read (or the initial bytes) and how much of it was fed so far.
         self._held = initial
@@ -217,6 +218,12 @@ class ObjectStream:
     async def send(self, data: bytes) -> None:
         """Write already framed bytes (one or many frames) in one call."""
         await self.stream.send(data)
+
+    def send_nowait(self, data: bytes) -> int:
+        """As :meth:`FrameStream.send_nowait`."""
+        if self._send_nowait is None:
+            return 0
+        return self._send_nowait(data)
 
     async def aclose(self) -> None:
         await self.stream.aclose()

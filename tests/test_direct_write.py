@@ -178,3 +178,90 @@ async def test_a_connection_written_to_a_moment_ago_is_left_to_its_writer(
             assert (writes.whole, writes.partial) == (0, 0)
             q = queue_of(b, 0)
             assert (q.sent, q.dropped, q.in_flight) == (q.routed, 0, 0)
+
+
+@pytest.mark.anyio
+async def test_a_burst_to_many_unframed_subscribers_is_joined_once(address: str, transport: str) -> None:
+    # Every connection granted "unframed" gets the same frames of a burst: their headers
+    # are cut and joined once per routing pass, not once per connection, and each still
+    # gets exactly its own bytes (the publisher, also subscribed, gets its pong in front
+    # of the same events; a framed subscriber gets frames).
+    async with serving(address, transport) as b:
+        cuts = [0]
+        real = b._unframe
+
+        def counting(frame: bytes) -> Any:
+            cuts[0] += 1
+            return real(frame)
+
+        b._unframe = counting  # type: ignore[assignment]
+        async with Client(address, transport=transport, worker_id=0) as s0, \
+                Client(address, transport=transport, worker_id=1) as s1, \
+                Client(address, transport=transport, worker_id=2) as s2, \
+                Client(address, transport=transport, worker_id=3, unframed=False) as framed, \
+                Client(address, transport=transport, worker_id=4) as pub:  # fmt: skip
+            recs = [Recorder() for _ in range(5)]
+            for client, rec in zip((s0, s1, s2, framed, pub), recs, strict=True):
+                client.subscribe("s", "*", rec)
+                await client.wait_ready()
+            bursts, size = 20, 5
+            with anyio.fail_after(10):
+                for burst in range(bursts):
+                    cuts[0] = 0 if burst == 1 else cuts[0]  # (the first burst sets up the filters)
+                    for i in range(size):
+                        await pub.publish("s", "e", [burst, i], "all")
+                    await pub.flush()
+                    for rec in recs:
+                        await rec.wait_for((burst + 1) * size)
+            expected = [[b_, i] for b_ in range(bursts) for i in range(size)]
+            for rec in recs:
+                assert [e[2] for e in rec.events] == expected
+            # one join per burst for the four unframed connections (a little slack: a write
+            # left to a writer task joins on its own)
+            assert (bursts - 1) * size <= cuts[0] < 2 * (bursts - 1) * size
+
+
+@pytest.mark.anyio
+async def test_flush_writes_itself_and_the_writer_finishes_the_rest(
+    address: str, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The client's side of direct writes: flush() writes its ping and the buffered
+    # publishes itself (Client._write_now); a burst bigger than the socket takes is
+    # finished by the writer task, in order, before anything published after it.
+    outcomes: list[bool] = []
+    real = Client._write_now
+
+    def recording(self: Client) -> bool:
+        done = real(self)
+        outcomes.append(done)
+        return done
+
+    monkeypatch.setattr(Client, "_write_now", recording)
+    async with serving(address, transport) as b:
+        async with Client(address, transport=transport, worker_id=0) as sub, \
+                Client(address, transport=transport, worker_id=1) as pub:  # fmt: skip
+            rec = Recorder()
+            sub.subscribe("s", "*", rec)
+            await sub.wait_ready()
+            await pub.wait_ready()
+            with anyio.fail_after(20):
+                await pub.flush()  # (the session's writer task may not have started yet)
+                outcomes.clear()
+                for i in range(5):  # small: written whole by flush()
+                    await pub.publish("s", "small", i, "others")
+                await pub.flush()
+                for i in range(3000):  # ~3 MiB: more than the socket takes at once
+                    await pub.publish("s", "big", [i, PAD], "others")
+                await pub.flush()
+                await pub.publish("s", "after", 0, "others")
+                await pub.flush()
+                await rec.wait_for(5 + 3000 + 1, timeout=20)
+            # the small burst written by flush() itself, the big one's rest left to the
+            # writer (the last flush may find the writer still finishing it)
+            assert outcomes[:2] == [True, False] and len(outcomes) == 3
+            events = [(e[1], e[2] if e[1] != "big" else e[2][0]) for e in rec.events]
+            assert events == [("small", i) for i in range(5)] + [("big", i) for i in range(3000)] + [("after", 0)]
+            stats = pub.statistics()
+            assert (stats.published, stats.sent, stats.buffered, stats.unconfirmed) == (3006, 3006, 0, 0)
+            q = queue_of(b, 0)
+            assert (q.dropped, q.in_flight) == (0, 0)

@@ -793,6 +793,23 @@ def _dispatch_scenario(seed: int, mode: str) -> Any:
             for ev in events:
                 await d.dispatch(ev)
             return
+        if mode == "take":  # the client's reader: handlers run in its task while the loop idles
+            cuts = random.Random(seed + 1)
+            fields = [(ev.source, ev.event, ev.data, ev.wid) for ev in events]
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(d.run)
+                with anyio.fail_after(5):
+                    while fields:
+                        size = cuts.randint(1, len(fields))
+                        assert d.take(fields[:size]) == size
+                        del fields[:size]
+                        if cuts.random() < 0.7:  # else the next read finds the loop busy
+                            while d.depth or d.busy:
+                                await anyio.lowlevel.checkpoint()
+                    while d.depth or d.busy:
+                        await anyio.lowlevel.checkpoint()
+                tg.cancel_scope.cancel()
+            return
         for ev in events:
             d.push(ev)
         async with anyio.create_task_group() as tg:
@@ -815,6 +832,7 @@ def test_run_and_dispatch_call_handlers_like_the_reference(caplog: pytest.LogCap
         expected = _dispatch_scenario(seed, "reference")
         assert _dispatch_scenario(seed, "run") == expected, seed
         assert _dispatch_scenario(seed, "dispatch") == expected, seed
+        assert _dispatch_scenario(seed, "take") == expected, seed
 
 
 @pytest.mark.anyio
@@ -837,10 +855,55 @@ async def test_push_many_takes_what_fits_and_drops_nothing() -> None:
     assert (d.delivered, d.dropped) == (5, 0)
 
 
-async def _hand_over_scenario(seed: int, bounded: bool) -> tuple[list[Any], int]:
+@pytest.mark.anyio
+async def test_take_runs_handlers_in_the_callers_task_when_the_loop_is_idle() -> None:
+    # The reader's shortcut (Dispatcher.take): synchronous handlers run in the caller's
+    # task; a local event queued by one comes after the rest of the read, as in run();
+    # a coroutine handler is awaited by the handler loop, with what follows it after it.
+    d = Dispatcher(100)
+    seen: list[tuple[str, Any, str]] = []
+    reader = anyio.get_current_task().id
+
+    def sync(data: Any, event: str, source: str, wid: int | None) -> None:
+        where = "reader" if anyio.get_current_task().id == reader else "loop"
+        seen.append(("sync", data, where))
+        if data == "a":
+            d.push(Event("local", "l", "L", None))
+
+    async def coro(data: Any, event: str, source: str, wid: int | None) -> None:
+        await anyio.lowlevel.checkpoint()
+        seen.append(("coro", data, "reader" if anyio.get_current_task().id == reader else "loop"))
+
+    d.subscribe("*", "*", sync)
+    d.subscribe("s", "c", coro)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(d.run)
+        with anyio.fail_after(5):
+            while d._wakeup is None:  # the loop reaches its wait
+                await anyio.lowlevel.checkpoint()
+            assert d.take([("s", "x", "0", 1), ("s", "y", "1", 1)]) == 2
+            assert seen == [("sync", "0", "reader"), ("sync", "1", "reader")]
+            assert (d.delivered, d.depth, d.busy) == (2, 0, False)
+            assert d.take([("s", "a", "a", 1), ("s", "b", "b", 1), ("s", "c", "c", 1), ("s", "d", "d", 1)]) == 4
+            while d.depth or d.busy:
+                await anyio.lowlevel.checkpoint()
+        tg.cancel_scope.cancel()
+    assert seen[2:] == [
+        ("sync", "a", "reader"),  # queued L: the rest of the read goes to the loop, ahead of L
+        ("sync", "b", "loop"),
+        ("sync", "c", "loop"),
+        ("coro", "c", "loop"),
+        ("sync", "d", "loop"),
+        ("sync", "L", "loop"),
+    ]
+    assert d.delivered == 7
+
+
+async def _hand_over_scenario(seed: int, bounded: bool, take: bool = False) -> tuple[list[Any], int]:
     """A reader pushing reads of random size into a dispatcher whose handlers are a mix
     of synchronous, asynchronous and an iterator with a small buffer. ``bounded``: the
     client's hand-over (push_many, then wait_room for the rest); else an unbounded inbox.
+    ``take``: Dispatcher.take instead of push_many (what the client's reader calls).
     Returns what the handlers and the iterator saw, in order, and the deepest inbox."""
     rng = random.Random(seed)
     limit = rng.choice([1, 2, 7, 50])
@@ -875,7 +938,7 @@ async def _hand_over_scenario(seed: int, bounded: bool) -> tuple[list[Any], int]
             tg.start_soon(consume)
             with anyio.fail_after(20):
                 for batch in reads:
-                    taken = d.push_many(batch)
+                    taken = d.take(batch) if take else d.push_many(batch)
                     deepest = max(deepest, d.depth)
                     while taken < len(batch):
                         await d.wait_room()
@@ -894,11 +957,13 @@ async def _hand_over_scenario(seed: int, bounded: bool) -> tuple[list[Any], int]
 @pytest.mark.anyio
 async def test_hand_over_with_backpressure_delivers_what_an_unbounded_inbox_does(seed: int) -> None:
     bounded, n = await _hand_over_scenario(seed, bounded=True)
+    taking, _ = await _hand_over_scenario(seed, bounded=True, take=True)
     reference, _ = await _hand_over_scenario(seed, bounded=False)
     # Each consumer sees every event once, in order; only the interleaving may differ.
     for kind in ("sync", "slow", "iter"):
         mine = [x[1] for x in bounded if x[0] == kind]
         assert mine == [x[1] for x in reference if x[0] == kind] == list(range(n))
+        assert [x[1] for x in taking if x[0] == kind] == mine
 
 
 # --- embed's numbered publishes and checked deliveries ------------------------------------
