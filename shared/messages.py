@@ -26,6 +26,7 @@ from typing import Any
 from .codec import MsgpackCodec
 from .errors import PayloadTooLarge, RemoteProtocolError
 from .frame import encode_frame
+from .nodewid import NodeWid
 from .profile import NATIVE, Profile
 
 __all__ = [
@@ -193,26 +194,6 @@ class ControlFrame(RemoteProtocolError):
         super().__init__(f"a {kind} control frame is not an event")
         self.kind = kind
         self.message = message
-
-
-class NodeWid(int):
-    """The ``wid`` of an event that came from another node of a cluster (docs/cluster.md).
-
-    It is the publisher's worker id *on its own node* (ids are per node), and says which
-    node that was: ``wid.node``. Handlers keep lua-resty-events' shape
-    ``(data, event, source, wid)``; ``getattr(wid, "node", None)`` is None for events of
-    this host.
-    """
-
-    node: str
-
-    def __new__(cls, wid: int, node: str) -> NodeWid:
-        self = super().__new__(cls, wid)
-        self.node = node
-        return self
-
-    def __repr__(self) -> str:
-        return f"{int(self)}@{self.node}"
 
 
 def _node_wid(msg: dict[Any, Any], wid: int | None) -> int | None:
