@@ -12,6 +12,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .compiled import check_build as _check_build
+
+# An optional compiled build (docs/compiled.md) must match its sources: checked before any
+# compiled module can be imported.
+_check_build()
+
 if TYPE_CHECKING:
     from .broker import LIFECYCLE_SOURCE, Broker, BrokerStatistics
     from .client import Client, ClientStatistics, connect
