@@ -6,13 +6,14 @@
 Run through ``bash scripts/compiled.sh``, which sets up the virtualenv first. The build
 compiles ``shared.compiled.MODULES`` with mypyc into one shared library
 (``shared/_native__mypyc.*``) and a small extension module beside each ``.py``, then
-records each source's hash (``shared/compiled.<abi>.json``) for ``shared.compiled.check_build``.
+records each source's hash (``shared/compiled.<abi>.json``) for ``shared._check_compiled_build``.
 Everything it writes is git-ignored; ``remove`` deletes it, for every Python version.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.machinery
 import importlib.util
 import json
@@ -31,7 +32,7 @@ BUILD_DIR = os.path.join("build", "mypyc")
 
 
 def _compiled() -> ModuleType:
-    # shared/compiled.py on its own: importing the package would refuse a stale build.
+    # shared/compiled.py on its own: importing the package refuses a stale build.
     spec = importlib.util.spec_from_file_location("_workerbus_compiled", os.path.join(PACKAGE, "compiled.py"))
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -46,6 +47,17 @@ def _built_files() -> list[str]:
         for ext in (".so", ".pyd"):
             found += glob.glob(os.path.join(PACKAGE, f"{short}.*{ext}"))
     return found + glob.glob(os.path.join(PACKAGE, "compiled.*.json"))
+
+
+def _record_path() -> str:
+    # Where the build records its sources' hashes, per interpreter ABI; read by
+    # shared._check_compiled_build (shared/__init__.py), which must name it the same.
+    return os.path.join(PACKAGE, "compiled" + importlib.machinery.EXTENSION_SUFFIXES[0].rsplit(".", 1)[0] + ".json")
+
+
+def _hash(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def remove() -> None:
@@ -64,7 +76,7 @@ def build() -> None:
     # Only this interpreter's build is replaced; another version's stays beside it.
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     for path in _built_files():
-        if path.endswith(suffix) or path == compiled.manifest_path(PACKAGE):
+        if path.endswith(suffix) or path == _record_path():
             os.remove(path)
     os.chdir(ROOT)  # mypyc reads pyproject's [tool.mypy] (strict) from here
     sources = [os.path.join("shared", name.rpartition(".")[2] + ".py") for name in compiled.MODULES]
@@ -76,8 +88,8 @@ def build() -> None:
         script_args=["-q", "build_ext", "--inplace", "--build-temp", os.path.join(out, "temp"),
                      "--build-lib", os.path.join(out, "lib")],
     )
-    hashes = {name: compiled.source_hash(os.path.join(ROOT, src)) for name, src in zip(compiled.MODULES, sources, strict=True)}
-    with open(compiled.manifest_path(PACKAGE), "w", encoding="utf-8") as f:
+    hashes = {name: _hash(os.path.join(ROOT, src)) for name, src in zip(compiled.MODULES, sources, strict=True)}
+    with open(_record_path(), "w", encoding="utf-8") as f:
         json.dump(hashes, f, indent=1, sort_keys=True)
     # Success means the modules really load compiled: asked of a fresh interpreter.
     check = "import shared.compiled as c, sys; sys.exit(not all(c.status().values()))"
