@@ -93,7 +93,7 @@ def build() -> None:
         json.dump(hashes, f, indent=1, sort_keys=True)
     # Success means the modules really load compiled: asked of a fresh interpreter.
     check = "import shared.compiled as c, sys; sys.exit(not all(c.status().values()))"
-    if subprocess.run([sys.executable, "-c", check], cwd="/", check=False).returncode:
+    if subprocess.run([sys.executable, "-c", check], cwd=ROOT, check=False).returncode:
         sys.exit("build_compiled: built, but the modules do not load compiled (workerbus info)")
 
 

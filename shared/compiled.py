@@ -21,6 +21,7 @@ MODULES = (
     "shared.frame",
     "shared.messages",
     "shared.dispatch",
+    "shared.sequence",
 )
 
 
