@@ -825,7 +825,9 @@ def build_publish(
     real client and the in-process test bus refuse exactly the same things.
 
     Raises:
-        ValueError: empty ``source``/``event``, or a target the profile does not have.
+        ValueError: ``source``/``event`` empty or not strings (typed ``object``: so also
+            when this module runs compiled, which checks annotations), or a target the
+            profile does not have.
         LocalProtocolError: ``data`` cannot be encoded by the profile's codec.
         PayloadTooLarge: the encoded publish exceeds ``max_payload_len``.
     """
