@@ -10,6 +10,8 @@ The names below are loaded on first use (PEP 562), so that importing a submodule
 from __future__ import annotations
 
 import importlib
+import os
+from importlib.machinery import EXTENSION_SUFFIXES
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -31,6 +33,51 @@ if TYPE_CHECKING:
     from .messages import ALL, CURRENT, OTHERS, Event, Target, TargetKind, parse_target
     from .profile import NATIVE, Profile, get_profile
     from .router import OverflowPolicy
+
+def _check_compiled_build(directory: str) -> None:
+    """Refuse an optional compiled build (docs/compiled.md) whose sources changed since it
+    was built: its modules would run the old code without a word.
+
+    The build records each compiled module's source hash in ``compiled.<abi>.json``
+    (scripts/build_compiled.py); with no such file (the pure package) this is one failed
+    ``open``. A source is hashed only when it is newer than its extension module. Here,
+    not in a submodule, because ``import shared`` loads no submodule (docs/architecture.md).
+
+    Raises:
+        ImportError: a compiled module was built from other source bytes.
+    """
+    suffix = EXTENSION_SUFFIXES[0]
+    record = os.path.join(directory, "compiled" + suffix.rsplit(".", 1)[0] + ".json")
+    try:
+        with open(record, "rb") as f:
+            text = f.read()
+    except OSError:
+        return
+    import hashlib
+    import json
+
+    rebuild = "rebuild it (bash scripts/compiled.sh build) or go back to pure Python (bash scripts/compiled.sh remove)"
+    try:
+        recorded = json.loads(text)
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise ImportError(f"workerbus: {record} is not a compiled build's record; {rebuild}")
+    for name, digest in recorded.items():
+        short = str(name).rpartition(".")[2]
+        source = os.path.join(directory, short + ".py")
+        try:
+            if os.stat(source).st_mtime <= os.stat(os.path.join(directory, short + suffix)).st_mtime:
+                continue
+            with open(source, "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() == digest:
+                    continue
+        except OSError:
+            continue  # a module that is not there (not compiled, or no source) is not stale
+        raise ImportError(f"workerbus: the compiled {name} was built from another version of {source}; {rebuild}")
+
+
+_check_compiled_build(os.path.dirname(os.path.abspath(__file__)))
 
 #: public name -> the submodule that defines it.
 _WHERE = {

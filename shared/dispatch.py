@@ -26,13 +26,14 @@ from __future__ import annotations
 import inspect
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeAlias
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from . import subscription
 from .logutil import LogLimiter
 from .messages import Event
 
@@ -150,42 +151,16 @@ class Dispatcher:
         self._changed()
         return True
 
-    @asynccontextmanager
-    async def events(
+    def events(
         self, source: str = "*", event: str = "*", *, max_buffer: int = 1024
-    ) -> AsyncIterator[MemoryObjectReceiveStream[Event]]:
+    ) -> AbstractAsyncContextManager[MemoryObjectReceiveStream[Event]]:
         """Subscribe with an async iterator instead of a callback.
 
         An event that finds the iterator's buffer full makes the handler loop wait until
         the consumer takes one (nothing is dropped; the client then stops reading from the
         broker, whose queue holds the backlog). So consume it, or leave the ``async with``.
         """
-        send, receive = anyio.create_memory_object_stream[Event](max_buffer)
-
-        async def wait_for_consumer(item: Event) -> None:
-            self.waits_for_iterator += 1
-            try:
-                await send.send(item)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass  # the consumer left the ``async with``: nobody wants this event
-
-        def sink(data: Any, ev: str, src: str, wid: int | None) -> Awaitable[None] | None:
-            item = Event(src, ev, data, wid, getattr(wid, "node", None))
-            try:
-                send.send_nowait(item)
-            except anyio.WouldBlock:
-                return wait_for_consumer(item)  # awaited by run(): backpressure
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass  # the consumer left; the subscription goes with the ``async with``
-            return None
-
-        sub_id = self.subscribe(source, event, sink)
-        try:
-            async with receive:
-                yield receive
-        finally:
-            self.unsubscribe(sub_id)
-            send.close()
+        return subscription.events(self, source, event, max_buffer)
 
     # --- the handler loop ----------------------------------------------------------------
 

@@ -19,13 +19,14 @@ so integral floats are accepted wherever an int is expected.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from .codec import MsgpackCodec
 from .errors import PayloadTooLarge, RemoteProtocolError
 from .frame import encode_frame
+from .nodewid import NodeWid
 from .profile import NATIVE, Profile
 
 __all__ = [
@@ -130,9 +131,10 @@ OTHERS = Target(TargetKind.OTHERS)
 _NAMED_TARGETS = {"all": ALL, "current": CURRENT, "others": OTHERS}
 
 
-def parse_target(value: str | int | Target) -> Target:
+def parse_target(value: object) -> Target:
     """Accept ``"all"``, ``"current"``, ``"others"``, ``"worker:N"``, ``"unique:KEY"``,
-    an int worker id, or a :class:`Target`.
+    an int worker id, or a :class:`Target`. (Typed ``object``: anything else is refused
+    with ValueError, also when this module runs compiled, which checks annotations.)
 
     Raises:
         ValueError: anything else.
@@ -193,26 +195,6 @@ class ControlFrame(RemoteProtocolError):
         super().__init__(f"a {kind} control frame is not an event")
         self.kind = kind
         self.message = message
-
-
-class NodeWid(int):
-    """The ``wid`` of an event that came from another node of a cluster (docs/cluster.md).
-
-    It is the publisher's worker id *on its own node* (ids are per node), and says which
-    node that was: ``wid.node``. Handlers keep lua-resty-events' shape
-    ``(data, event, source, wid)``; ``getattr(wid, "node", None)`` is None for events of
-    this host.
-    """
-
-    node: str
-
-    def __new__(cls, wid: int, node: str) -> NodeWid:
-        self = super().__new__(cls, wid)
-        self.node = node
-        return self
-
-    def __repr__(self) -> str:
-        return f"{int(self)}@{self.node}"
 
 
 def _node_wid(msg: dict[Any, Any], wid: int | None) -> int | None:
@@ -621,10 +603,11 @@ def decode_publish(profile: Profile, payload: bytes) -> tuple[Target, bytes]:
     return target, data
 
 
-def _decode_publish(profile: Profile, payload: bytes, *, keyed: bool) -> tuple[Target, bytes, tuple[str, str] | None]:
+def _decode_publish(profile: Profile, payload: bytes | bytearray, *, keyed: bool) -> tuple[Target, bytes, tuple[str, str] | None]:
     # decode_publish; with ``keyed`` (a connection granted "filter") also the optional
-    # src/ev pair, both or neither.
-    msg = _as_map(profile.codec.loads(payload), "publish")
+    # src/ev pair, both or neither. (A transport may hand over a bytearray: a codec
+    # takes bytes.)
+    msg = _as_map(profile.codec.loads(payload if type(payload) is bytes else bytes(payload)), "publish")
     try:
         spec = _as_map(msg["spec"], "publish spec")
         data = _as_bytes(profile, msg["data"], "publish data")
@@ -664,7 +647,7 @@ def _run_keys(names: list[tuple[str, str] | None], index: list[int]) -> RunKeys 
 
 def decode_publish_batch(
     profile: Profile,
-    payloads: list[bytes],
+    payloads: Sequence[bytes | bytearray],
     keys: list[RunKeys | None] | None = None,
 ) -> tuple[list[tuple[Target, list[bytes]]], RemoteProtocolError | None]:
     """The broker's read path: every publish of one read, made into delivery frames.
@@ -714,7 +697,7 @@ def decode_publish_batch(
     hot = b""
     hot_len = 0
     for payload in payloads:
-        if hot and payload[:hot_len] == hot and type(payload) is bytes:
+        if hot and type(payload) is bytes and payload[:hot_len] == hot:
             size = len(payload)
             if size > hot_len:
                 end = payload[hot_len] + hot_len + 1
@@ -830,8 +813,8 @@ def _decode_spec(profile: Profile, spec: dict[Any, Any]) -> Target:
 def build_publish(
     profile: Profile,
     wid: int,
-    source: str,
-    event: str,
+    source: object,
+    event: object,
     data: object,
     target: Target,
     max_payload_len: int,
@@ -842,7 +825,9 @@ def build_publish(
     real client and the in-process test bus refuse exactly the same things.
 
     Raises:
-        ValueError: empty ``source``/``event``, or a target the profile does not have.
+        ValueError: ``source``/``event`` empty or not strings (typed ``object``: so also
+            when this module runs compiled, which checks annotations), or a target the
+            profile does not have.
         LocalProtocolError: ``data`` cannot be encoded by the profile's codec.
         PayloadTooLarge: the encoded publish exceeds ``max_payload_len``.
     """
@@ -858,8 +843,8 @@ def build_publish(
 def build_publish_frame(
     profile: Profile,
     wid: int,
-    source: str,
-    event: str,
+    source: object,
+    event: object,
     data: object,
     target: Target,
     max_payload_len: int,
@@ -928,7 +913,7 @@ def publish_encoder(profile: Profile, wid: int, max_payload_len: int, keyed: boo
     codec = profile.codec
     if profile is not NATIVE or not isinstance(codec, MsgpackCodec) or type(wid) is not int or not -(2**63) <= wid < 2**64:
 
-        def careful(source: str, event: str, data: object, target: Target) -> bytes:
+        def careful(source: object, event: object, data: object, target: Target) -> bytes:
             return build_publish_frame(profile, wid, source, event, data, target, max_payload_len, keyed)
 
         return careful
@@ -974,7 +959,7 @@ def publish_encoder(profile: Profile, wid: int, max_payload_len: int, keyed: boo
             known.clear()
         known[(source, event)] = (around, suffix, fixed, all_heads, others_heads, room_all, room_others)
 
-    def encode(source: str, event: str, data: object, target: Target) -> bytes:
+    def encode(source: object, event: object, data: object, target: Target) -> bytes:
         if (target is others or target is every) and type(source) is str and type(event) is str:
             entry = known.get((source, event))
             if entry is not None and data is not None:
@@ -1013,8 +998,8 @@ def publish_encoder(profile: Profile, wid: int, max_payload_len: int, keyed: boo
 def _careful_publish_frame(
     profile: Profile,
     wid: int,
-    source: str,
-    event: str,
+    source: object,
+    event: object,
     data: object,
     target: Target,
     max_payload_len: int,
@@ -1023,7 +1008,8 @@ def _careful_publish_frame(
     # build_publish_frame beyond its fast paths: build_publish's checks and errors.
     if keyed:
         inner, _ = build_publish(profile, wid, source, event, data, target, max_payload_len)
-        outer = encode_publish_keyed(profile, target, inner, source, event)
+        # (build_publish took only non-empty strings)
+        outer = encode_publish_keyed(profile, target, inner, cast(str, source), cast(str, event))
         if len(outer) > max_payload_len:
             raise PayloadTooLarge(len(outer), max_payload_len)
         return encode_frame(outer, profile.header_len)

@@ -152,7 +152,7 @@ def _check_publish_batch(profile: Any, payloads: list[bytes]) -> None:
     # runs of the usual targets are maximal (others are cut per decoded, equal target)
     assert all(runs[i][0] is not runs[i + 1][0] or runs[i][0] not in (ALL, OTHERS) for i in range(len(runs) - 1))
     # (a transport may hand over bytearray slices: the same frames, as bytes)
-    runs_ba, error_ba = decode_publish_batch(profile, [bytearray(p) for p in payloads])  # type: ignore[misc]
+    runs_ba, error_ba = decode_publish_batch(profile, [bytearray(p) for p in payloads])
     assert [(t, f) for t, run in runs_ba for f in run] == expected
     assert all(type(f) is bytes for _, run in runs_ba for f in run)
     assert (error_ba is not None) == stopped
@@ -339,7 +339,7 @@ def test_build_publish_frame_is_the_reference(
 def test_build_publish_frame_refuses_what_build_publish_refuses() -> None:
     for source, event in (("", "e"), ("s", ""), (1, "e")):
         with pytest.raises(ValueError, match="non-empty strings"):
-            build_publish_frame(NATIVE, 1, source, event, None, ALL, 65535)  # type: ignore[arg-type]
+            build_publish_frame(NATIVE, 1, source, event, None, ALL, 65535)
     with pytest.raises(LocalProtocolError):
         build_publish_frame(NATIVE, 1, "s", "e", object(), ALL, 65535)
 

@@ -23,10 +23,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # (the package entry) runs nothing: its public names load on first use (PEP 562).
     ("pure", ("shared", "shared.frame", "shared.codec", "shared.profile", "shared.luabuf", "shared.messages",
               "shared.router", "shared.stream", "shared.errors", "shared.logutil", "shared.unixpath",
-              "shared.stats", "shared.peercred", "shared.sockets", "shared.memtrim")),
+              "shared.stats", "shared.peercred", "shared.sockets", "shared.memtrim", "shared.nodewid",
+              "shared.compiled")),
     # the core: broker and client over any transport object, and the seams they offer
     ("core", ("shared.transport", "shared.listener", "shared.broker", "shared.client", "shared.dispatch",
-              "shared.testing", "shared.bridge", "shared.sequence")),
+              "shared.testing", "shared.bridge", "shared.sequence", "shared.subscription")),
     # the transports: how a connection starts
     ("transports", ("httpbus", "httpbus.handshake", "httpbus.transport",
                     "streambus", "streambus.transport")),

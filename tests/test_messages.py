@@ -100,7 +100,7 @@ def test_event_round_trip_and_absent_data() -> None:
 @pytest.mark.parametrize("bad", ["", "any", "worker:x", "unique:", 1.5, True])
 def test_parse_target_rejects(bad: object) -> None:
     with pytest.raises((ValueError, TypeError)):
-        parse_target(bad)  # type: ignore[arg-type]
+        parse_target(bad)
 
 
 def test_parse_target_forms() -> None:

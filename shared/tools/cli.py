@@ -10,6 +10,7 @@ import argparse
 import functools
 import json
 import logging
+import platform
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -203,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "was reached, or if --count events did not all arrive in time")
     _add_common(p)
     p.set_defaults(func=_cmd_tail, log_level="WARNING")
+
+    p = sub.add_parser("info", help="this installation: version, Python, which modules run compiled",
+                       description="Print workerbus's version, the Python running it, and which "
+                       "modules of the optional compiled build (docs/compiled.md) are in use.")
+    _add_log_level(p, "WARNING")
+    p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("demo", help="a broker and N worker processes publishing to each other")
     p.add_argument("--workers", type=positive_int, default=4, metavar="N",
@@ -539,6 +546,23 @@ def _jsonable(value: object) -> object:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).decode("utf-8", "backslashreplace")
     return repr(value)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from importlib import metadata
+
+    from shared import compiled
+
+    try:
+        version = metadata.version("workerbus")
+    except metadata.PackageNotFoundError:
+        version = "not installed (run from a checkout)"
+    print(f"workerbus {version}")
+    print(f"python {platform.python_version()} ({sys.executable})")
+    for name, native in compiled.status().items():
+        print(f"{name}: {'compiled' if native else 'pure Python'}")
+    print(f"compiled: {compiled.summary()}")
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

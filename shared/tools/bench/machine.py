@@ -10,6 +10,8 @@ import subprocess
 from importlib import metadata
 from typing import Any
 
+from shared import compiled
+
 __all__ = ["describe_machine"]
 
 _PACKAGES = ("workerbus", "anyio", "trio", "msgpack", "uvloop", "pyzmq", "redis", "hiredis", "uvicorn", "h11")
@@ -62,6 +64,8 @@ def describe_machine() -> dict[str, Any]:
         "mem_gib": _mem_gib(),
         "kernel": platform.release(),
         "python": platform.python_version(),
+        # the optional mypyc build (docs/compiled.md): figures of the two never mix
+        "compiled": compiled.summary(),
         "packages": versions,
         "redis_server": _first_line([redis, "--version"]).split(" sha=")[0] if redis else "not installed",
         "wrk": _first_line([wrk, "--version"]).split(" [")[0] if wrk else "not installed",

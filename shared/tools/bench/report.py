@@ -281,7 +281,8 @@ def _text(table: Table) -> str:
 
 def text_report(result: dict[str, Any]) -> str:
     """What ``workerbus bench`` prints at the end."""
-    parts: list[str] = []
+    meta = result.get("meta") or {}
+    parts: list[str] = [f"workerbus compiled (mypyc, docs/compiled.md): {meta.get('compiled', 'unknown')}", ""]
     if result["fanout"]["medians"]:
         parts += ["Fan-out (deliveries/s, median of runs; latency at "
                   f"{result['settings']['rate']:,.0f} events/s, cluster-* at 5,000)", _text(_summary(result))]  # fmt: skip
@@ -339,7 +340,7 @@ def markdown(result: dict[str, Any]) -> str:
     pk = meta["packages"]
     lines = [
         f"- machine: `nproc` = {meta['nproc']}, {meta['cpu_model']}, {meta['mem_gib']} GiB, "
-        f"Linux {meta['kernel']}; Python {meta['python']}",
+        f"Linux {meta['kernel']}; Python {meta['python']}; compiled: {meta.get('compiled', 'unknown')}",
         "- packages: " + ", ".join(f"{k} {v}" for k, v in pk.items()) + f"; {meta['redis_server']}; {meta['wrk']}",
         f"- measured {meta['date']}, {result['wall_s']:.0f} s in all; median of {s['reps']} runs per row",
     ]
