@@ -78,9 +78,6 @@ DEFAULT_MAX_UNIQUE_KEYS = 65536
 #: buffer per connection, so this bounds the copy a stuck reader can pin (the frames
 #: themselves are shared between queues); 256 KiB matches the broker's read size.
 DEFAULT_MAX_BATCH_BYTES = 256 * 1024
-#: Up to this many queued frames take_batch sums their sizes at once (a short scan) to see
-#: whether all of them fit; a longer backlog is searched a chunk at a time.
-_SHORT_QUEUE = 64
 
 #: Runs an iterator to its end, keeping nothing (a C-level loop).
 _SINK: deque[object] = deque(maxlen=0)
@@ -322,13 +319,6 @@ class WorkerQueue:
         """
         frames = self.frames
         total = len(frames)
-        if total <= _SHORT_QUEUE and sum(map(len, frames)) <= max_bytes:
-            # The usual case at a moderate rate: a few frames, all of them fit (one C-level
-            # sum instead of the search below, which is for a long backlog).
-            batch = list(frames)
-            frames.clear()
-            self.in_flight += total
-            return batch
         # How many of the oldest frames fit, found with C-level helpers (this runs for every
         # write of every connection): running sizes, read a growing chunk at a time so a
         # long backlog is not scanned past the cut, and a bisection per chunk.
