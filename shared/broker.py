@@ -46,6 +46,7 @@ from .messages import (
     encode_event,
     encode_pong,
     encode_welcome,
+    usual_ping,
 )
 from .peercred import PEERCRED_SUPPORTED, PeerCredentials, default_trusted_uids, peer_credentials
 from .profile import Profile, get_profile
@@ -688,6 +689,7 @@ class Broker:
         cluster = CAP_CLUSTER in conn.caps
         filtering = CAP_FILTER in conn.caps
         keys: list[RunKeys | None] | None = [] if filtering else None
+        ping = -1  # the n of a read's last frame, a ping answered once the rest is routed
         try:
             while True:
                 if self._hold is not None:
@@ -699,30 +701,42 @@ class Broker:
                 # read are written to when it is routed (Broker._routing).
                 direct = self._routing()
                 try:
-                    if keys is not None:
-                        keys.clear()
-                    runs, error = decode_publish_batch(profile, frames, keys)
-                    if not cluster:
-                        for index, (target, _) in enumerate(runs):
-                            if target.cluster:
-                                # (what came before it is routed: like any bad frame)
-                                route_runs(wid, runs[:index], keys)
-                                raise RemoteProtocolError(
-                                    "a publish with scope 'cluster' without the 'cluster' capability in the hello"
-                                )
-                    route_runs(wid, runs, keys)
-                    if error is not None:
-                        if not barrier and not filtering:
-                            raise error
-                        # Not a publish: a ping or a sub is the only other thing a granted
-                        # client may send. Recognised only here, off the publish fast path.
-                        # Everything before it is routed (above), so the pong is the barrier
-                        # and a sub applies to what this client publishes after it.
-                        done = sum(len(run) for _, run in runs)
-                        self._control_from(conn, frames[done], error, barrier, filtering)
-                        frames = frames[done + 1 :]
-                        if frames:
-                            continue
+                    if barrier and ping < 0 and frames:
+                        # A flushing publisher ends its read with a ping: known by its
+                        # bytes, it stays out of the publish decoder (whose error path
+                        # would find it); the pong goes after everything before it.
+                        ping = usual_ping(profile, frames[-1])
+                        if ping >= 0:
+                            frames = frames[:-1]
+                    if frames:
+                        if keys is not None:
+                            keys.clear()
+                        runs, error = decode_publish_batch(profile, frames, keys)
+                        if not cluster:
+                            for index, (target, _) in enumerate(runs):
+                                if target.cluster:
+                                    # (what came before it is routed: like any bad frame)
+                                    route_runs(wid, runs[:index], keys)
+                                    raise RemoteProtocolError(
+                                        "a publish with scope 'cluster' without the 'cluster' capability in the hello"
+                                    )
+                        route_runs(wid, runs, keys)
+                        if error is not None:
+                            if not barrier and not filtering:
+                                raise error
+                            # Not a publish: a ping or a sub is the only other thing a
+                            # granted client may send. Recognised only here, off the
+                            # publish fast path. Everything before it is routed (above), so
+                            # the pong is the barrier and a sub applies to what this client
+                            # publishes after it.
+                            done = sum(len(run) for _, run in runs)
+                            self._control_from(conn, frames[done], error, barrier, filtering)
+                            frames = frames[done + 1 :]
+                            if frames:
+                                continue
+                    if ping >= 0:
+                        conn.send_control(self._delivery(conn, encode_pong(profile, ping)))
+                        ping = -1
                 finally:
                     self._routed(direct)
                 frames = await conn.frames.receive()

@@ -65,6 +65,7 @@ __all__ = [
     "decode_welcome",
     "decode_publish",
     "decode_publish_batch",
+    "usual_ping",
     "encode_event",
     "encode_hello",
     "encode_ping",
@@ -377,6 +378,30 @@ def _decode_counter(profile: Profile, payload: bytes, key: str) -> int:
 def decode_ping(profile: Profile, payload: bytes) -> int:
     """The ``n`` of a ping. Raises: RemoteProtocolError if it is not one."""
     return _decode_counter(profile, payload, "ping")
+
+
+_PING_HEAD = b"\x81\xa4ping"
+#: msgpack's unsigned integer tags and their widths (a positive fixint has none).
+_UINT_WIDTHS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+
+
+def usual_ping(profile: Profile, payload: bytes | bytearray) -> int:
+    """The ``n`` of a native ping exactly as :func:`encode_ping` makes it (n >= 0), known
+    by its bytes; -1 for anything else, which the general decoders then judge.
+
+    A publisher's flush ends about every read it sends with a ping (the barrier): told
+    apart here, it does not take the publish decoder's error path."""
+    if profile is not NATIVE or type(payload) is not bytes or not payload.startswith(_PING_HEAD):
+        return -1
+    size = len(payload)
+    if size < 7:
+        return -1
+    tag = payload[6]
+    if size == 7:
+        return tag if tag < 0x80 else -1
+    if size == 7 + _UINT_WIDTHS.get(tag, -7):
+        return int.from_bytes(payload[7:], "big")
+    return -1
 
 
 def decode_pong(profile: Profile, payload: bytes) -> int:

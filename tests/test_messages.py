@@ -17,7 +17,7 @@ from shared.messages import (
     encode_publish,
     parse_target,
 )
-from shared.profile import NATIVE
+from shared.profile import NATIVE, get_profile
 
 
 def test_hello_round_trip_and_wire_shape() -> None:
@@ -210,3 +210,58 @@ def test_broker_reads_a_ping_only_after_the_publishes_before_it() -> None:
     runs, error = decode_publish_batch(NATIVE, [pub, pub, encode_ping(NATIVE, 1), pub])
     assert error is not None
     assert sum(len(run) for _, run in runs) == 2
+
+
+_PING_NS = (0, 5, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1)
+
+
+@pytest.mark.parametrize("n", _PING_NS)
+def test_usual_ping_knows_every_ping_encode_ping_makes(n: int) -> None:
+    from shared.messages import decode_ping, encode_ping, usual_ping
+
+    payload = encode_ping(NATIVE, n)
+    assert usual_ping(NATIVE, payload) == n == decode_ping(NATIVE, payload)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        msgpack.packb({"ping": -1}),
+        msgpack.packb({"ping": "5"}),
+        msgpack.packb({"ping": 1.5}),
+        msgpack.packb({"ping": None}),
+        msgpack.packb({"ping": 1, "x": 2}),
+        msgpack.packb({"pong": 1}),
+        msgpack.packb({"ping": 300})[:-1],  # cut short
+        msgpack.packb({"ping": 300}) + b"\x00",  # a byte too many
+        msgpack.packb({"ping": 5}) + b"\x00",
+        b"\x81\xa4ping",
+        b"",
+    ],
+)
+def test_usual_ping_leaves_anything_else_to_the_decoders(payload: bytes) -> None:
+    from shared.messages import usual_ping
+
+    assert usual_ping(NATIVE, payload) == -1
+
+
+def test_usual_ping_only_for_native_bytes() -> None:
+    from shared.messages import encode_ping, usual_ping
+
+    assert usual_ping(NATIVE, bytearray(encode_ping(NATIVE, 3))) == -1
+    assert usual_ping(get_profile("kong"), encode_ping(NATIVE, 3)) == -1
+
+
+def test_usual_ping_agrees_with_decode_ping_on_every_tail() -> None:
+    # Every payload the shortcut accepts is a ping decode_ping reads to the same n.
+    from shared.messages import decode_ping, usual_ping
+
+    head = b"\x81\xa4ping"
+    tails = [bytes([tag]) + bytes(range(1, 1 + width)) for tag in range(256) for width in (0, 1, 2, 4, 8)]
+    accepted = 0
+    for tail in tails:
+        n = usual_ping(NATIVE, head + tail)
+        if n >= 0:
+            accepted += 1
+            assert decode_ping(NATIVE, head + tail) == n
+    assert accepted == 128 + 4  # the positive fixints, and one width for each uint tag

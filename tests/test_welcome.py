@@ -9,13 +9,14 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import msgpack
 import pytest
 
 from shared.broker import Broker
 from shared.client import Client
 from shared.errors import BarrierBroken, NoWelcome
 from shared.frame import encode_frame
-from shared.messages import decode_welcome, encode_hello, encode_ping
+from shared.messages import OTHERS, build_publish_frame, decode_welcome, encode_hello, encode_ping
 from shared.profile import NATIVE
 from shared.transport import get_transport, parse_address
 
@@ -178,6 +179,76 @@ async def test_ping_without_the_grant_is_a_protocol_error(address: str, transpor
                 with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                     await _read_frames(stream, initial, 2)  # the welcome, then the close
         await wait_until(lambda: b.statistics().protocol_errors == 1)
+        tg.cancel_scope.cancel()
+
+
+class _FrameReader:
+    """Native frames off a raw stream, keeping what a read brings beyond a frame."""
+
+    def __init__(self, stream: Any, initial: bytes) -> None:
+        self.stream = stream
+        self.buf = bytearray(initial)
+
+    async def next(self) -> bytes:
+        while len(self.buf) < 2 or len(self.buf) < 2 + int.from_bytes(self.buf[:2], "big"):
+            self.buf += await self.stream.receive()
+        size = int.from_bytes(self.buf[:2], "big")
+        frame = bytes(self.buf[2 : 2 + size])
+        del self.buf[: 2 + size]
+        return frame
+
+
+def _pong(frame: bytes) -> int | None:
+    # (the welcome and lifecycle events also come this way: only the pongs count)
+    msg = msgpack.unpackb(frame)
+    return msg["pong"] if isinstance(msg, dict) and "pong" in msg else None
+
+
+@pytest.mark.anyio
+async def test_a_ping_that_ends_a_read_is_answered_after_its_publishes(address: str, transport: str) -> None:
+    # A flushing publisher's write: publishes, then a ping, in one send. The broker knows
+    # such a ping by its bytes (messages.usual_ping); every msgpack width of n must come
+    # back as the same pong, each after the publishes before it are routed, and a frame
+    # that only looks like a ping still ends the connection after those.
+    ns = [0, 127, 128, 65535, 65536, 2**32, 2**64 - 1]
+    b = Broker(transport=transport)
+    async with anyio.create_task_group() as tg:
+        await tg.start(b.serve, address)
+        async with Client(address, transport=transport, worker_id=2) as sub:
+            rec = Recorder()
+            sub.subscribe("s", "*", rec)
+            with anyio.fail_after(10):
+                await sub.wait_ready()
+                hello = encode_hello(NATIVE, 5, 1, ("welcome", "barrier"))
+                stream, initial = await _raw_worker(address, transport, hello)
+                async with stream:
+                    reader = _FrameReader(stream, initial)
+                    pongs: list[int] = []
+                    for round_, n in enumerate(ns):
+                        pubs = [
+                            build_publish_frame(NATIVE, 5, "s", "e", [round_, i], OTHERS, 65535) for i in range(3)
+                        ]
+                        await stream.send(b"".join(pubs) + encode_frame(encode_ping(NATIVE, n)))
+                        while len(pongs) <= round_:
+                            pong = _pong(await reader.next())
+                            if pong is not None:
+                                pongs.append(pong)
+                        # routed at the pong: queued for (or already written to) worker 2
+                        assert b.router.queues[2].routed == 3 * (round_ + 1)
+                    assert pongs == ns
+                    await rec.wait_for(3 * len(ns))
+                    assert [e[2] for e in rec.events] == [[r, i] for r in range(len(ns)) for i in range(3)]
+                    # Not a ping after all ("n" a string): the publishes before it are
+                    # routed, then the connection ends, as for any bad frame.
+                    bad = msgpack.packb({"ping": "7"})
+                    pubs = [build_publish_frame(NATIVE, 5, "s", "e", ["last", i], OTHERS, 65535) for i in range(2)]
+                    await stream.send(b"".join(pubs) + encode_frame(bad))
+                    with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                        for _ in range(100):
+                            assert _pong(await reader.next()) is None
+                await wait_until(lambda: b.statistics().protocol_errors == 1)
+                await rec.wait_for(3 * len(ns) + 2)
+                assert [e[2] for e in rec.events[-2:]] == [["last", 0], ["last", 1]]
         tg.cancel_scope.cancel()
 
 
