@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
+from shared import client as client_module
 from shared import stream as stream_module
 from shared.broker import Broker
 from shared.client import Client
@@ -237,6 +238,7 @@ async def test_flush_writes_itself_and_the_writer_finishes_the_rest(
         return done
 
     monkeypatch.setattr(Client, "_write_now", recording)
+    monkeypatch.setattr(client_module, "_EARLY_WRITE", 10**9)  # flush()'s writes only
     async with serving(address, transport) as b:
         async with Client(address, transport=transport, worker_id=0) as sub, \
                 Client(address, transport=transport, worker_id=1) as pub:  # fmt: skip
@@ -263,5 +265,48 @@ async def test_flush_writes_itself_and_the_writer_finishes_the_rest(
             assert events == [("small", i) for i in range(5)] + [("big", i) for i in range(3000)] + [("after", 0)]
             stats = pub.statistics()
             assert (stats.published, stats.sent, stats.buffered, stats.unconfirmed) == (3006, 3006, 0, 0)
+            q = queue_of(b, 0)
+            assert (q.dropped, q.in_flight) == (0, 0)
+
+
+@pytest.mark.anyio
+async def test_a_burst_in_one_turn_leaves_in_pieces_while_it_is_published(
+    address: str, transport: str
+) -> None:
+    # Client.publish writes what is buffered itself once _EARLY_WRITE publishes wait and
+    # the writer is idle: the head of a burst published in one turn of the loop is on the
+    # socket before its last publish (before the writer task could run). A burst bigger
+    # than the socket takes is finished by the writer, in order.
+    n = client_module._EARLY_WRITE
+    async with serving(address, transport) as b:
+        async with Client(address, transport=transport, worker_id=0) as sub, \
+                Client(address, transport=transport, worker_id=1) as pub:  # fmt: skip
+            rec = Recorder()
+            sub.subscribe("s", "*", rec)
+            await sub.wait_ready()
+            await pub.wait_ready()
+            with anyio.fail_after(20):
+                await pub.flush()
+                sent = pub.statistics().sent
+                for i in range(10 * n):  # no schedule point in here: the buffer has room
+                    await pub.publish("s", "small", i, "others")
+                # written whole to the socket by the publishes themselves (sent counts
+                # what a write finished), with no turn of the loop for the writer task
+                assert pub.statistics().sent - sent == 10 * n
+                assert pub.statistics().buffered == 0
+                for i in range(3000):  # ~3 MiB: more than the socket takes at once
+                    await pub.publish("s", "big", [i, PAD], "others")
+                # its head was taken for a write that the writer task finishes
+                assert pub.statistics().buffered == 3000 - n
+                await pub.publish("s", "after", 0, "others")
+                await pub.flush()
+                await rec.wait_for(10 * n + 3000 + 1, timeout=20)
+            events = [(e[1], e[2] if e[1] != "big" else e[2][0]) for e in rec.events]
+            expected = [("small", i) for i in range(10 * n)] + [("big", i) for i in range(3000)]
+            assert events == expected + [("after", 0)]
+            stats = pub.statistics()
+            assert (stats.published, stats.sent, stats.buffered, stats.unconfirmed) == (
+                10 * n + 3001, 10 * n + 3001, 0, 0
+            )
             q = queue_of(b, 0)
             assert (q.dropped, q.in_flight) == (0, 0)
