@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING
 
 from .broker import LIFECYCLE_SOURCE
 from .codec import MsgpackCodec
-from .frame import encode_frame
-from .messages import ALL, OTHERS, Target, encode_publish
+from .messages import _FRAMED_ALL_HEADS as _ALL_HEADS
+from .messages import _FRAMED_OTHERS_HEADS as _OTHERS_HEADS
+from .messages import ALL, OTHERS, Target
 from .profile import NATIVE
 from .sequence import BROADCAST_KEY, Sequencer
 
@@ -34,17 +35,10 @@ __all__ = ["NumberedEncoder"]
 
 #: (source, event) pairs remembered at most (a worker publishes a handful).
 _MAX_KNOWN = 1024
-#: Inner events of up to this many bytes take the short path (one-byte bin length).
+#: Inner events of up to this many bytes take the short path (one-byte bin length):
+#: the plain encoder's tables of framed heads (frame header + native publish envelope up
+#: to an n-byte event, to all and to others), shared with it.
 _SHORT = 0xFF
-
-
-def _heads(target: Target) -> tuple[bytes, ...]:
-    # The frame of a native publish of an n-byte event to ``target``, up to the event.
-    return tuple(encode_frame(encode_publish(NATIVE, target, bytes(n)))[: -n or None] for n in range(_SHORT + 1))
-
-
-_ALL_HEADS = _heads(ALL)
-_OTHERS_HEADS = _heads(OTHERS)
 
 
 class NumberedEncoder:
