@@ -39,6 +39,20 @@ from anyio.abc import ByteStream, SocketAttribute
 __all__ = ["GuardedStream", "TransportStream", "connect_unix", "guard"]
 
 
+def _send_at_once(sock: socket.socket, data: bytes) -> int:
+    """The bytes of ``data`` the socket takes without waiting (0 when its buffer is full),
+    for a stream its caller has checked is open: a descriptor closed under it (EBADF) is
+    a closed stream, any other error a broken one, as in the streams' ``send``."""
+    try:
+        return sock.send(data)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            raise anyio.ClosedResourceError from None
+        raise anyio.BrokenResourceError from exc
+
+
 class GuardedStream(ByteStream):
     """A byte stream over a connected Unix socket; see the module docstring."""
 
@@ -103,14 +117,7 @@ class GuardedStream(ByteStream):
         in progress (the bytes would interleave). Raises as :meth:`send` does."""
         if self._closed:
             raise anyio.ClosedResourceError
-        try:
-            return self._sock.send(data)
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            if self._closed or exc.errno == errno.EBADF:
-                raise anyio.ClosedResourceError from None
-            raise anyio.BrokenResourceError from exc
+        return _send_at_once(self._sock, data)
 
     async def send_eof(self) -> None:
         await self._inner.send_eof()
@@ -283,14 +290,7 @@ class TransportStream(ByteStream):
             raise self._broken()
         if self._transport.get_write_buffer_size():
             return 0
-        try:
-            return self._sock.send(data)
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            if self._closed or exc.errno == errno.EBADF:
-                raise anyio.ClosedResourceError from None
-            raise anyio.BrokenResourceError from exc
+        return _send_at_once(self._sock, data)
 
     async def send_eof(self) -> None:
         if self._closed:
