@@ -178,3 +178,33 @@ def test_the_node_is_added_without_decoding_in_the_common_case(event: dict[str, 
     want = {k: v for k, v in event.items() if k not in ("sb", "sw")}
     want["node"] = "n2"
     assert tagged == want
+
+
+def test_a_nats_connect_cut_short_leaves_no_socket_open() -> None:
+    # The bridge stops (or times out) while nats-py is still connecting: the TCP
+    # connection it has opened must be closed by the engine's close(), not left for the
+    # garbage collector to find after the engine's loop is gone (a ResourceWarning in
+    # whichever test runs next; seen in CI).
+    import socket
+
+    import anyio
+
+    from shared.bridges.nats import NatsEngine
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(5.0)
+        port = listener.getsockname()[1]
+
+        async def main() -> socket.socket:
+            engine = NatsEngine(f"nats://127.0.0.1:{port}", "c")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(engine.connect)  # the server never sends INFO: it waits
+                conn, _ = await anyio.to_thread.run_sync(listener.accept)
+                tg.cancel_scope.cancel()
+            await engine.close()
+            return conn
+
+        conn = anyio.run(main, backend="asyncio")
+        with conn:
+            conn.settimeout(5.0)
+            assert conn.recv(100) == b""  # the client closed its end

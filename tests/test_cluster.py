@@ -252,6 +252,33 @@ def test_outbox_overflow_is_counted_and_reported(kind: str, workdir: str) -> Non
         assert 1 <= log.count("bridge outbox full") <= 10
 
 
+def test_an_engine_down_at_start_is_said_once_with_the_why(kind: str, workdir: str) -> None:
+    # Until session 5 a NATS bridge started with its server down said nothing at all:
+    # nats-py retried inside connect() forever. Both engines now give up on the attempt,
+    # the node logs one WARNING with the reason, buffers, and says when it got through.
+    backend = _one_backend_per_engine(kind, trio_for="redis")
+    eng = Engine(kind, workdir)  # not started yet: nothing listens at its address
+    node = Node("node0", workdir, eng.url, backend)
+    try:
+        sender = node.start_workers(1)[0]
+        sender.publish("early", 5, scope="cluster")
+        node.wait_bridge(lambda b: b["buffered"] == 5 and not b["engine_connected"])
+        eng.start()
+        b = node.wait_bridge(lambda b: b["engine_connected"] and b["buffered"] == 0)
+        assert b["sent"] == 5
+        node.close()
+        with open(node.log.name, encoding="utf-8") as f:
+            log = f.read()
+        (line,) = [x for x in log.splitlines() if "cannot reach" in x]
+        assert "WARNING" in line
+        # the why, not just a type: refused (TCP) or no such socket (Unix)
+        assert "refused" in line.lower() or "no such file" in line.lower(), line
+        assert log.count("reached") == 1, log
+    finally:
+        node.close()
+        eng.kill()
+
+
 @pytest.mark.skipif(not shutil.which("nats-server"), reason="needs nats-server (scripts/setup.sh)")
 def test_demo_with_two_nodes_checks_its_totals() -> None:
     out = subprocess.run(

@@ -33,7 +33,7 @@ import anyio
 
 from shared.bridge import SYNC_INTERVAL, Bridge, Envelope, encode_envelope, tag_node
 
-__all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "CLOSE_TIMEOUT", "EngineHost"]
+__all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "CLOSE_TIMEOUT", "EngineHost", "describe"]
 
 logger = logging.getLogger("shared.bridge")
 
@@ -189,13 +189,13 @@ class EngineHost:
                 failures += 1
                 if outage_since is None:
                     outage_since = time.monotonic()
-                    outage_reason = repr(exc)
+                    outage_reason = describe(exc)
                     logger.warning(
-                        "bridge of node %s cannot reach %s: %r; cluster publishes are buffered "
+                        "bridge of node %s cannot reach %s: %s; cluster publishes are buffered "
                         "(up to %d), the local bus carries on",
                         bridge.node,
                         bridge.description,
-                        exc,
+                        outage_reason,
                         bridge.max_buffer,
                     )
                 ceiling = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(failures, 16))
@@ -227,13 +227,13 @@ class EngineHost:
                 bridge.connected = False
                 await _close(engine)
             outage_since = time.monotonic()
-            outage_reason = repr(reason)
+            outage_reason = describe(reason)
             logger.warning(
-                "bridge of node %s lost %s: %r; cluster publishes are buffered (up to %d), "
+                "bridge of node %s lost %s: %s; cluster publishes are buffered (up to %d), "
                 "the local bus carries on",
                 bridge.node,
                 bridge.description,
-                reason,
+                outage_reason,
                 bridge.max_buffer,
             )
 
@@ -332,6 +332,15 @@ class EngineHost:
         if events:
             out.append(encode_envelope(Envelope("b", node, generation, first, events=tuple(events))))
         return out
+
+
+def describe(exc: BaseException | None) -> str:
+    """An engine failure for a log line: its type and its message. (Some reprs say
+    little: redis-py's ConnectionError is ``network:ConnectionError``, without the why.)"""
+    if exc is None:
+        return "connection closed"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 async def _close(engine: Any) -> None:

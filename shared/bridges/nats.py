@@ -18,7 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-import nats
+from nats.aio.client import Client as NatsClient
+from nats.errors import NoServersError
 from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
 
 __all__ = ["NatsEngine"]
@@ -42,17 +43,30 @@ class NatsEngine:
         async def on_gone() -> None:
             self._closed.set()
 
-        self._nc = await nats.connect(
-            self.url,
-            allow_reconnect=False,  # the host owns outages
-            connect_timeout=2,
-            max_reconnect_attempts=0,
-            error_cb=on_error,
-            disconnected_cb=on_gone,
-            closed_cb=on_gone,
-            ping_interval=2,
-            max_outstanding_pings=2,
-        )
+        # Made before connecting, so that close() finds it: a connect cut short (the
+        # bridge stopping) has opened a socket that only the client can close.
+        self._nc = NatsClient()
+        try:
+            await self._nc.connect(
+                self.url,
+                allow_reconnect=False,  # the host owns outages
+                connect_timeout=2,
+                # nats-py gives up on a server only past a positive number of attempts
+                # (0 means: try it forever, every reconnect_time_wait, saying nothing):
+                # two attempts back to back, then the host's backoff and its one WARNING.
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0,
+                error_cb=on_error,
+                disconnected_cb=on_gone,
+                closed_cb=on_gone,
+                ping_interval=2,
+                max_outstanding_pings=2,
+            )
+        except NoServersError:
+            # The why (refused, timed out, ...) went to error_cb; NoServersError hides it.
+            if isinstance(self._reason, Exception):
+                raise self._reason from None
+            raise
 
     async def subscribe(self, on_message: Callable[[bytes], None]) -> None:
         async def deliver(msg: Any) -> None:
