@@ -49,6 +49,7 @@ __all__ = [
     "Bridge",
     "BridgeStatistics",
     "Engine",
+    "EngineRefused",
     "Envelope",
     "GapCheck",
     "decode_envelope",
@@ -223,6 +224,12 @@ class GapCheck:
         return gap, seen
 
 
+class EngineRefused(Exception):
+    """The engine answered, and said no: retrying on a new connection would get the same
+    answer (NATS without JetStream for a claim, a Redis ACL or a renamed command). Not an
+    outage: the item is dropped, counted and logged, and the connection is kept."""
+
+
 class Engine(Protocol):
     """What an engine module provides. Every method runs in the host's asyncio loop."""
 
@@ -242,7 +249,8 @@ class Engine(Protocol):
         """:meth:`publish` for several messages, in order (one round trip where it can)."""
 
     async def claim(self, key: str, ttl: float) -> bool:
-        """Atomically claim ``key`` for ``ttl`` seconds; False if already claimed."""
+        """Atomically claim ``key`` for ``ttl`` seconds; False if already claimed. Raise
+        :class:`EngineRefused` if the engine answers with an error."""
 
     async def wait_closed(self) -> BaseException | None:
         """Return (the reason) when the connection is lost. Runs for the whole session:
@@ -491,6 +499,23 @@ class Bridge:
         with self._lock:
             count = min(limit, len(self.outbox))
             return [self.outbox.popleft() for _ in range(count)]
+
+    def refused(self, what: str, reason: BaseException) -> None:
+        """The engine refused an item (see :class:`EngineRefused`): it is dropped. From
+        the engine's thread or loop."""
+        with self._lock:
+            self.dropped += 1
+            dropped = self.dropped
+        assert self._broker is not None
+        self._broker.log_limiter.log(
+            logging.WARNING,
+            "bridge of node %s: %s refused %s (%s): dropped; %d dropped so far",
+            self.node,
+            self.description,
+            what,
+            reason,
+            dropped,
+        )
 
     def put_back(self, items: list[tuple[Any, ...]]) -> None:
         with self._lock:

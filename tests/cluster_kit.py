@@ -47,10 +47,11 @@ class Engine:
 
     def __init__(
         self, kind: str, workdir: str, *, routes: list[int] | None = None,
-        cluster_port: int | None = None, js: bool = True,
+        cluster_port: int | None = None, js: bool = True, extra: tuple[str, ...] = (),
     ) -> None:
         self.kind = kind
         self.js = js
+        self.extra = extra  # more arguments for the server
         self.workdir = workdir
         self.port = free_port()
         self.routes = routes or []
@@ -80,7 +81,7 @@ class Engine:
             wait_port(self.port, self.proc)
         else:
             cmd = ["redis-server", "--port", "0", "--unixsocket", self.sock, "--unixsocketperm", "700",
-                   "--save", "", "--appendonly", "no", "--dir", self.workdir]
+                   "--save", "", "--appendonly", "no", "--dir", self.workdir, *self.extra]
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=self.workdir)
             log.close()
             wait_for_socket(self.sock, None)

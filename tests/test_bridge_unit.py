@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import pytest
 
 from shared.bridge import Envelope, GapCheck, decode_envelope, encode_envelope
 from shared.bridges import make_bridge
+from shared.broker import Broker
 from shared.codec import MsgpackCodec
 from shared.errors import RemoteProtocolError
 from shared.messages import (
@@ -186,10 +190,6 @@ def test_a_connect_cut_short_leaves_no_socket_open(kind: str) -> None:
     # TCP connection it has opened must be closed by the engine's close(), not left for
     # the garbage collector to find after the engine's loop is gone (a ResourceWarning in
     # whichever test runs next; seen in CI with nats-py).
-    import socket
-
-    import anyio
-
     from shared.bridges.nats import NatsEngine
     from shared.bridges.redis import RedisEngine
 
@@ -213,3 +213,60 @@ def test_a_connect_cut_short_leaves_no_socket_open(kind: str) -> None:
             # its end (a timeout would raise instead).
             closed = any(conn.recv(100) == b"" for _ in range(100))
             assert closed
+
+
+class _SendsAlwaysFail:
+    """An engine that connects, then fails every send (the sync marker sent right after
+    connecting included): each session ends at once."""
+
+    description = "fake://always-failing"
+
+    async def connect(self) -> None:
+        pass
+
+    async def subscribe(self, on_message: Any) -> None:
+        pass
+
+    async def publish(self, payload: bytes) -> None:
+        raise ConnectionError("this send always fails")
+
+    async def publish_many(self, payloads: list[bytes]) -> None:
+        raise ConnectionError("this send always fails")
+
+    async def claim(self, key: str, ttl: float) -> bool:
+        raise ConnectionError("this send always fails")
+
+    async def wait_closed(self) -> BaseException | None:
+        await anyio.sleep_forever()
+        return None
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.anyio
+async def test_sessions_that_break_at_once_back_off_like_failed_connects(
+    sock_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before session 5, a send the engine always failed (seen: claims on a NATS server
+    # without JetStream) reconnected with no pause: ~1000 WARNING lines a second.
+    from shared.bridge import Bridge
+    from shared.bridges import host
+
+    from .helpers import wait_until
+
+    waits: list[int] = []
+
+    async def record(failures: int) -> None:
+        waits.append(failures)
+        await anyio.lowlevel.checkpoint()
+
+    monkeypatch.setattr(host, "_back_off", record)
+    bridge = Bridge(_SendsAlwaysFail, node="n", description=_SendsAlwaysFail.description)
+    broker = Broker(transport="stream", bridge=bridge)
+    async with anyio.create_task_group() as tg:
+        await tg.start(broker.serve, f"unix:{sock_dir}/b.sock")
+        await wait_until(lambda: len(waits) >= 5, 10.0)
+        tg.cancel_scope.cancel()
+    assert waits[:5] == [1, 2, 3, 4, 5]  # the backoff grows; nothing reset it
+    assert bridge.connects >= 5

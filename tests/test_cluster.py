@@ -279,6 +279,29 @@ def test_an_engine_down_at_start_is_said_once_with_the_why(kind: str, workdir: s
         eng.kill()
 
 
+def test_a_refused_cluster_unique_claim_is_dropped_counted_and_said(kind: str, workdir: str) -> None:
+    # Until session 5 each refused claim ended the engine session and reconnected at once,
+    # forever (~1000 WARNING lines a second) with the claim stuck at the outbox's head.
+    # Refusals: NATS without JetStream; Redis with SET renamed away (as an ACL would).
+    refusing = {"js": False} if kind == "nats" else {"extra": ("--rename-command", "SET", "")}
+    backend = _one_backend_per_engine(kind, trio_for="redis")
+    with engine(kind, workdir, **refusing) as eng, nodes(workdir, [eng.url], backend) as (node,):
+        sender = node.start_workers(1)[0]
+        sender.command(op="publish", event="u", n=3, scope="cluster", target="unique:k")
+        b = node.wait_bridge(lambda b: b["dropped"] == 3)
+        sender.publish("after", 2, scope="cluster")
+        b = node.wait_bridge(lambda b: b["sent"] == 2)
+        assert b["engine_connected"] and b["reconnects"] == 0 and b["unique_won"] == 0
+        assert len(_wait_count(sender, "after", 2)) == 2  # the bus and the engine carry on
+        node.close()
+        with open(node.log.name, encoding="utf-8") as f:
+            log = f.read()
+        refusals = [x for x in log.splitlines() if "refused a cluster-unique claim" in x]
+        assert 1 <= len(refusals) <= 3, log
+        assert ("nats-server -js" if kind == "nats" else "unknown command") in refusals[0], log
+        assert "lost" not in log and "reached" not in log, log
+
+
 @pytest.mark.skipif(not shutil.which("nats-server"), reason="needs nats-server (scripts/setup.sh)")
 def test_demo_with_two_nodes_checks_its_totals() -> None:
     out = subprocess.run(

@@ -31,15 +31,17 @@ from typing import Any
 
 import anyio
 
-from shared.bridge import SYNC_INTERVAL, Bridge, Envelope, encode_envelope, tag_node
+from shared.bridge import SYNC_INTERVAL, Bridge, EngineRefused, Envelope, encode_envelope, tag_node
 
-__all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "CLOSE_TIMEOUT", "EngineHost", "describe"]
+__all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "CLOSE_TIMEOUT", "SHORT_SESSION", "EngineHost", "describe"]
 
 logger = logging.getLogger("shared.bridge")
 
 #: Reconnect delays: the first retry is quick (a restarted server), then doubling to 2 s.
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
+#: A session shorter than this (seconds) counts as a failed connect for the backoff.
+SHORT_SESSION = 1.0
 #: Seconds an engine gets to close a connection when the bridge stops or reconnects.
 CLOSE_TIMEOUT = 2.0
 #: Items taken from the outbox at a time (one engine call for a run of events).
@@ -198,8 +200,7 @@ class EngineHost:
                         outage_reason,
                         bridge.max_buffer,
                     )
-                ceiling = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(failures, 16))
-                await anyio.sleep(random.uniform(BACKOFF_MIN, max(BACKOFF_MIN, ceiling)))
+                await _back_off(failures)
                 continue
             except BaseException:  # cancelled: the bridge stops
                 await _close(engine)
@@ -219,8 +220,8 @@ class EngineHost:
                 )
             else:
                 logger.info("bridge of node %s connected to %s", bridge.node, bridge.description)
-            failures = 0
             outage_since = None
+            connected_at = time.monotonic()
             try:
                 reason = await self._session(engine)
             finally:
@@ -236,6 +237,13 @@ class EngineHost:
                 outage_reason,
                 bridge.max_buffer,
             )
+            if time.monotonic() - connected_at < SHORT_SESSION:
+                # Connected, then lost at once: if that repeats (a send the engine always
+                # fails), the backoff grows as for failed connects instead of spinning.
+                failures += 1
+                await _back_off(failures)
+            else:
+                failures = 0
 
     async def _session(self, engine: Any) -> BaseException | None:
         """Send until the connection is lost (the engine says so, or a send fails): the
@@ -302,11 +310,16 @@ class EngineHost:
                     continue
                 else:
                     _, key, event = item
-                    if await engine.claim(key, bridge.unique_timeout):
-                        bridge.unique_won += 1
-                        bridge.from_engine("u", (key, event))
+                    try:
+                        won = await engine.claim(key, bridge.unique_timeout)
+                    except EngineRefused as exc:
+                        bridge.refused("a cluster-unique claim", exc)
                     else:
-                        bridge.unique_duplicates += 1
+                        if won:
+                            bridge.unique_won += 1
+                            bridge.from_engine("u", (key, event))
+                        else:
+                            bridge.unique_duplicates += 1
                 index += 1
             except BaseException:
                 bridge.put_back(items[index:])
@@ -332,6 +345,11 @@ class EngineHost:
         if events:
             out.append(encode_envelope(Envelope("b", node, generation, first, events=tuple(events))))
         return out
+
+
+async def _back_off(failures: int) -> None:
+    ceiling = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(failures, 16))
+    await anyio.sleep(random.uniform(BACKOFF_MIN, max(BACKOFF_MIN, ceiling)))
 
 
 def describe(exc: BaseException | None) -> str:

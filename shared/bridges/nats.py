@@ -19,8 +19,15 @@ from typing import Any
 
 import anyio
 from nats.aio.client import Client as NatsClient
-from nats.errors import NoServersError
-from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+from nats.errors import NoRespondersError, NoServersError
+from nats.js.errors import (
+    APIError,
+    BucketNotFoundError,
+    KeyWrongLastSequenceError,
+    ServiceUnavailableError,
+)
+
+from shared.bridge import EngineRefused
 
 __all__ = ["NatsEngine"]
 
@@ -87,18 +94,24 @@ class NatsEngine:
             await self.publish(payload)
 
     async def claim(self, key: str, ttl: float) -> bool:
-        if self._kv is None:
-            js = self._nc.jetstream()
-            bucket = f"{self.cluster}_unique_{int(ttl * 1000)}"
-            try:
-                self._kv = await js.key_value(bucket)
-            except BucketNotFoundError:
-                self._kv = await js.create_key_value(bucket=bucket, ttl=ttl, history=1)
-        name = hashlib.sha256(key.encode("utf-8")).hexdigest()  # any key, in KV's alphabet
         try:
+            if self._kv is None:
+                js = self._nc.jetstream()
+                bucket = f"{self.cluster}_unique_{int(ttl * 1000)}"
+                try:
+                    self._kv = await js.key_value(bucket)
+                except BucketNotFoundError:
+                    self._kv = await js.create_key_value(bucket=bucket, ttl=ttl, history=1)
+            name = hashlib.sha256(key.encode("utf-8")).hexdigest()  # any key, in KV's alphabet
             await self._kv.create(name, b"1")
         except KeyWrongLastSequenceError:
             return False
+        except (ServiceUnavailableError, NoRespondersError) as exc:
+            # Nobody answers JetStream requests: the server runs without it. A new
+            # connection would hear the same.
+            raise EngineRefused("no JetStream: the server must run with it on (nats-server -js)") from exc
+        except APIError as exc:  # the server answered no
+            raise EngineRefused(f"JetStream: {exc.description or type(exc).__name__}") from exc
         return True
 
     async def wait_closed(self) -> BaseException | None:

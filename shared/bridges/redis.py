@@ -18,6 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from shared.bridge import EngineRefused
 
 __all__ = ["RedisEngine"]
 
@@ -63,7 +66,12 @@ class RedisEngine:
             await pipe.execute()
 
     async def claim(self, key: str, ttl: float) -> bool:
-        won = await self._redis.set(self.prefix + key, b"1", nx=True, px=max(1, int(ttl * 1000)))
+        try:
+            won = await self._redis.set(self.prefix + key, b"1", nx=True, px=max(1, int(ttl * 1000)))
+        except ResponseError as exc:
+            # The server answered with an error (an ACL without SET, a renamed command):
+            # a new connection would hear the same.
+            raise EngineRefused(f"{type(exc).__name__}: {exc}") from exc
         return bool(won)
 
     async def wait_closed(self) -> BaseException | None:
