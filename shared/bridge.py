@@ -246,7 +246,9 @@ class Engine(Protocol):
         """Send one message to every node; raise if the connection is gone."""
 
     async def publish_many(self, payloads: list[bytes]) -> None:
-        """:meth:`publish` for several messages, in order (one round trip where it can)."""
+        """:meth:`publish` for several messages, in order (one round trip where it can).
+        An engine with a size limit per message says so in an attribute ``max_message``
+        (bytes): the bridge's messages stay within it and within 256 KiB."""
 
     async def claim(self, key: str, ttl: float) -> bool:
         """Atomically claim ``key`` for ``ttl`` seconds; False if already claimed. Raise

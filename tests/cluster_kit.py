@@ -71,6 +71,7 @@ class Engine:
             cmd = ["nats-server", "-a", "127.0.0.1", "-p", str(self.port)]
             if self.js:
                 cmd += ["-js", "-sd", os.path.join(self.workdir, "js")]
+            cmd += self.extra
             if self.cluster_port is not None:
                 cmd += ["--cluster", f"nats://127.0.0.1:{self.cluster_port}", "--cluster_name", "wbtest"]
                 cmd += ["-n", f"n{self.port}"]

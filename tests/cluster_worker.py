@@ -2,8 +2,8 @@
 
 stdout gets one JSON line per event received ({"source", "event", "data", "wid", "node"})
 and ``{"ready": true}`` once connected. Commands on stdin:
-``{"op": "publish", "n": N, "scope": ..., "target": ..., "event": NAME}`` publishes N events
-numbered 0..N-1 (then prints ``{"published": N, "event": NAME}``), ``{"op": "exit"}`` ends.
+``{"op": "publish", "n": N, "scope": ..., "target": ..., "event": NAME, "pad": BYTES}``
+publishes N events numbered 0..N-1, each padded with BYTES characters (then prints ``{"published": N, "event": NAME}``), ``{"op": "exit"}`` ends.
 
 ``node`` is what a handler sees as ``wid.node`` (events from other nodes).
 """
@@ -39,9 +39,13 @@ async def main(address: str, worker_id: int) -> None:
             if cmd["op"] == "exit":
                 await bus.flush()
                 return
+            pad = "x" * cmd.get("pad", 0)
             for i in range(cmd["n"]):
+                data: dict[str, Any] = {"i": i, "from": worker_id}
+                if pad:
+                    data["pad"] = pad
                 await bus.publish(
-                    "test", cmd["event"], {"i": i, "from": worker_id},
+                    "test", cmd["event"], data,
                     cmd.get("target", "all"), scope=cmd.get("scope", "local"),
                 )
             await bus.flush()

@@ -304,8 +304,10 @@ class EngineHost:
                     end = index
                     while end < len(items) and items[end][0] == "e":
                         end += 1
-                    await engine.publish_many(self._batches(items[index:end]))
-                    bridge.sent += end - index
+                    limit = min(_MAX_MESSAGE, getattr(engine, "max_message", _MAX_MESSAGE))
+                    batches, too_big = self._batches(items[index:end], limit)
+                    await engine.publish_many(batches)
+                    bridge.sent += end - index - too_big
                     index = end
                     continue
                 else:
@@ -325,26 +327,41 @@ class EngineHost:
                 bridge.put_back(items[index:])
                 raise
 
-    def _batches(self, run: list[tuple[Any, ...]]) -> list[bytes]:
+    def _batches(self, run: list[tuple[Any, ...]], limit: int) -> tuple[list[bytes], int]:
+        """The engine messages for a run of numbered events, each at most ``limit`` bytes,
+        and how many events were dropped because even alone they would not fit."""
         bridge = self.bridge
         node, generation = bridge.node, bridge.generation
+        # Bytes around the events (a bound, not the exact count): the envelope's keys and
+        # values once per message; per event its bin header and the node tag.
+        per_message = 64 + len(node) + len(generation)
+        per_event = 24 + len(node)
         out: list[bytes] = []
         events: list[bytes] = []
-        first = expect = size = 0
+        first = expect = size = too_big = 0
         for _, seq, _target, event in run:
-            # A number dropped from a full outbox is a gap the receivers must see: a new
-            # message starts there (and where the size bound is reached).
-            if events and (seq != expect or size + len(event) > _MAX_MESSAGE):
+            cost = len(event) + per_event
+            if per_message + cost > limit:
+                # Numbered already: the receivers see the gap and report it as lost.
+                too_big += 1
+                bridge.refused(
+                    f"an event of {len(event)} bytes (its messages take at most {limit})",
+                    EngineRefused("message too large"),
+                )
+                continue
+            # A number dropped (a full outbox, or just above) is a gap the receivers must
+            # see: a new message starts there (and where the size bound is reached).
+            if events and (seq != expect or per_message + size + cost > limit):
                 out.append(encode_envelope(Envelope("b", node, generation, first, events=tuple(events))))
                 events = []
             if not events:
                 first, size = seq, 0
             events.append(tag_node(event, node))
-            size += len(event)
+            size += cost
             expect = seq + 1
         if events:
             out.append(encode_envelope(Envelope("b", node, generation, first, events=tuple(events))))
-        return out
+        return out, too_big
 
 
 async def _back_off(failures: int) -> None:

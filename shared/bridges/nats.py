@@ -84,6 +84,13 @@ class NatsEngine:
         # whatever another node publishes from then on reaches us.
         await self._nc.flush(timeout=2)
 
+    @property
+    def max_message(self) -> int:
+        """The server's ``max_payload`` (1 MiB unless configured): the bridge keeps its
+        messages within it."""
+        nc = self._nc
+        return int(nc.max_payload) if nc is not None else 1 << 20
+
     async def publish(self, payload: bytes) -> None:
         if self._closed.is_set():
             raise ConnectionError("the NATS connection is closed")
