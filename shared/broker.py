@@ -170,6 +170,7 @@ class _Connection:
         "frames",
         "idle",
         "last_write",
+        "parked",
         "pending",
         "pid",
         "queue",
@@ -209,6 +210,8 @@ class _Connection:
         self.pending: tuple[bytes, list[bytes], int] | None = None
         #: When (time.monotonic) bytes were last handed to this connection's socket.
         self.last_write = 0.0
+        #: The read task waits for bytes, everything before them routed (route_waiting).
+        self.parked = False
 
     def send_control(self, frame: bytes) -> None:
         self.control.append(frame)
@@ -681,74 +684,115 @@ class Broker:
         logger.info("%s disconnected", conn)
 
     async def _read_loop(self, conn: _Connection, frames: list[bytes]) -> None:
-        profile = self.profile
-        router = self.router
-        route_runs = router.route_runs
-        wid = conn.worker_id
-        barrier = CAP_BARRIER in conn.caps
-        cluster = CAP_CLUSTER in conn.caps
-        filtering = CAP_FILTER in conn.caps
-        keys: list[RunKeys | None] | None = [] if filtering else None
-        ping = -1  # the n of a read's last frame, a ping answered once the rest is routed
         try:
             while True:
                 if self._hold is not None:
                     await self._hold.wait()  # a takeover: hellos first (await_reconnects)
-                # Consecutive publishes with the same target (and, with "filter" granted,
-                # the same (src, ev): §8) make a run; the router hands each queue all the
-                # runs of one read it takes at once. A bad frame ends the connection after
-                # everything before it was routed. Idle writers that get frames from this
-                # read are written to when it is routed (Broker._routing).
-                direct = self._routing()
+                self._route_read(conn, frames)
+                conn.parked = True
                 try:
-                    if barrier and ping < 0 and frames:
-                        # A flushing publisher ends its read with a ping: known by its
-                        # bytes, it stays out of the publish decoder (whose error path
-                        # would find it); the pong goes after everything before it.
-                        ping = usual_ping(profile, frames[-1])
-                        if ping >= 0:
-                            frames = frames[:-1]
-                    if frames:
-                        if keys is not None:
-                            keys.clear()
-                        runs, error = decode_publish_batch(profile, frames, keys)
-                        if not cluster:
-                            for index, (target, _) in enumerate(runs):
-                                if target.cluster:
-                                    # (what came before it is routed: like any bad frame)
-                                    route_runs(wid, runs[:index], keys)
-                                    raise RemoteProtocolError(
-                                        "a publish with scope 'cluster' without the 'cluster' capability in the hello"
-                                    )
-                        route_runs(wid, runs, keys)
-                        if error is not None:
-                            if not barrier and not filtering:
-                                raise error
-                            # Not a publish: a ping or a sub is the only other thing a
-                            # granted client may send. Recognised only here, off the
-                            # publish fast path. Everything before it is routed (above), so
-                            # the pong is the barrier and a sub applies to what this client
-                            # publishes after it.
-                            done = sum(len(run) for _, run in runs)
-                            self._control_from(conn, frames[done], error, barrier, filtering)
-                            frames = frames[done + 1 :]
-                            if frames:
-                                continue
-                    if ping >= 0:
-                        conn.send_control(self._delivery(conn, encode_pong(profile, ping)))
-                        ping = -1
+                    frames = await conn.frames.receive()
                 finally:
-                    self._routed(direct)
-                frames = await conn.frames.receive()
+                    conn.parked = False
         except anyio.EndOfStream:
             pass
         except RemoteProtocolError as exc:
             if conn.timed_out:
                 return  # the frame deadline hung up: counted and logged already
-            self._protocol_errors += 1
-            self.log_limiter.log(logging.WARNING, "closing %s: protocol error: %s", conn, exc)
+            self._protocol_error(conn, exc)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             logger.info("connection of %s broke: %r", conn, exc)
+
+    def _protocol_error(self, conn: _Connection, exc: RemoteProtocolError) -> None:
+        self._protocol_errors += 1
+        self.log_limiter.log(logging.WARNING, "closing %s: protocol error: %s", conn, exc)
+
+    def _route_read(self, conn: _Connection, frames: list[bytes]) -> None:
+        """Route one read's frames. A bad frame raises RemoteProtocolError after
+        everything before it was routed (the connection then ends)."""
+        profile = self.profile
+        route_runs = self.router.route_runs
+        wid = conn.worker_id
+        caps = conn.caps
+        barrier = CAP_BARRIER in caps
+        cluster = CAP_CLUSTER in caps
+        filtering = CAP_FILTER in caps
+        keys: list[RunKeys | None] | None = [] if filtering else None
+        ping = -1  # the n of a read's last frame, a ping answered once the rest is routed
+        # Consecutive publishes with the same target (and, with "filter" granted, the same
+        # (src, ev): §8) make a run; the router hands each queue all the runs of one read
+        # it takes at once. Idle writers that get frames from this read are written to
+        # when it is routed (Broker._routing).
+        direct = self._routing()
+        try:
+            while True:
+                if barrier and ping < 0 and frames:
+                    # A flushing publisher ends its read with a ping: known by its bytes,
+                    # it stays out of the publish decoder (whose error path would find
+                    # it); the pong goes after everything before it.
+                    ping = usual_ping(profile, frames[-1])
+                    if ping >= 0:
+                        frames = frames[:-1]
+                if frames:
+                    if keys is not None:
+                        keys.clear()
+                    runs, error = decode_publish_batch(profile, frames, keys)
+                    if not cluster:
+                        for index, (target, _) in enumerate(runs):
+                            if target.cluster:
+                                # (what came before it is routed: like any bad frame)
+                                route_runs(wid, runs[:index], keys)
+                                raise RemoteProtocolError(
+                                    "a publish with scope 'cluster' without the 'cluster' capability in the hello"
+                                )
+                    route_runs(wid, runs, keys)
+                    if error is not None:
+                        if not barrier and not filtering:
+                            raise error
+                        # Not a publish: a ping or a sub is the only other thing a granted
+                        # client may send. Recognised only here, off the publish fast
+                        # path. Everything before it is routed (above), so the pong is the
+                        # barrier and a sub applies to what this client publishes after it.
+                        done = sum(len(run) for _, run in runs)
+                        self._control_from(conn, frames[done], error, barrier, filtering)
+                        frames = frames[done + 1 :]
+                        if frames:
+                            continue
+                if ping >= 0:
+                    conn.send_control(self._delivery(conn, encode_pong(profile, ping)))
+                return
+        finally:
+            self._routed(direct)
+
+    def route_waiting(self, worker_id: int) -> None:
+        """Route now the publishes that worker ``worker_id`` has written, if its read task
+        waits for them: for the process hosting this broker, after its own client wrote.
+
+        The host's publisher runs a burst in one turn of the host's loop (its early writes
+        put pieces on the socket meanwhile); the read task would route them only after
+        that turn and the host's other ready callbacks (docs/benchmarks.md "Embedded seed,
+        session 5"). Routed exactly as the read task would (Broker._route_read): whole
+        frames only, when nothing is held before them and no takeover holds routing; a
+        partial frame stays in the socket for the read task.
+        """
+        conn = self._connections.get(worker_id)
+        if conn is None or not conn.parked or self._hold is not None or self._direct:
+            return
+        if conn.scope is None or conn.scope.cancel_called:
+            return
+        frames, size = conn.frames.peek()
+        if not frames:
+            return
+        try:
+            conn.frames.take(size)
+            self._route_read(conn, frames)
+        except RemoteProtocolError as exc:
+            # what the read task would have done with it: counted, logged, connection ended
+            self._protocol_error(conn, exc)
+            self._hang_up(conn)
+        except (anyio.BrokenResourceError, OSError) as exc:
+            logger.info("connection of %s broke: %r", conn, exc)
+            self._hang_up(conn)
 
     def _control_from(
         self, conn: _Connection, payload: bytes, error: RemoteProtocolError, barrier: bool, filtering: bool

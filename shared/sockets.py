@@ -88,6 +88,22 @@ class GuardedStream(ByteStream):
                 raise anyio.EndOfStream
             return data
 
+    def peek_nowait(self, max_bytes: int) -> bytes:
+        """The bytes a receive would get now, left in the socket; b"" when none wait (or
+        the socket is closed or broken: the next receive finds out)."""
+        if self._closed:
+            return b""
+        try:
+            return self._sock.recv(max_bytes, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:
+            return b""
+
+    def discard_nowait(self, size: int) -> None:
+        """Take ``size`` bytes that :meth:`peek_nowait` showed (this is their only reader)."""
+        taken = self._sock.recv(size, socket.MSG_DONTWAIT)
+        if len(taken) != size:
+            raise anyio.BrokenResourceError(f"took {len(taken)} of {size} peeked bytes")
+
     async def send(self, item: bytes) -> None:
         # The same race on the way out: a writer blocked on a full socket and cancelled
         # just as the peer reads (the broker does exactly that when a client half-closes
