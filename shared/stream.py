@@ -105,8 +105,8 @@ class FrameStream:
     def peek(self) -> tuple[list[bytes], int]:
         """The whole frames waiting in the socket now, left there: the frames and their
         bytes (``take`` them after use). Nothing when that cannot be told without waiting
-        or without taking: a stream that cannot peek (shared/sockets.py: only
-        GuardedStream can), bytes or an error already held, a bad frame."""
+        or without taking: a stream that cannot peek (shared/sockets.py's streams can),
+        bytes or an error already held, a bad frame."""
         peek = getattr(self.stream, "peek_nowait", None)
         decoder = self._decoder
         if peek is None or self._initial or decoder.buffered or decoder.failed:
