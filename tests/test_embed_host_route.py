@@ -59,7 +59,7 @@ async def test_the_hosts_burst_is_routed_while_it_is_published(address: str, tra
             await at_other.wait_for(10 * n + 1)
             await at_host.wait_for(10 * n + 1)
             await host.flush()  # the pings in those writes were answered
-        expected = [("s", "e", i, host.worker_id) for i in range(10 * n)]
+        expected: list[tuple[str, str, int | None, int]] = [("s", "e", i, host.worker_id) for i in range(10 * n)]
         expected.append(("s", "last", None, host.worker_id))
         assert at_other.events == expected
         assert at_host.events == expected
