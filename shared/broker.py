@@ -101,6 +101,10 @@ _TRIM_AFTER_CLOSES = 64
 #: enough for a worker's bursts at up to ~4 000 a second, long enough to tell the reads of
 #: one busy turn of the event loop apart from separate bursts.
 DIRECT_WRITE_QUIET = 0.00025
+#: Broker.route_waiting routes the host's writes at once only while no worker's queue
+#: holds this many frames not yet written (nor a direct write's rest): beyond it, that
+#: worker reads slower than the host publishes, and the host must feel it.
+_WAITING_BACKLOG = 1024
 _monotonic = time.monotonic
 #: The capabilities this broker grants when a native hello asks for them (protocol.md §8).
 SUPPORTED_CAPS = frozenset({CAP_WELCOME, CAP_BARRIER, CAP_CLUSTER, CAP_FILTER, CAP_UNFRAMED})
@@ -772,14 +776,20 @@ class Broker:
         put pieces on the socket meanwhile); the read task would route them only after
         that turn and the host's other ready callbacks (docs/benchmarks.md "Embedded seed,
         session 5"). Routed exactly as the read task would (Broker._route_read): whole
-        frames only, when nothing is held before them and no takeover holds routing; a
-        partial frame stays in the socket for the read task.
+        frames only, when nothing is held before them, no takeover holds routing and no
+        worker's writes are behind; a partial frame stays in the socket for the read task.
         """
         conn = self._connections.get(worker_id)
         if conn is None or not conn.parked or self._hold is not None or self._direct:
             return
         if conn.scope is None or conn.scope.cancel_called:
             return
+        for each in self._connections.values():
+            if each.pending is not None or len(each.queue.frames) >= _WAITING_BACKLOG:
+                # A worker's writes are behind: leave this to the read task, so that a
+                # host publishing faster than the workers read still fills its socket
+                # and its buffer, and waits (backpressure, as without this path).
+                return
         frames, size = conn.frames.peek()
         if not frames:
             return

@@ -130,3 +130,35 @@ async def test_route_waiting_takes_whole_frames_and_ends_a_bad_connection_as_the
                 await pub.publish("s", "e", 8, "others")
                 await rec.wait_for(2)
             assert rec.events == [("s", "e", 7, 1), ("s", "e", 8, 1)]
+
+
+async def test_a_host_that_publishes_faster_than_a_worker_reads_still_waits(
+    address: str, transport: str
+) -> None:
+    # Routed at once, a flood would never fill the host's socket and buffer, so its
+    # publish would never wait. Once a worker's writes are behind, the host's writes are
+    # left to the read task again: the buffer fills and publish waits, as before.
+    async with two_workers(address, transport) as (host, other):
+        gate = anyio.Event()
+
+        async def stuck(data: Any, event: str, source: str, wid: int | None) -> None:
+            await gate.wait()
+
+        other.subscribe("s", "*", stuck)
+        ran = anyio.Event()
+        published = 0
+
+        async def mark() -> None:
+            ran.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(mark)  # runs at the publisher's first wait
+            with anyio.fail_after(20):
+                await host.flush()
+                while not ran.is_set():
+                    await host.publish("s", "e", published, "others")
+                    published += 1
+                    assert published < 200_000, "the publisher never waited"
+                gate.set()
+                await wait_until(lambda: other.statistics().delivered >= published, 20)
+        assert other.statistics().dropped_by_broker == 0
