@@ -688,11 +688,17 @@ class Broker:
         logger.info("%s disconnected", conn)
 
     async def _read_loop(self, conn: _Connection, frames: list[bytes]) -> None:
+        route_read = self._route_read
+        caps = conn.caps
+        barrier = CAP_BARRIER in caps
+        cluster = CAP_CLUSTER in caps
+        filtering = CAP_FILTER in caps
+        keys: list[RunKeys | None] | None = [] if filtering else None
         try:
             while True:
                 if self._hold is not None:
                     await self._hold.wait()  # a takeover: hellos first (await_reconnects)
-                self._route_read(conn, frames)
+                route_read(conn, frames, barrier, cluster, filtering, keys)
                 conn.parked = True
                 try:
                     frames = await conn.frames.receive()
@@ -711,17 +717,21 @@ class Broker:
         self._protocol_errors += 1
         self.log_limiter.log(logging.WARNING, "closing %s: protocol error: %s", conn, exc)
 
-    def _route_read(self, conn: _Connection, frames: list[bytes]) -> None:
-        """Route one read's frames. A bad frame raises RemoteProtocolError after
+    def _route_read(
+        self,
+        conn: _Connection,
+        frames: list[bytes],
+        barrier: bool,
+        cluster: bool,
+        filtering: bool,
+        keys: list[RunKeys | None] | None,
+    ) -> None:
+        """Route one read's frames (the flags: the connection's capabilities; ``keys``: a
+        list to reuse when it has "filter"). A bad frame raises RemoteProtocolError after
         everything before it was routed (the connection then ends)."""
         profile = self.profile
         route_runs = self.router.route_runs
         wid = conn.worker_id
-        caps = conn.caps
-        barrier = CAP_BARRIER in caps
-        cluster = CAP_CLUSTER in caps
-        filtering = CAP_FILTER in caps
-        keys: list[RunKeys | None] | None = [] if filtering else None
         ping = -1  # the n of a read's last frame, a ping answered once the rest is routed
         # Consecutive publishes with the same target (and, with "filter" granted, the same
         # (src, ev): §8) make a run; the router hands each queue all the runs of one read
@@ -795,7 +805,11 @@ class Broker:
             return
         try:
             conn.frames.take(size)
-            self._route_read(conn, frames)
+            caps = conn.caps
+            filtering = CAP_FILTER in caps
+            self._route_read(
+                conn, frames, CAP_BARRIER in caps, CAP_CLUSTER in caps, filtering, [] if filtering else None
+            )
         except RemoteProtocolError as exc:
             # what the read task would have done with it: counted, logged, connection ended
             self._protocol_error(conn, exc)
