@@ -1,13 +1,16 @@
 """Where an event of the seed experiment's storm waits: post → broker → worker → handler.
 
     python benchmarks/storm_delays.py [--routes workerbus,workerbus-embedded] [--storm 1000/0.1]
+        [--hops] [--out DIR]
 
 Runs one measured window of the seed experiment per route with
 ``benchmarks/storm_trace/sitecustomize.py`` on the processes' ``PYTHONPATH`` (it
 timestamps the broker's reads, the clients' decode chunks and the handler calls; see
 there), then prints per route the stages of an event's delay (p50, some p90). The clock is
 ``time.monotonic_ns``, one clock for every process of the machine. The first 1.5 s of
-handling are left out (start-up).
+handling are left out (start-up). ``--hops`` adds, per (publisher -> receiver) pair of
+workers, the p50 of each hop of a sample of events (post -> the broker routes its read ->
+written to the receiver -> the receiver's read -> handler); ``--out`` keeps the traces.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ library, three places of the event path and writes ``trace-<pid>.json`` when it 
 - the broker's read (``shared.broker.decode_publish_batch``): when, how many frames, and
   the post times of the first and last event in it;
 - each decode chunk of a client (``Client._decoded``): when, how many, first/last post time;
-- each handler call (a wrapper around every ``Client.subscribe`` handler): post time, now.
+- each handler call (a wrapper around every ``Client.subscribe`` handler): post time, now;
+- (for ``--hops``) each routing of a read (``Router.route_runs``, with the publisher's id), each
+  write to a worker (``Broker._take``), and the receiving worker's id on chunks and handler calls.
 """
 
 from __future__ import annotations
@@ -65,27 +67,7 @@ if os.environ.get("WB_STORM_TRACE"):
 
     _decoded = _client.Client._decoded
 
-    def _traced_decoded(self: Any, payloads: list[bytes]) -> Any:
-        t = _now()
-        batch = _decoded(self, payloads)
-        ticks = [fields[2]["ts"] for fields in batch if fields[1] == "tick"]
-        if ticks:
-            _rec["client_chunks"].append((t, len(payloads), ticks[0], ticks[-1]))
-        return batch
-
-    _client.Client._decoded = _traced_decoded  # type: ignore[method-assign]
-
     _subscribe = _client.Client.subscribe
-
-    def _traced_subscribe(self: Any, source: str, event: str, handler: Any) -> str:
-        def traced(data: Any, ev: str, src: str, wid: Any) -> Any:
-            if ev == "tick":
-                _rec["handled"].append((data["ts"], _now()))
-            return handler(data, ev, src, wid)
-
-        return _subscribe(self, source, event, traced)
-
-    _client.Client.subscribe = _traced_subscribe  # type: ignore[method-assign]
 
     # --- per hop, by publisher (storm_delays.py --hops) ---------------------------------
     # The router's routing of one read (who published it: the connection's worker id) and
@@ -149,7 +131,7 @@ if os.environ.get("WB_STORM_TRACE"):
 
     _broker.Broker._take = _traced_take  # type: ignore[method-assign]
 
-    def _traced_decoded_hops(self: Any, payloads: list[bytes]) -> Any:
+    def _traced_decoded(self: Any, payloads: list[bytes]) -> Any:
         t = _now()
         batch = _decoded(self, payloads)
         ticks = [(fields[2]["ts"], fields[3]) for fields in batch if fields[1] == "tick"]
@@ -159,9 +141,9 @@ if os.environ.get("WB_STORM_TRACE"):
             )
         return batch
 
-    _client.Client._decoded = _traced_decoded_hops  # type: ignore[method-assign]
+    _client.Client._decoded = _traced_decoded  # type: ignore[method-assign]
 
-    def _traced_subscribe_hops(self: Any, source: str, event: str, handler: Any) -> str:
+    def _traced_subscribe(self: Any, source: str, event: str, handler: Any) -> str:
         me = self.worker_id
         _rec["me"].append((me,))
 
@@ -172,4 +154,4 @@ if os.environ.get("WB_STORM_TRACE"):
 
         return _subscribe(self, source, event, traced)
 
-    _client.Client.subscribe = _traced_subscribe_hops  # type: ignore[method-assign]
+    _client.Client.subscribe = _traced_subscribe  # type: ignore[method-assign]
