@@ -101,6 +101,10 @@ _TRIM_AFTER_CLOSES = 64
 #: enough for a worker's bursts at up to ~4 000 a second, long enough to tell the reads of
 #: one busy turn of the event loop apart from separate bursts.
 DIRECT_WRITE_QUIET = 0.00025
+#: Broker.route_waiting routes the host's writes at once only while no worker's queue
+#: holds this many frames not yet written (nor a direct write's rest): beyond it, that
+#: worker reads slower than the host publishes, and the host must feel it.
+_WAITING_BACKLOG = 1024
 _monotonic = time.monotonic
 #: The capabilities this broker grants when a native hello asks for them (protocol.md §8).
 SUPPORTED_CAPS = frozenset({CAP_WELCOME, CAP_BARRIER, CAP_CLUSTER, CAP_FILTER, CAP_UNFRAMED})
@@ -170,6 +174,7 @@ class _Connection:
         "frames",
         "idle",
         "last_write",
+        "parked",
         "pending",
         "pid",
         "queue",
@@ -209,6 +214,8 @@ class _Connection:
         self.pending: tuple[bytes, list[bytes], int] | None = None
         #: When (time.monotonic) bytes were last handed to this connection's socket.
         self.last_write = 0.0
+        #: The read task waits for bytes, everything before them routed (route_waiting).
+        self.parked = False
 
     def send_control(self, frame: bytes) -> None:
         self.control.append(frame)
@@ -681,74 +688,135 @@ class Broker:
         logger.info("%s disconnected", conn)
 
     async def _read_loop(self, conn: _Connection, frames: list[bytes]) -> None:
-        profile = self.profile
-        router = self.router
-        route_runs = router.route_runs
-        wid = conn.worker_id
-        barrier = CAP_BARRIER in conn.caps
-        cluster = CAP_CLUSTER in conn.caps
-        filtering = CAP_FILTER in conn.caps
+        route_read = self._route_read
+        caps = conn.caps
+        barrier = CAP_BARRIER in caps
+        cluster = CAP_CLUSTER in caps
+        filtering = CAP_FILTER in caps
         keys: list[RunKeys | None] | None = [] if filtering else None
-        ping = -1  # the n of a read's last frame, a ping answered once the rest is routed
         try:
             while True:
                 if self._hold is not None:
                     await self._hold.wait()  # a takeover: hellos first (await_reconnects)
-                # Consecutive publishes with the same target (and, with "filter" granted,
-                # the same (src, ev): §8) make a run; the router hands each queue all the
-                # runs of one read it takes at once. A bad frame ends the connection after
-                # everything before it was routed. Idle writers that get frames from this
-                # read are written to when it is routed (Broker._routing).
-                direct = self._routing()
+                route_read(conn, frames, barrier, cluster, filtering, keys)
+                conn.parked = True
                 try:
-                    if barrier and ping < 0 and frames:
-                        # A flushing publisher ends its read with a ping: known by its
-                        # bytes, it stays out of the publish decoder (whose error path
-                        # would find it); the pong goes after everything before it.
-                        ping = usual_ping(profile, frames[-1])
-                        if ping >= 0:
-                            frames = frames[:-1]
-                    if frames:
-                        if keys is not None:
-                            keys.clear()
-                        runs, error = decode_publish_batch(profile, frames, keys)
-                        if not cluster:
-                            for index, (target, _) in enumerate(runs):
-                                if target.cluster:
-                                    # (what came before it is routed: like any bad frame)
-                                    route_runs(wid, runs[:index], keys)
-                                    raise RemoteProtocolError(
-                                        "a publish with scope 'cluster' without the 'cluster' capability in the hello"
-                                    )
-                        route_runs(wid, runs, keys)
-                        if error is not None:
-                            if not barrier and not filtering:
-                                raise error
-                            # Not a publish: a ping or a sub is the only other thing a
-                            # granted client may send. Recognised only here, off the
-                            # publish fast path. Everything before it is routed (above), so
-                            # the pong is the barrier and a sub applies to what this client
-                            # publishes after it.
-                            done = sum(len(run) for _, run in runs)
-                            self._control_from(conn, frames[done], error, barrier, filtering)
-                            frames = frames[done + 1 :]
-                            if frames:
-                                continue
-                    if ping >= 0:
-                        conn.send_control(self._delivery(conn, encode_pong(profile, ping)))
-                        ping = -1
+                    frames = await conn.frames.receive()
                 finally:
-                    self._routed(direct)
-                frames = await conn.frames.receive()
+                    conn.parked = False
         except anyio.EndOfStream:
             pass
         except RemoteProtocolError as exc:
             if conn.timed_out:
                 return  # the frame deadline hung up: counted and logged already
-            self._protocol_errors += 1
-            self.log_limiter.log(logging.WARNING, "closing %s: protocol error: %s", conn, exc)
+            self._protocol_error(conn, exc)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             logger.info("connection of %s broke: %r", conn, exc)
+
+    def _protocol_error(self, conn: _Connection, exc: RemoteProtocolError) -> None:
+        self._protocol_errors += 1
+        self.log_limiter.log(logging.WARNING, "closing %s: protocol error: %s", conn, exc)
+
+    def _route_read(
+        self,
+        conn: _Connection,
+        frames: list[bytes],
+        barrier: bool,
+        cluster: bool,
+        filtering: bool,
+        keys: list[RunKeys | None] | None,
+    ) -> None:
+        """Route one read's frames (the flags: the connection's capabilities; ``keys``: a
+        list to reuse when it has "filter"). A bad frame raises RemoteProtocolError after
+        everything before it was routed (the connection then ends)."""
+        profile = self.profile
+        route_runs = self.router.route_runs
+        wid = conn.worker_id
+        ping = -1  # the n of a read's last frame, a ping answered once the rest is routed
+        # Consecutive publishes with the same target (and, with "filter" granted, the same
+        # (src, ev): §8) make a run; the router hands each queue all the runs of one read
+        # it takes at once. Idle writers that get frames from this read are written to
+        # when it is routed (Broker._routing).
+        direct = self._routing()
+        try:
+            while True:
+                if barrier and ping < 0 and frames:
+                    # A flushing publisher ends its read with a ping: known by its bytes,
+                    # it stays out of the publish decoder (whose error path would find
+                    # it); the pong goes after everything before it.
+                    ping = usual_ping(profile, frames[-1])
+                    if ping >= 0:
+                        frames = frames[:-1]
+                if frames:
+                    if keys is not None:
+                        keys.clear()
+                    runs, error = decode_publish_batch(profile, frames, keys)
+                    if not cluster:
+                        for index, (target, _) in enumerate(runs):
+                            if target.cluster:
+                                # (what came before it is routed: like any bad frame)
+                                route_runs(wid, runs[:index], keys)
+                                raise RemoteProtocolError(
+                                    "a publish with scope 'cluster' without the 'cluster' capability in the hello"
+                                )
+                    route_runs(wid, runs, keys)
+                    if error is not None:
+                        if not barrier and not filtering:
+                            raise error
+                        # Not a publish: a ping or a sub is the only other thing a granted
+                        # client may send. Recognised only here, off the publish fast
+                        # path. Everything before it is routed (above), so the pong is the
+                        # barrier and a sub applies to what this client publishes after it.
+                        done = sum(len(run) for _, run in runs)
+                        self._control_from(conn, frames[done], error, barrier, filtering)
+                        frames = frames[done + 1 :]
+                        if frames:
+                            continue
+                if ping >= 0:
+                    conn.send_control(self._delivery(conn, encode_pong(profile, ping)))
+                return
+        finally:
+            self._routed(direct)
+
+    def route_waiting(self, worker_id: int) -> None:
+        """Route now the publishes that worker ``worker_id`` has written, if its read task
+        waits for them: for the process hosting this broker, after its own client wrote.
+
+        The host's publisher runs a burst in one turn of the host's loop (its early writes
+        put pieces on the socket meanwhile); the read task would route them only after
+        that turn and the host's other ready callbacks (docs/benchmarks.md "Embedded seed,
+        session 5"). Routed exactly as the read task would (Broker._route_read): whole
+        frames only, when nothing is held before them, no takeover holds routing and no
+        worker's writes are behind; a partial frame stays in the socket for the read task.
+        """
+        conn = self._connections.get(worker_id)
+        if conn is None or not conn.parked or self._hold is not None or self._direct:
+            return
+        if conn.scope is None or conn.scope.cancel_called:
+            return
+        for each in self._connections.values():
+            if each.pending is not None or len(each.queue.frames) >= _WAITING_BACKLOG:
+                # A worker's writes are behind: leave this to the read task, so that a
+                # host publishing faster than the workers read still fills its socket
+                # and its buffer, and waits (backpressure, as without this path).
+                return
+        frames, size = conn.frames.peek()
+        if not frames:
+            return
+        try:
+            conn.frames.take(size)
+            caps = conn.caps
+            filtering = CAP_FILTER in caps
+            self._route_read(
+                conn, frames, CAP_BARRIER in caps, CAP_CLUSTER in caps, filtering, [] if filtering else None
+            )
+        except RemoteProtocolError as exc:
+            # what the read task would have done with it: counted, logged, connection ended
+            self._protocol_error(conn, exc)
+            self._hang_up(conn)
+        except (anyio.BrokenResourceError, OSError) as exc:
+            logger.info("connection of %s broke: %r", conn, exc)
+            self._hang_up(conn)
 
     def _control_from(
         self, conn: _Connection, payload: bytes, error: RemoteProtocolError, barrier: bool, filtering: bool

@@ -235,6 +235,10 @@ class ClientHooks:
     def session_started(self, client: Client) -> None:
         """Connected: the hello went out and (native) the welcome came back. May publish."""
 
+    def wrote(self, client: Client) -> None:
+        """A write of buffered publishes went onto the socket whole, right now (embed: the
+        host's broker routes them at once). Not called for a plain client's hooks."""
+
     def session_ended(self, client: Client) -> None:
         """The connection is gone (the client reconnects on its own)."""
 
@@ -328,6 +332,10 @@ class Client:
     ) -> None:
         self.address = address
         self.hooks = _PLAIN if hooks is None else hooks
+        # (a plain client pays nothing per write for the hook)
+        self._wrote: Callable[[Client], None] | None = (
+            None if type(self.hooks).wrote is ClientHooks.wrote else self.hooks.wrote
+        )
         # Bound once: these two run per event.
         self._encode_publish = self.hooks.encode_publish
         # The default encoder is build_publish_frame; when the hooks keep it, publishes
@@ -1231,6 +1239,8 @@ class Client:
         if written == len(data):
             self._sent += len(batch)
             self._made_progress()
+            if self._wrote is not None:
+                self._wrote(self)
             return True
         self._pending_write = (data[written:] if written else data, batch)
         return False
@@ -1275,6 +1285,8 @@ class Client:
                     self._writing = False
                 self._sent += len(batch)
                 self._made_progress()
+                if self._wrote is not None:
+                    self._wrote(self)
         finally:
             self._frames_out = None
             self._pending_write = None

@@ -168,6 +168,14 @@ class _Embedding(ClientHooks):
         except (anyio.WouldBlock, PublishBufferFull, PayloadTooLarge) as exc:
             logger.warning("worker %d could not send its sync marker: %r", client.worker_id, exc)
 
+    def wrote(self, client: Client) -> None:
+        # The host's own publishes are routed now, in the publisher's turn, rather than
+        # after it when the broker's read task gets the loop (docs/benchmarks.md
+        # "Embedded seed, session 5").
+        hosting = self.hosting
+        if hosting is not None and hosting.broker is not None:
+            hosting.broker.route_waiting(client.worker_id)
+
     def session_ended(self, client: Client) -> None:
         self.watch.lost_at = time.monotonic()
         if self.hosting is not None:

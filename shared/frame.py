@@ -84,6 +84,10 @@ class FrameDecoder:
         self._need = header_len
         self._error: str | None = None
 
+    def fresh(self) -> FrameDecoder:
+        """An empty decoder with the same settings (FrameStream.peek parses with one)."""
+        return FrameDecoder(self._header_len, self._max)
+
     @property
     def buffered(self) -> int:
         """How many bytes of incomplete frames are held."""

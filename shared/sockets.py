@@ -53,6 +53,20 @@ def _send_at_once(sock: socket.socket, data: bytes) -> int:
         raise anyio.BrokenResourceError from exc
 
 
+def _peek(sock: socket.socket, max_bytes: int) -> bytes:
+    try:
+        return sock.recv(max_bytes, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return b""
+
+
+def _discard(sock: socket.socket, size: int) -> None:
+    # (a stream socket gives a reader every byte it peeked, in one call)
+    taken = sock.recv(size, socket.MSG_DONTWAIT)
+    if len(taken) != size:
+        raise anyio.BrokenResourceError(f"took {len(taken)} of {size} peeked bytes")
+
+
 class GuardedStream(ByteStream):
     """A byte stream over a connected Unix socket; see the module docstring."""
 
@@ -87,6 +101,15 @@ class GuardedStream(ByteStream):
             if not data:
                 raise anyio.EndOfStream
             return data
+
+    def peek_nowait(self, max_bytes: int) -> bytes:
+        """The bytes a receive would get now, left in the socket; b"" when none wait (or
+        the socket is closed or broken: the next receive finds out)."""
+        return b"" if self._closed else _peek(self._sock, max_bytes)
+
+    def discard_nowait(self, size: int) -> None:
+        """Take ``size`` bytes that :meth:`peek_nowait` showed (this is their only reader)."""
+        _discard(self._sock, size)
 
     async def send(self, item: bytes) -> None:
         # The same race on the way out: a writer blocked on a full socket and cancelled
@@ -255,6 +278,19 @@ class TransportStream(ByteStream):
             proto.reading_paused = False
             self._transport.resume_reading()
         return data
+
+    def peek_nowait(self, max_bytes: int) -> bytes:
+        """As :meth:`GuardedStream.peek_nowait`, while the transport holds no bytes (else
+        b""): what the socket holds comes after them."""
+        proto = self._protocol
+        if self._closed or proto.chunks or proto.eof or proto.lost or proto.reading_paused:
+            return b""
+        return _peek(self._sock, max_bytes)
+
+    def discard_nowait(self, size: int) -> None:
+        """As :meth:`GuardedStream.discard_nowait` (the transport's next read of the
+        socket then finds nothing, which it takes in its stride)."""
+        _discard(self._sock, size)
 
     async def send(self, item: bytes) -> None:
         # As GuardedStream.send: a cancellation is taken before anything is written, the

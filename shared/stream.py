@@ -102,6 +102,29 @@ class FrameStream:
             if frames:
                 return frames
 
+    def peek(self) -> tuple[list[bytes], int]:
+        """The whole frames waiting in the socket now, left there: the frames and their
+        bytes (``take`` them after use). Nothing when that cannot be told without waiting
+        or without taking: a stream that cannot peek (shared/sockets.py's streams can),
+        bytes or an error already held, a bad frame."""
+        peek = getattr(self.stream, "peek_nowait", None)
+        decoder = self._decoder
+        if peek is None or self._initial or decoder.buffered or decoder.failed:
+            return [], 0
+        data = peek(RECEIVE_SIZE)
+        if not data:
+            return [], 0
+        probe = decoder.fresh()
+        try:
+            frames = probe.feed(data)
+        except RemoteProtocolError:
+            return [], 0  # the read task meets it, as always
+        return frames, len(data) - probe.buffered
+
+    def take(self, size: int) -> None:
+        """Take the ``size`` bytes of frames that :meth:`peek` returned."""
+        self.stream.discard_nowait(size)  # type: ignore[attr-defined]
+
     def _track(self, frames: list[bytes]) -> None:
         # A read that completed frames and left a tail started a new frame just now.
         if self._decoder.buffered:
