@@ -681,64 +681,17 @@ class Broker:
         logger.info("%s disconnected", conn)
 
     async def _read_loop(self, conn: _Connection, frames: list[bytes]) -> None:
-        profile = self.profile
-        router = self.router
-        route_runs = router.route_runs
-        wid = conn.worker_id
-        barrier = CAP_BARRIER in conn.caps
-        cluster = CAP_CLUSTER in conn.caps
-        filtering = CAP_FILTER in conn.caps
-        keys: list[RunKeys | None] | None = [] if filtering else None
-        ping = -1  # the n of a read's last frame, a ping answered once the rest is routed
+        route_read = functools.partial(self._route_read, conn)
+        # On asyncio's selector loop, a read that arrives while this task waits for it is
+        # routed right in the transport's callback (FrameStream.read_inline), by the same
+        # _route_read: no task wake-up per read. Not during a takeover's hold, nor once
+        # the connection is being cancelled: then this task reads as always.
+        conn.frames.read_inline(route_read, functools.partial(self._inline_ok, conn))
         try:
             while True:
                 if self._hold is not None:
                     await self._hold.wait()  # a takeover: hellos first (await_reconnects)
-                # Consecutive publishes with the same target (and, with "filter" granted,
-                # the same (src, ev): §8) make a run; the router hands each queue all the
-                # runs of one read it takes at once. A bad frame ends the connection after
-                # everything before it was routed. Idle writers that get frames from this
-                # read are written to when it is routed (Broker._routing).
-                direct = self._routing()
-                try:
-                    if barrier and ping < 0 and frames:
-                        # A flushing publisher ends its read with a ping: known by its
-                        # bytes, it stays out of the publish decoder (whose error path
-                        # would find it); the pong goes after everything before it.
-                        ping = usual_ping(profile, frames[-1])
-                        if ping >= 0:
-                            frames = frames[:-1]
-                    if frames:
-                        if keys is not None:
-                            keys.clear()
-                        runs, error = decode_publish_batch(profile, frames, keys)
-                        if not cluster:
-                            for index, (target, _) in enumerate(runs):
-                                if target.cluster:
-                                    # (what came before it is routed: like any bad frame)
-                                    route_runs(wid, runs[:index], keys)
-                                    raise RemoteProtocolError(
-                                        "a publish with scope 'cluster' without the 'cluster' capability in the hello"
-                                    )
-                        route_runs(wid, runs, keys)
-                        if error is not None:
-                            if not barrier and not filtering:
-                                raise error
-                            # Not a publish: a ping or a sub is the only other thing a
-                            # granted client may send. Recognised only here, off the
-                            # publish fast path. Everything before it is routed (above), so
-                            # the pong is the barrier and a sub applies to what this client
-                            # publishes after it.
-                            done = sum(len(run) for _, run in runs)
-                            self._control_from(conn, frames[done], error, barrier, filtering)
-                            frames = frames[done + 1 :]
-                            if frames:
-                                continue
-                    if ping >= 0:
-                        conn.send_control(self._delivery(conn, encode_pong(profile, ping)))
-                        ping = -1
-                finally:
-                    self._routed(direct)
+                route_read(frames)
                 frames = await conn.frames.receive()
         except anyio.EndOfStream:
             pass
@@ -749,6 +702,67 @@ class Broker:
             self.log_limiter.log(logging.WARNING, "closing %s: protocol error: %s", conn, exc)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             logger.info("connection of %s broke: %r", conn, exc)
+        finally:
+            conn.frames.read_inline(None, _never)
+
+    def _inline_ok(self, conn: _Connection) -> bool:
+        scope = conn.scope
+        return self._hold is None and scope is not None and not scope.cancel_called
+
+    def _route_read(self, conn: _Connection, frames: list[bytes]) -> None:
+        """Route the frames of one read of ``conn``: the read loop's one step, run by its
+        task or by the transport's callback (see _read_loop). A bad frame raises
+        RemoteProtocolError after everything before it was routed."""
+        profile = self.profile
+        caps = conn.caps
+        barrier = CAP_BARRIER in caps
+        filtering = CAP_FILTER in caps
+        keys: list[RunKeys | None] | None = [] if filtering else None
+        ping = -1  # the n of a read's last frame, a ping answered once the rest is routed
+        # Consecutive publishes with the same target (and, with "filter" granted, the same
+        # (src, ev): §8) make a run; the router hands each queue all the runs of one read
+        # it takes at once. Idle writers that get frames from this read are written to
+        # when it is routed (Broker._routing).
+        direct = self._routing()
+        try:
+            while True:
+                if barrier and ping < 0 and frames:
+                    # A flushing publisher ends its read with a ping: known by its bytes,
+                    # it stays out of the publish decoder (whose error path would find
+                    # it); the pong goes after everything before it.
+                    ping = usual_ping(profile, frames[-1])
+                    if ping >= 0:
+                        frames = frames[:-1]
+                if frames:
+                    if keys is not None:
+                        keys.clear()
+                    runs, error = decode_publish_batch(profile, frames, keys)
+                    if CAP_CLUSTER not in caps:
+                        for index, (target, _) in enumerate(runs):
+                            if target.cluster:
+                                # (what came before it is routed: like any bad frame)
+                                self.router.route_runs(conn.worker_id, runs[:index], keys)
+                                raise RemoteProtocolError(
+                                    "a publish with scope 'cluster' without the 'cluster' capability in the hello"
+                                )
+                    self.router.route_runs(conn.worker_id, runs, keys)
+                    if error is not None:
+                        if not barrier and not filtering:
+                            raise error
+                        # Not a publish: a ping or a sub is the only other thing a granted
+                        # client may send. Recognised only here, off the publish fast path.
+                        # Everything before it is routed (above), so the pong is the
+                        # barrier and a sub applies to what this client publishes after it.
+                        done = sum(len(run) for _, run in runs)
+                        self._control_from(conn, frames[done], error, barrier, filtering)
+                        frames = frames[done + 1 :]
+                        if frames:
+                            continue
+                if ping >= 0:
+                    conn.send_control(self._delivery(conn, encode_pong(profile, ping)))
+                return
+        finally:
+            self._routed(direct)
 
     def _control_from(
         self, conn: _Connection, payload: bytes, error: RemoteProtocolError, barrier: bool, filtering: bool
@@ -1086,6 +1100,10 @@ class Broker:
             bridge=None if self.bridge is None else self.bridge.statistics(),
             frame_timeouts=self._frame_timeouts,
         )
+
+
+def _never() -> bool:
+    return False
 
 
 def _by_worker_id(conn: _Connection) -> int:

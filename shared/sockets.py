@@ -152,6 +152,11 @@ class _Protocol(asyncio.Protocol):
         #: The task waiting in send for the transport's buffer to empty, if any.
         self.drained: asyncio.Future[None] | None = None
         self.transport: asyncio.Transport | None = None
+        #: Called by data_received while a task waits in receive (TransportStream.on_data):
+        #: True when it took the bytes itself, so the waiting task need not be woken.
+        self.on_data: Callable[[], bool] | None = None
+        #: What the next receive raises (TransportStream.fail_receive), if anything.
+        self.failure: BaseException | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -168,6 +173,12 @@ class _Protocol(asyncio.Protocol):
         if self.size >= _READ_AHEAD and not self.reading_paused and self.transport is not None:
             self.reading_paused = True
             self.transport.pause_reading()
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        on_data = self.on_data
+        if on_data is not None and on_data() and not self.chunks:
+            return
         self.wake()
 
     def eof_received(self) -> bool:
@@ -225,19 +236,31 @@ class TransportStream(ByteStream):
             await anyio.lowlevel.checkpoint()
         else:
             # (No checkpoint_if_cancelled first: a cancelled scope cancels the wait below.)
-            while not proto.chunks and not proto.eof and not proto.lost and not self._closed:
+            while not proto.chunks and not proto.eof and not proto.lost and not self._closed and proto.failure is None:
                 proto.waiter = waiter = self._loop.create_future()
                 try:
                     await waiter
                 finally:
                     proto.waiter = None
-        chunks = proto.chunks
-        if not chunks:
+        if proto.failure is not None:
+            failure, proto.failure = proto.failure, None
+            raise failure
+        data = self.receive_nowait(max_bytes)
+        if not data:
             if self._closed:
                 raise anyio.ClosedResourceError
             if proto.exc is not None:
                 raise anyio.BrokenResourceError from proto.exc
             raise anyio.EndOfStream  # (eof, or lost without an error: the peer closed)
+        return data
+
+    def receive_nowait(self, max_bytes: int = 65536) -> bytes:
+        """What :meth:`receive` returns, taken from the bytes already here without a
+        schedule point: b"" when there are none (whether or not the stream has ended)."""
+        proto = self._protocol
+        chunks = proto.chunks
+        if not chunks:
+            return b""
         data = chunks.popleft()
         if len(data) > max_bytes:
             chunks.appendleft(data[max_bytes:])
@@ -255,6 +278,23 @@ class TransportStream(ByteStream):
             proto.reading_paused = False
             self._transport.resume_reading()
         return data
+
+    @property
+    def on_data(self) -> Callable[[], bool] | None:
+        """Called, in the transport's callback, when bytes arrive while a task waits in
+        :meth:`receive`: it may take them (:meth:`receive_nowait`) and return True, and the
+        waiting task is not woken (a burst then costs no task wake-up and no loop turn). It
+        must not raise: what it fails with goes to :meth:`fail_receive`."""
+        return self._protocol.on_data
+
+    @on_data.setter
+    def on_data(self, callback: Callable[[], bool] | None) -> None:
+        self._protocol.on_data = callback
+
+    def fail_receive(self, exc: BaseException) -> None:
+        """Make the waiting (or the next) :meth:`receive` raise ``exc``, before any bytes."""
+        self._protocol.failure = exc
+        self._protocol.wake()
 
     async def send(self, item: bytes) -> None:
         # As GuardedStream.send: a cancellation is taken before anything is written, the
