@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio  # noqa: TID251 - the transport below is asyncio's; used only on asyncio's loop
 import errno
 import socket
+import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,6 +38,33 @@ import anyio.lowlevel
 from anyio.abc import ByteStream, SocketAttribute
 
 __all__ = ["GuardedStream", "TransportStream", "connect_unix", "guard"]
+
+
+#: Bytes asked for per read of the socket (what a read of a busy peer may bring at once).
+_READ_SIZE = 256 * 1024
+
+
+class _ReadBuffer(threading.local):
+    """One read buffer per thread (per event loop): every read of the thread's sockets goes
+    into it and leaves as a copy of the bytes that came, at once. ``sock.recv(256 KiB)``
+    instead allocates 256 KiB per read, which glibc's malloc serves with ``mmap`` (over its
+    threshold), then shrinks (``mremap``) to what came and frees (``munmap``): three
+    system calls and a page fault per read, and at a fixed rate every read is a wake-up of
+    its own (docs/benchmarks.md, "Broker reads in the transport callback, session 5")."""
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(_READ_SIZE))
+
+
+_buffer = _ReadBuffer()
+
+
+def _recv(sock: socket.socket, max_bytes: int) -> bytes:
+    """``sock.recv(max_bytes)`` through the thread's read buffer (see _ReadBuffer)."""
+    view = _buffer.view
+    if max_bytes < len(view):
+        view = view[:max_bytes]
+    return bytes(view[: sock.recv_into(view)])
 
 
 def _send_at_once(sock: socket.socket, data: bytes) -> int:
@@ -73,7 +101,7 @@ class GuardedStream(ByteStream):
             if self._closed:
                 raise anyio.ClosedResourceError
             try:
-                data = sock.recv(max_bytes)
+                data = _recv(sock, max_bytes)
             except BlockingIOError:
                 await anyio.wait_readable(sock)
                 waited = True
@@ -136,8 +164,9 @@ class GuardedStream(ByteStream):
 _READ_AHEAD = 256 * 1024
 
 
-class _Protocol(asyncio.Protocol):
-    """What the transport calls back: bytes in, end of stream, loss, write pressure."""
+class _Protocol(asyncio.BufferedProtocol):
+    """What the transport calls back: bytes in, end of stream, loss, write pressure. (A
+    buffered protocol: the transport reads into the thread's buffer, see _ReadBuffer.)"""
 
     def __init__(self) -> None:
         self.chunks: deque[bytes] = deque()
@@ -166,6 +195,12 @@ class _Protocol(asyncio.Protocol):
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _buffer.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_buffer.view[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         self.chunks.append(data)
