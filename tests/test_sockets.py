@@ -359,3 +359,30 @@ async def test_a_cancelled_reader_leaves_the_bytes_for_the_next_receive(pair: tu
     assert reader.inline == []
     with anyio.fail_after(5):
         assert await reader.frames.receive() == [b"f:0"]
+
+
+async def test_every_read_is_its_own_copy(sock_dir: str) -> None:
+    # Both streams read into one buffer per thread and hand out a copy of what came
+    # (shared/sockets.py, _ReadBuffer): bytes read earlier, from this connection or
+    # another, never change under their reader, however large the reads.
+    a_client, a_server = await _pair(os.path.join(sock_dir, "a.sock"))
+    b_client, b_server = await _pair(os.path.join(sock_dir, "b.sock"))
+    try:
+        pattern = bytes(range(251)) * 5000  # ~1.2 MiB, no period of a power of two
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a_client.send, pattern)
+            tg.start_soon(b_client.send, pattern[::-1])
+            got_a: list[bytes] = []
+            got_b: list[bytes] = []
+            with anyio.fail_after(10):
+                while sum(map(len, got_a)) < len(pattern) or sum(map(len, got_b)) < len(pattern):
+                    if sum(map(len, got_a)) < len(pattern):
+                        got_a.append(await a_server.receive(1 << 20))
+                    if sum(map(len, got_b)) < len(pattern):
+                        got_b.append(await b_server.receive(1 << 20))
+        assert b"".join(got_a) == pattern
+        assert b"".join(got_b) == pattern[::-1]
+        assert all(type(chunk) is bytes for chunk in got_a + got_b)
+    finally:
+        for stream in (a_client, a_server, b_client, b_server):
+            await anyio.aclose_forcefully(stream)
