@@ -143,7 +143,7 @@ class FrameStream:
                 on_frames(frames)
             if self._decoder.failed:
                 self._decoder.feed(b"")  # raises what it latched (after the frames before it)
-        except Exception as exc:  # noqa: BLE001 - raised by the reader's receive (see read_inline)
+        except Exception as exc:  # noqa: BLE001 - raised by the reader's receive instead (see read_inline)
             stream.fail_receive(exc)
         return True
 

@@ -22,6 +22,7 @@ from shared.errors import RemoteProtocolError
 from shared.frame import encode_frame
 from shared.sockets import GuardedStream, TransportStream, connect_unix, guard
 from shared.stream import FrameStream
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -247,7 +248,7 @@ class _Inline:
         try:
             while True:
                 self.step(await self.frames.receive(), self.received)
-        except Exception as exc:  # noqa: BLE001 - what the test looks at
+        except Exception as exc:  # what the test looks at
             self.error = exc
             self.changed.set()
 
@@ -281,9 +282,7 @@ async def test_reads_go_to_the_callback_while_the_reader_waits(
         # a frame split over two reads: the decoder's own buffering, frame_started set
         whole = encode_frame(b"f:20")
         await client.send(whole[:3])
-        with anyio.fail_after(5):
-            while reader.frames.frame_started is None:
-                await anyio.sleep(0.001)
+        await wait_until(lambda: reader.frames.frame_started is not None)
         await client.send(whole[3:])
         expected.append(b"f:20")
         await reader.wait_for(21)
