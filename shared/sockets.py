@@ -23,9 +23,6 @@ every process, that is a good part of each process's CPU per event (docs/benchma
 leaves the bytes in the buffer. The broker may also take a read right in the transport's
 callback while its reader waits (:attr:`TransportStream.on_data`, used by
 shared/stream.py's ``FrameStream.read_inline``), which saves the task wake-up too.
-
-Both read into one buffer per thread and return a copy of what came (``_ReadBuffer``):
-a plain ``recv(256 KiB)`` costs three system calls and a page fault in malloc per read.
 """
 
 from __future__ import annotations
@@ -33,7 +30,6 @@ from __future__ import annotations
 import asyncio  # noqa: TID251 - the transport below is asyncio's; used only on asyncio's loop
 import errno
 import socket
-import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -43,33 +39,6 @@ import anyio.lowlevel
 from anyio.abc import ByteStream, SocketAttribute
 
 __all__ = ["GuardedStream", "TransportStream", "connect_unix", "guard"]
-
-
-#: Bytes asked for per read of the socket (what a read of a busy peer may bring at once).
-_READ_SIZE = 256 * 1024
-
-
-class _ReadBuffer(threading.local):
-    """One read buffer per thread (per event loop): every read of the thread's sockets goes
-    into it and leaves as a copy of the bytes that came, at once. ``sock.recv(256 KiB)``
-    instead allocates 256 KiB per read, which glibc's malloc serves with ``mmap`` (over its
-    threshold), then shrinks (``mremap``) to what came and frees (``munmap``): three
-    system calls and a page fault per read, and at a fixed rate every read is a wake-up of
-    its own (docs/benchmarks.md, "Broker reads in the transport callback, session 5")."""
-
-    def __init__(self) -> None:
-        self.view = memoryview(bytearray(_READ_SIZE))
-
-
-_buffer = _ReadBuffer()
-
-
-def _recv(sock: socket.socket, max_bytes: int) -> bytes:
-    """``sock.recv(max_bytes)`` through the thread's read buffer (see _ReadBuffer)."""
-    view = _buffer.view
-    if max_bytes < len(view):
-        view = view[:max_bytes]
-    return bytes(view[: sock.recv_into(view)])
 
 
 def _send_at_once(sock: socket.socket, data: bytes) -> int:
@@ -106,7 +75,7 @@ class GuardedStream(ByteStream):
             if self._closed:
                 raise anyio.ClosedResourceError
             try:
-                data = _recv(sock, max_bytes)
+                data = sock.recv(max_bytes)
             except BlockingIOError:
                 await anyio.wait_readable(sock)
                 waited = True
@@ -167,11 +136,17 @@ class GuardedStream(ByteStream):
 #: Bytes a TransportStream holds unread before it stops reading the socket (then the
 #: kernel's buffer fills and the peer's writes wait, as without the transport).
 _READ_AHEAD = 256 * 1024
+#: Bytes the transport asks for per read (asyncio's default is 256 KiB). Below glibc
+#: malloc's mmap threshold (128 KiB at start): a read of 256 KiB is allocated with
+#: ``mmap``, shrunk to what came with ``mremap`` and freed with ``munmap``, three system
+#: calls and a page fault per read, and at a fixed rate every read is a wake-up of its
+#: own (docs/benchmarks.md, "Broker reads in the transport callback, session 5"). The
+#: bytes of several reads still reach a receive together (it joins what is buffered).
+_TRANSPORT_READ = 64 * 1024
 
 
-class _Protocol(asyncio.BufferedProtocol):
-    """What the transport calls back: bytes in, end of stream, loss, write pressure. (A
-    buffered protocol: the transport reads into the thread's buffer, see _ReadBuffer.)"""
+class _Protocol(asyncio.Protocol):
+    """What the transport calls back: bytes in, end of stream, loss, write pressure."""
 
     def __init__(self) -> None:
         self.chunks: deque[bytes] = deque()
@@ -200,12 +175,6 @@ class _Protocol(asyncio.BufferedProtocol):
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return _buffer.view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(_buffer.view[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         self.chunks.append(data)
@@ -417,6 +386,8 @@ async def guard(stream: ByteStream) -> ByteStream:
             await anyio.aclose_forcefully(stream)
             raise
         assert isinstance(transport, asyncio.Transport) and isinstance(protocol, _Protocol)
+        # (an attribute of the selector loop's socket transports, read at every read)
+        setattr(transport, "max_size", _TRANSPORT_READ)  # noqa: B010
         return TransportStream(stream, sock, transport, protocol)
     return GuardedStream(stream, sock)
 
