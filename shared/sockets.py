@@ -136,13 +136,16 @@ class GuardedStream(ByteStream):
 #: Bytes a TransportStream holds unread before it stops reading the socket (then the
 #: kernel's buffer fills and the peer's writes wait, as without the transport).
 _READ_AHEAD = 256 * 1024
-#: Bytes the transport asks for per read (asyncio's default is 256 KiB). Below glibc
-#: malloc's mmap threshold (128 KiB at start): a read of 256 KiB is allocated with
+#: Bytes the transport asks for per read at first (asyncio's default is 256 KiB). Below
+#: glibc malloc's mmap threshold (128 KiB at start): a read of 256 KiB is allocated with
 #: ``mmap``, shrunk to what came with ``mremap`` and freed with ``munmap``, three system
 #: calls and a page fault per read, and at a fixed rate every read is a wake-up of its
-#: own (docs/benchmarks.md, "Broker reads in the transport callback, session 5"). The
-#: bytes of several reads still reach a receive together (it joins what is buffered).
+#: own (docs/benchmarks.md, "Broker reads in the transport callback, session 5").
 _TRANSPORT_READ = 64 * 1024
+#: ... and once a read fills that (a busy peer): larger reads mean fewer, larger batches
+#: (64 KiB ones cost a flood's broker ~20 % more CPU per delivery, compiled), and after the
+#: first full 256 KiB read is freed, malloc serves reads of that size from its heap.
+_TRANSPORT_READ_BUSY = 256 * 1024
 
 
 class _Protocol(asyncio.Protocol):
@@ -178,7 +181,10 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.chunks.append(data)
-        self.size += len(data)
+        size = len(data)
+        self.size += size
+        if size == _TRANSPORT_READ and self.transport is not None:
+            setattr(self.transport, "max_size", _TRANSPORT_READ_BUSY)  # noqa: B010 - see guard()
         if self.size >= _READ_AHEAD and not self.reading_paused and self.transport is not None:
             self.reading_paused = True
             self.transport.pause_reading()

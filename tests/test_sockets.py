@@ -362,9 +362,10 @@ async def test_a_cancelled_reader_leaves_the_bytes_for_the_next_receive(pair: tu
 
 async def test_large_transfers_arrive_whole_and_in_order(sock_dir: str, anyio_backend: str) -> None:
     # On asyncio's loop the transport reads at most 64 KiB at a time (a 256 KiB read costs
-    # malloc an mmap, an mremap and an munmap: shared/sockets.py); a receive still gets
-    # what several reads brought, up to its max_bytes. Two connections at once, ~1.2 MiB
-    # each, patterns that a mix-up between reads or connections would break.
+    # malloc an mmap, an mremap and an munmap: shared/sockets.py) until a read fills that,
+    # then 256 KiB (a busy peer: fewer, larger batches); a receive gets what several reads
+    # brought, up to its max_bytes. Two connections at once, ~1.2 MiB each, patterns that
+    # a mix-up between reads or connections would break.
     a_client, a_server = await _pair(os.path.join(sock_dir, "a.sock"))
     b_client, b_server = await _pair(os.path.join(sock_dir, "b.sock"))
     try:
@@ -385,6 +386,8 @@ async def test_large_transfers_arrive_whole_and_in_order(sock_dir: str, anyio_ba
                         got_b.append(await b_server.receive(1 << 20))
         assert b"".join(got_a) == pattern
         assert b"".join(got_b) == pattern[::-1]
+        if anyio_backend == "asyncio":
+            assert a_server._transport.max_size == 256 * 1024  # type: ignore[attr-defined]
     finally:
         for stream in (a_client, a_server, b_client, b_server):
             await anyio.aclose_forcefully(stream)
