@@ -688,18 +688,18 @@ class Broker:
         logger.info("%s disconnected", conn)
 
     async def _read_loop(self, conn: _Connection, frames: list[bytes]) -> None:
-        route_read = self._route_read
-        caps = conn.caps
-        barrier = CAP_BARRIER in caps
-        cluster = CAP_CLUSTER in caps
-        filtering = CAP_FILTER in caps
-        keys: list[RunKeys | None] | None = [] if filtering else None
+        route_read = functools.partial(self._route_read, conn)
+        # On asyncio's selector loop, a read that arrives while this task waits for it is
+        # routed right in the transport's callback (FrameStream.read_inline), by the same
+        # _route_read: no task wake-up per read. Not during a takeover's hold, nor once
+        # the connection is being cancelled: then this task reads as always.
+        conn.frames.read_inline(route_read, functools.partial(self._inline_ok, conn))
         try:
             while True:
                 if self._hold is not None:
                     await self._hold.wait()  # a takeover: hellos first (await_reconnects)
-                route_read(conn, frames, barrier, cluster, filtering, keys)
-                conn.parked = True
+                route_read(frames)
+                conn.parked = True  # (route_waiting may route for it meanwhile)
                 try:
                     frames = await conn.frames.receive()
                 finally:
@@ -712,26 +712,22 @@ class Broker:
             self._protocol_error(conn, exc)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             logger.info("connection of %s broke: %r", conn, exc)
+        finally:
+            conn.frames.read_inline(None, _never)
 
-    def _protocol_error(self, conn: _Connection, exc: RemoteProtocolError) -> None:
-        self._protocol_errors += 1
-        self.log_limiter.log(logging.WARNING, "closing %s: protocol error: %s", conn, exc)
+    def _inline_ok(self, conn: _Connection) -> bool:
+        scope = conn.scope
+        return self._hold is None and scope is not None and not scope.cancel_called
 
-    def _route_read(
-        self,
-        conn: _Connection,
-        frames: list[bytes],
-        barrier: bool,
-        cluster: bool,
-        filtering: bool,
-        keys: list[RunKeys | None] | None,
-    ) -> None:
-        """Route one read's frames (the flags: the connection's capabilities; ``keys``: a
-        list to reuse when it has "filter"). A bad frame raises RemoteProtocolError after
-        everything before it was routed (the connection then ends)."""
+    def _route_read(self, conn: _Connection, frames: list[bytes]) -> None:
+        """Route the frames of one read of ``conn``: the read loop's one step, run by its
+        task or by the transport's callback (see _read_loop). A bad frame raises
+        RemoteProtocolError after everything before it was routed."""
         profile = self.profile
-        route_runs = self.router.route_runs
-        wid = conn.worker_id
+        caps = conn.caps
+        barrier = CAP_BARRIER in caps
+        filtering = CAP_FILTER in caps
+        keys: list[RunKeys | None] | None = [] if filtering else None
         ping = -1  # the n of a read's last frame, a ping answered once the rest is routed
         # Consecutive publishes with the same target (and, with "filter" granted, the same
         # (src, ev): §8) make a run; the router hands each queue all the runs of one read
@@ -751,21 +747,21 @@ class Broker:
                     if keys is not None:
                         keys.clear()
                     runs, error = decode_publish_batch(profile, frames, keys)
-                    if not cluster:
+                    if CAP_CLUSTER not in caps:
                         for index, (target, _) in enumerate(runs):
                             if target.cluster:
                                 # (what came before it is routed: like any bad frame)
-                                route_runs(wid, runs[:index], keys)
+                                self.router.route_runs(conn.worker_id, runs[:index], keys)
                                 raise RemoteProtocolError(
                                     "a publish with scope 'cluster' without the 'cluster' capability in the hello"
                                 )
-                    route_runs(wid, runs, keys)
+                    self.router.route_runs(conn.worker_id, runs, keys)
                     if error is not None:
                         if not barrier and not filtering:
                             raise error
                         # Not a publish: a ping or a sub is the only other thing a granted
-                        # client may send. Recognised only here, off the publish fast
-                        # path. Everything before it is routed (above), so the pong is the
+                        # client may send. Recognised only here, off the publish fast path.
+                        # Everything before it is routed (above), so the pong is the
                         # barrier and a sub applies to what this client publishes after it.
                         done = sum(len(run) for _, run in runs)
                         self._control_from(conn, frames[done], error, barrier, filtering)
@@ -777,6 +773,10 @@ class Broker:
                 return
         finally:
             self._routed(direct)
+
+    def _protocol_error(self, conn: _Connection, exc: RemoteProtocolError) -> None:
+        self._protocol_errors += 1
+        self.log_limiter.log(logging.WARNING, "closing %s: protocol error: %s", conn, exc)
 
     def route_waiting(self, worker_id: int) -> None:
         """Route now the publishes that worker ``worker_id`` has written, if its read task
@@ -805,11 +805,7 @@ class Broker:
             return
         try:
             conn.frames.take(size)
-            caps = conn.caps
-            filtering = CAP_FILTER in caps
-            self._route_read(
-                conn, frames, CAP_BARRIER in caps, CAP_CLUSTER in caps, filtering, [] if filtering else None
-            )
+            self._route_read(conn, frames)
         except RemoteProtocolError as exc:
             # what the read task would have done with it: counted, logged, connection ended
             self._protocol_error(conn, exc)
@@ -1154,6 +1150,10 @@ class Broker:
             bridge=None if self.bridge is None else self.bridge.statistics(),
             frame_timeouts=self._frame_timeouts,
         )
+
+
+def _never() -> bool:
+    return False
 
 
 def _by_worker_id(conn: _Connection) -> int:

@@ -20,7 +20,9 @@ schedule point, a ``recv`` that finds nothing, an ``epoll_ctl`` to register and 
 unregister, and a loop turn more, per wake-up: at a fixed rate, where every event wakes
 every process, that is a good part of each process's CPU per event (docs/benchmarks.md,
 "Latency at a fixed rate, session 4"). A transport has no such race: a cancelled receive
-leaves the bytes in the buffer.
+leaves the bytes in the buffer. The broker may also take a read right in the transport's
+callback while its reader waits (:attr:`TransportStream.on_data`, used by
+shared/stream.py's ``FrameStream.read_inline``), which saves the task wake-up too.
 """
 
 from __future__ import annotations
@@ -157,6 +159,16 @@ class GuardedStream(ByteStream):
 #: Bytes a TransportStream holds unread before it stops reading the socket (then the
 #: kernel's buffer fills and the peer's writes wait, as without the transport).
 _READ_AHEAD = 256 * 1024
+#: Bytes the transport asks for per read at first (asyncio's default is 256 KiB). Below
+#: glibc malloc's mmap threshold (128 KiB at start): a read of 256 KiB is allocated with
+#: ``mmap``, shrunk to what came with ``mremap`` and freed with ``munmap``, three system
+#: calls and a page fault per read, and at a fixed rate every read is a wake-up of its
+#: own (docs/benchmarks.md, "Broker reads in the transport callback, session 5").
+_TRANSPORT_READ = 64 * 1024
+#: ... and once a read fills that (a busy peer): larger reads mean fewer, larger batches
+#: (64 KiB ones cost a flood's broker ~20 % more CPU per delivery, compiled), and after the
+#: first full 256 KiB read is freed, malloc serves reads of that size from its heap.
+_TRANSPORT_READ_BUSY = 256 * 1024
 
 
 class _Protocol(asyncio.Protocol):
@@ -175,6 +187,11 @@ class _Protocol(asyncio.Protocol):
         #: The task waiting in send for the transport's buffer to empty, if any.
         self.drained: asyncio.Future[None] | None = None
         self.transport: asyncio.Transport | None = None
+        #: Called by data_received while a task waits in receive (TransportStream.on_data):
+        #: True when it took the bytes itself, so the waiting task need not be woken.
+        self.on_data: Callable[[], bool] | None = None
+        #: What the next receive raises (TransportStream.fail_receive), if anything.
+        self.failure: BaseException | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -187,10 +204,19 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.chunks.append(data)
-        self.size += len(data)
+        size = len(data)
+        self.size += size
+        if size == _TRANSPORT_READ and self.transport is not None:
+            setattr(self.transport, "max_size", _TRANSPORT_READ_BUSY)  # noqa: B010 - see guard()
         if self.size >= _READ_AHEAD and not self.reading_paused and self.transport is not None:
             self.reading_paused = True
             self.transport.pause_reading()
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        on_data = self.on_data
+        if on_data is not None and on_data() and not self.chunks:
+            return
         self.wake()
 
     def eof_received(self) -> bool:
@@ -248,19 +274,31 @@ class TransportStream(ByteStream):
             await anyio.lowlevel.checkpoint()
         else:
             # (No checkpoint_if_cancelled first: a cancelled scope cancels the wait below.)
-            while not proto.chunks and not proto.eof and not proto.lost and not self._closed:
+            while not proto.chunks and not proto.eof and not proto.lost and not self._closed and proto.failure is None:
                 proto.waiter = waiter = self._loop.create_future()
                 try:
                     await waiter
                 finally:
                     proto.waiter = None
-        chunks = proto.chunks
-        if not chunks:
+        if proto.failure is not None:
+            failure, proto.failure = proto.failure, None
+            raise failure
+        data = self.receive_nowait(max_bytes)
+        if not data:
             if self._closed:
                 raise anyio.ClosedResourceError
             if proto.exc is not None:
                 raise anyio.BrokenResourceError from proto.exc
             raise anyio.EndOfStream  # (eof, or lost without an error: the peer closed)
+        return data
+
+    def receive_nowait(self, max_bytes: int = 65536) -> bytes:
+        """What :meth:`receive` returns, taken from the bytes already here without a
+        schedule point: b"" when there are none (whether or not the stream has ended)."""
+        proto = self._protocol
+        chunks = proto.chunks
+        if not chunks:
+            return b""
         data = chunks.popleft()
         if len(data) > max_bytes:
             chunks.appendleft(data[max_bytes:])
@@ -291,6 +329,23 @@ class TransportStream(ByteStream):
         """As :meth:`GuardedStream.discard_nowait` (the transport's next read of the
         socket then finds nothing, which it takes in its stride)."""
         _discard(self._sock, size)
+
+    @property
+    def on_data(self) -> Callable[[], bool] | None:
+        """Called, in the transport's callback, when bytes arrive while a task waits in
+        :meth:`receive`: it may take them (:meth:`receive_nowait`) and return True, and the
+        waiting task is not woken (a burst then costs no task wake-up and no loop turn). It
+        must not raise: what it fails with goes to :meth:`fail_receive`."""
+        return self._protocol.on_data
+
+    @on_data.setter
+    def on_data(self, callback: Callable[[], bool] | None) -> None:
+        self._protocol.on_data = callback
+
+    def fail_receive(self, exc: BaseException) -> None:
+        """Make the waiting (or the next) :meth:`receive` raise ``exc``, before any bytes."""
+        self._protocol.failure = exc
+        self._protocol.wake()
 
     async def send(self, item: bytes) -> None:
         # As GuardedStream.send: a cancellation is taken before anything is written, the
@@ -373,6 +428,8 @@ async def guard(stream: ByteStream) -> ByteStream:
             await anyio.aclose_forcefully(stream)
             raise
         assert isinstance(transport, asyncio.Transport) and isinstance(protocol, _Protocol)
+        # (an attribute of the selector loop's socket transports, read at every read)
+        setattr(transport, "max_size", _TRANSPORT_READ)  # noqa: B010
         return TransportStream(stream, sock, transport, protocol)
     return GuardedStream(stream, sock)
 

@@ -18,6 +18,7 @@ from anyio.abc import ByteStream
 from .codec import MsgpackStreamDecoder
 from .errors import RemoteProtocolError
 from .frame import FrameDecoder
+from .sockets import TransportStream
 
 __all__ = ["OBJECT_PIECE", "RECEIVE_SIZE", "FrameStream", "ObjectStream"]
 
@@ -42,7 +43,7 @@ class FrameStream:
     a peer that stops in the middle of a frame (``frame_timeout``).
     """
 
-    __slots__ = ("_clock", "_decoder", "_initial", "_send_nowait", "frame_started", "stream")
+    __slots__ = ("_clock", "_decoder", "_gate", "_initial", "_on_frames", "_send_nowait", "frame_started", "stream")
 
     def __init__(
         self,
@@ -59,6 +60,8 @@ class FrameStream:
         self._decoder = FrameDecoder(header_len, max_frame_len)
         self._initial = initial
         self.frame_started: float | None = None
+        self._on_frames: Callable[[list[bytes]], None] | None = None
+        self._gate: Callable[[], bool] | None = None
 
     @property
     def buffered(self) -> int:
@@ -80,15 +83,14 @@ class FrameStream:
         """
         decoder = self._decoder
         if self._initial:
-            frames = decoder.feed(self._initial)
+            frames = self._feed(self._initial)
             self._initial = b""
-            self._track(frames)
             if frames:
                 return frames
         receive = self.stream.receive
-        feed = decoder.feed
+        feed = self._feed
         if decoder.failed:
-            feed(b"")  # raises the latched error instead of waiting on a broken peer
+            decoder.feed(b"")  # raises the latched error instead of waiting on a broken peer
         while True:
             # The chunk read is never bound to a name that outlives the feed: a local kept
             # it alive through the next wait, so a peer stopped inside a frame pinned its
@@ -98,7 +100,6 @@ class FrameStream:
             except anyio.EndOfStream:
                 decoder.eof()
                 raise
-            self._track(frames)
             if frames:
                 return frames
 
@@ -124,6 +125,50 @@ class FrameStream:
     def take(self, size: int) -> None:
         """Take the ``size`` bytes of frames that :meth:`peek` returned."""
         self.stream.discard_nowait(size)  # type: ignore[attr-defined]
+
+    def _feed(self, data: bytes) -> list[bytes]:
+        # The one parse step of a read, for receive and for _read_inline alike.
+        frames = self._decoder.feed(data)
+        self._track(frames)
+        return frames
+
+    def read_inline(self, on_frames: Callable[[list[bytes]], None] | None, gate: Callable[[], bool]) -> None:
+        """Let the frames of a read go to ``on_frames`` right in the transport's callback
+        while a task waits in :meth:`receive` and ``gate()`` says yes; None turns it off.
+
+        Only on a stream that can hand over its bytes there (shared/sockets.py's
+        TransportStream, asyncio's selector loop); elsewhere nothing changes. At a fixed
+        rate every read wakes the process, and waking the waiting task costs one more turn
+        of the event loop per read (docs/benchmarks.md, "Broker reads in the transport
+        callback, session 5"). The parse is :meth:`receive`'s own (the same decoder, the
+        same limits, the same ``frame_started``); whatever ``on_frames`` or the parse
+        raises is raised by the waiting :meth:`receive` instead, so the reader ends exactly
+        as if it had read the bytes itself."""
+        stream = self.stream
+        if not isinstance(stream, TransportStream):
+            return
+        self._on_frames = on_frames
+        self._gate = gate
+        stream.on_data = None if on_frames is None else self._read_inline
+
+    def _read_inline(self) -> bool:
+        on_frames = self._on_frames
+        if on_frames is None or self._initial or self._decoder.failed:
+            return False
+        gate = self._gate
+        if gate is not None and not gate():
+            return False
+        stream = self.stream
+        assert isinstance(stream, TransportStream)
+        try:
+            frames = self._feed(stream.receive_nowait(RECEIVE_SIZE))
+            if frames:
+                on_frames(frames)
+            if self._decoder.failed:
+                self._decoder.feed(b"")  # raises what it latched (after the frames before it)
+        except Exception as exc:  # noqa: BLE001 - raised by the reader's receive instead (see read_inline)
+            stream.fail_receive(exc)
+        return True
 
     def _track(self, frames: list[bytes]) -> None:
         # A read that completed frames and left a tail started a new frame just now.

@@ -20,7 +20,7 @@ from httpbus.handshake import REQUEST
 from httpbus.transport import HttpTransport
 from shared.client import Client
 from shared.frame import encode_frame
-from shared.messages import encode_hello
+from shared.messages import OTHERS, encode_event, encode_hello, encode_publish
 from shared.profile import NATIVE
 from shared.stream import FrameStream
 from shared.transportnames import load_transport
@@ -107,20 +107,34 @@ async def test_max_header_bytes_is_for_http_only() -> None:
         load_transport("stream", max_header_bytes=100)
 
 
-@pytest.mark.parametrize("after_hello", [False, True])
-async def test_oversize_frame_is_refused_on_its_header(address: str, after_hello: bool) -> None:
+@pytest.mark.parametrize("after", ["nothing", "hello", "publish"])
+async def test_oversize_frame_is_refused_on_its_header(address: str, after: str) -> None:
     async with serving(address, transport="stream", max_payload_len=100) as broker:
         with anyio.fail_after(10):
-            stream = await anyio.connect_unix(address[len("unix:") :])
-            async with stream:
-                if after_hello:
-                    await stream.send(encode_frame(encode_hello(NATIVE, 5, 4242)))
-                    await wait_until(lambda: broker.statistics().connections == 1)
-                # Only the 2-byte length goes out: the broker must not wait for 101 bytes.
-                await stream.send((101).to_bytes(2, "big"))
-                assert await closed_by_peer(stream, 5)
+            async with Client(address, transport="stream", worker_id=1) as watcher:
+                got: list[object] = []
+                watcher.subscribe("hostile", "ok", lambda data, *_: got.append(data))
+                await watcher.wait_ready()
+                stream = await anyio.connect_unix(address[len("unix:") :])
+                async with stream:
+                    oversize = (101).to_bytes(2, "big")
+                    if after != "nothing":
+                        await stream.send(encode_frame(encode_hello(NATIVE, 5, 4242)))
+                        await wait_until(lambda: broker.statistics().connections == 2)
+                    if after == "publish":
+                        # A whole publish, then the bad header in the same read: the
+                        # publish is routed, then the connection ends (the broker's reader
+                        # waits for this read: on asyncio it is handled in the transport's
+                        # callback, shared/stream.py's read_inline).
+                        event = encode_event(NATIVE, "hostile", "ok", 1, 5)
+                        oversize = encode_frame(encode_publish(NATIVE, OTHERS, event)) + oversize
+                    # Only the 2-byte length goes out: the broker must not wait for 101 bytes.
+                    await stream.send(oversize)
+                    assert await closed_by_peer(stream, 5)
+                if after == "publish":
+                    await wait_until(lambda: got == [1])
         stats = broker.statistics()
-        if after_hello:
+        if after != "nothing":
             assert stats.protocol_errors == 1
         else:
             assert stats.refused == 1
