@@ -300,7 +300,7 @@ def test_a_refused_cluster_unique_claim_is_dropped_counted_and_said(kind: str, w
         refusals = [x for x in log.splitlines() if "refused a cluster-unique claim" in x]
         assert 1 <= len(refusals) <= 3, log
         assert ("nats-server -js" if kind == "nats" else "unknown command") in refusals[0], log
-        assert "lost" not in log and "reached" not in log, log
+        assert "bridge of node node0 lost" not in log and "reached" not in log, log  # no reconnect
 
 
 @pytest.mark.skipif(not shutil.which("nats-server"), reason="needs nats-server (scripts/setup.sh)")
@@ -327,7 +327,7 @@ def test_messages_fit_the_nats_servers_max_payload(workdir: str) -> None:
         ns[0].close()
         with open(ns[0].log.name, encoding="utf-8") as f:
             log = f.read()
-        assert log.count("refused an event of") == 1 and "lost" not in log, log
+        assert log.count("refused an event of") == 1 and "bridge of node node0 lost" not in log, log
 
 
 @pytest.mark.skipif(not shutil.which("nats-server"), reason="needs nats-server (scripts/setup.sh)")
