@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from shared.broker import Broker
 from shared.router import QueueStatistics
@@ -86,3 +87,41 @@ def kong_captures() -> pathlib.Path:
         return pathlib.Path(override)
     beside = pathlib.Path(__file__).resolve().parents[2] / "shared" / "vectors" / "kong"
     return beside if beside.is_dir() else pathlib.Path("/work/shared/vectors/kong")
+
+
+async def serve_unix(
+    path: str,
+    handler: Callable[[Any], Any],
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """A fake broker's listener: accept on ``path`` and give each connection, guarded as
+    the bus guards its own (``shared.sockets.guard``), to ``handler``, until cancelled.
+
+    Not ``anyio.create_unix_listener``: its ``accept``, and the raw socket streams it hands
+    out, make asyncio log an ``InvalidStateError`` when the task is cancelled in the loop
+    turn in which the socket became readable (shared/sockets.py), and the test then fails
+    on a race (a client reconnecting as the test ends). ``anyio.wait_readable`` does not
+    have that flaw.
+    """
+    import socket
+
+    from shared.sockets import guard
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(16)
+        sock.setblocking(False)
+        async with anyio.create_task_group() as tg:
+            task_status.started()
+            while True:
+                await anyio.wait_readable(sock)
+                try:
+                    conn, _ = sock.accept()
+                except BlockingIOError:
+                    continue
+                stream = await guard(await anyio.abc.UNIXSocketStream.from_socket(conn))
+                tg.start_soon(handler, stream)
+    finally:
+        sock.close()

@@ -38,7 +38,7 @@ from shared.profile import NATIVE
 from shared.router import OverflowPolicy
 from shared.transport import get_transport, parse_address
 
-from .helpers import Recorder, wait_until
+from .helpers import Recorder, serve_unix, wait_until
 
 CAPS = ("welcome", "barrier", "unframed")
 
@@ -251,8 +251,8 @@ async def test_a_bad_object_ends_the_connection_after_the_good_ones(
                     pass
 
     caplog.set_level(logging.INFO, logger="shared.client")
-    async with await anyio.create_unix_listener(path) as listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, serve)
+    async with anyio.create_task_group() as tg:
+        await tg.start(serve_unix, path, serve)
         async with Client(address, transport="stream", worker_id=7) as c:
             rec = Recorder()
             c.subscribe("*", "*", rec)
@@ -280,8 +280,8 @@ async def test_object_stream_decodes_a_read_a_piece_at_a_time_and_hands_over_the
         async with stream:
             await stream.send(b"".join(events))
 
-    async with await anyio.create_unix_listener(path) as listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, serve)
+    async with anyio.create_task_group() as tg:
+        await tg.start(serve_unix, path, serve)
         with anyio.fail_after(10):
             objects = ObjectStream(await anyio.connect_unix(path), max_len=NATIVE.max_frame_len)
             got: list[object] = []
