@@ -26,7 +26,7 @@ from shared.logutil import reason
 from shared.testing import LocalBus
 
 from . import helpers
-from .helpers import queue_of, wait_until
+from .helpers import queue_of, serve_unix, wait_until
 from .proc import PY, broker, running, stop, workerbus
 from .servers import BIN
 from .servers import running as running_server
@@ -383,9 +383,10 @@ async def test_a_broker_that_hangs_up_at_once_is_reported_with_a_reason(
     async def hang_up(stream: Any) -> None:
         await stream.aclose()  # what a full broker does
 
-    listener = await anyio.create_unix_listener(path)
-    async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, hang_up)
+    async with anyio.create_task_group() as tg:
+        # (serve_unix: the client reconnects every 10-20 ms, so a connection may be arriving
+        # as the listener is cancelled; anyio's own listener has a race there)
+        await tg.start(serve_unix, path, hang_up)
         async with Client(f"unix:{path}", transport="http", worker_id=3, reconnect_min=0.01, reconnect_max=0.02):
             await wait_until(lambda: any("cannot reach" in r.getMessage() for r in caplog.records), 10)
         tg.cancel_scope.cancel()
