@@ -75,17 +75,24 @@ class Gate:
             self.data.append(data[0])
 
 
+@asynccontextmanager
+async def _sub_and_pub(address: str, transport: str) -> AsyncIterator[tuple[Client, Recorder]]:
+    """Worker 0 recording every event of source "s", worker 1 to publish; both ready."""
+    async with Client(address, transport=transport, worker_id=0) as sub, \
+            Client(address, transport=transport, worker_id=1) as pub:  # fmt: skip
+        rec = Recorder()
+        sub.subscribe("s", "*", rec)
+        await sub.wait_ready()
+        await pub.wait_ready()
+        yield pub, rec
+
+
 @pytest.mark.anyio
 async def test_small_bursts_to_idle_subscribers_are_written_by_the_routing_task(
     address: str, transport: str, writes: Writes
 ) -> None:
     async with serving(address, transport) as b:
-        async with Client(address, transport=transport, worker_id=0) as sub, \
-                Client(address, transport=transport, worker_id=1) as pub:  # fmt: skip
-            rec = Recorder()
-            sub.subscribe("s", "*", rec)
-            await sub.wait_ready()
-            await pub.wait_ready()
+        async with _sub_and_pub(address, transport) as (pub, rec):
             for burst in range(20):
                 for i in range(5):
                     await pub.publish("s", "e", [burst, i], "others")
@@ -164,12 +171,7 @@ async def test_a_connection_written_to_a_moment_ago_is_left_to_its_writer(
     # Everything counts as "a moment ago" here: the writer tasks do every write, batching
     # what was routed meanwhile, exactly as without direct writes.
     async with serving(address, transport, quiet=3600.0) as b:
-        async with Client(address, transport=transport, worker_id=0) as sub, \
-                Client(address, transport=transport, worker_id=1) as pub:  # fmt: skip
-            rec = Recorder()
-            sub.subscribe("s", "*", rec)
-            await sub.wait_ready()
-            await pub.wait_ready()
+        async with _sub_and_pub(address, transport) as (pub, rec):
             for burst in range(5):
                 for i in range(5):
                     await pub.publish("s", "e", [burst, i], "others")
@@ -240,12 +242,7 @@ async def test_flush_writes_itself_and_the_writer_finishes_the_rest(
     monkeypatch.setattr(Client, "_write_now", recording)
     monkeypatch.setattr(client_module, "_EARLY_WRITE", 10**9)  # flush()'s writes only
     async with serving(address, transport) as b:
-        async with Client(address, transport=transport, worker_id=0) as sub, \
-                Client(address, transport=transport, worker_id=1) as pub:  # fmt: skip
-            rec = Recorder()
-            sub.subscribe("s", "*", rec)
-            await sub.wait_ready()
-            await pub.wait_ready()
+        async with _sub_and_pub(address, transport) as (pub, rec):
             with anyio.fail_after(20):
                 await pub.flush()  # (the session's writer task may not have started yet)
                 outcomes.clear()
@@ -279,12 +276,7 @@ async def test_a_burst_in_one_turn_leaves_in_pieces_while_it_is_published(
     # than the socket takes is finished by the writer, in order.
     n = client_module._EARLY_WRITE
     async with serving(address, transport) as b:
-        async with Client(address, transport=transport, worker_id=0) as sub, \
-                Client(address, transport=transport, worker_id=1) as pub:  # fmt: skip
-            rec = Recorder()
-            sub.subscribe("s", "*", rec)
-            await sub.wait_ready()
-            await pub.wait_ready()
+        async with _sub_and_pub(address, transport) as (pub, rec):
             with anyio.fail_after(20):
                 await pub.flush()
                 sent = pub.statistics().sent
