@@ -53,6 +53,7 @@ __all__ = [
     "Envelope",
     "GapCheck",
     "decode_envelope",
+    "describe",
     "encode_envelope",
     "tag_node",
 ]
@@ -228,6 +229,15 @@ class EngineRefused(Exception):
     """The engine answered, and said no: retrying on a new connection would get the same
     answer (NATS without JetStream for a claim, a Redis ACL or a renamed command). Not an
     outage: the item is dropped, counted and logged, and the connection is kept."""
+
+
+def describe(exc: BaseException | None) -> str:
+    """An engine failure for a log line: its type and its message. (Some reprs say
+    little: redis-py's ConnectionError is ``network:ConnectionError``, without the why.)"""
+    if exc is None:
+        return "connection closed"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class Engine(Protocol):
@@ -502,7 +512,7 @@ class Bridge:
             count = min(limit, len(self.outbox))
             return [self.outbox.popleft() for _ in range(count)]
 
-    def refused(self, what: str, reason: BaseException) -> None:
+    def refused(self, what: str, reason: str) -> None:
         """The engine refused an item (see :class:`EngineRefused`): it is dropped. From
         the engine's thread or loop."""
         with self._lock:

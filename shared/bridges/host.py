@@ -31,9 +31,17 @@ from typing import Any
 
 import anyio
 
-from shared.bridge import SYNC_INTERVAL, Bridge, EngineRefused, Envelope, encode_envelope, tag_node
+from shared.bridge import (
+    SYNC_INTERVAL,
+    Bridge,
+    EngineRefused,
+    Envelope,
+    describe,
+    encode_envelope,
+    tag_node,
+)
 
-__all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "CLOSE_TIMEOUT", "SHORT_SESSION", "EngineHost", "describe"]
+__all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "CLOSE_TIMEOUT", "SHORT_SESSION", "EngineHost"]
 
 logger = logging.getLogger("shared.bridge")
 
@@ -315,7 +323,7 @@ class EngineHost:
                     try:
                         won = await engine.claim(key, bridge.unique_timeout)
                     except EngineRefused as exc:
-                        bridge.refused("a cluster-unique claim", exc)
+                        bridge.refused("a cluster-unique claim", str(exc))
                     else:
                         if won:
                             bridge.unique_won += 1
@@ -344,10 +352,7 @@ class EngineHost:
             if per_message + cost > limit:
                 # Numbered already: the receivers see the gap and report it as lost.
                 too_big += 1
-                bridge.refused(
-                    f"an event of {len(event)} bytes (its messages take at most {limit})",
-                    EngineRefused("message too large"),
-                )
+                bridge.refused(f"an event of {len(event)} bytes (its messages take at most {limit})", "message too large")
                 continue
             # A number dropped (a full outbox, or just above) is a gap the receivers must
             # see: a new message starts there (and where the size bound is reached).
@@ -367,15 +372,6 @@ class EngineHost:
 async def _back_off(failures: int) -> None:
     ceiling = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(failures, 16))
     await anyio.sleep(random.uniform(BACKOFF_MIN, max(BACKOFF_MIN, ceiling)))
-
-
-def describe(exc: BaseException | None) -> str:
-    """An engine failure for a log line: its type and its message. (Some reprs say
-    little: redis-py's ConnectionError is ``network:ConnectionError``, without the why.)"""
-    if exc is None:
-        return "connection closed"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 async def _close(engine: Any) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from shared.bridge import EngineRefused
+from shared.bridge import EngineRefused, describe
 
 __all__ = ["RedisEngine"]
 
@@ -71,7 +71,7 @@ class RedisEngine:
         except ResponseError as exc:
             # The server answered with an error (an ACL without SET, a renamed command):
             # a new connection would hear the same.
-            raise EngineRefused(f"{type(exc).__name__}: {exc}") from exc
+            raise EngineRefused(describe(exc)) from exc
         return bool(won)
 
     async def wait_closed(self) -> BaseException | None:
