@@ -25,7 +25,7 @@ from anyio.abc import ByteStream, SocketListener, TaskStatus
 from .bridge import Bridge, BridgeStatistics
 from .errors import HandshakeError, RemoteProtocolError
 from .frame import encode_frame
-from .listener import SocketFile, open_unix_listener
+from .listener import ACCEPT_RETRY, SocketFile, accept_forever, open_unix_listener
 from .logutil import LogLimiter
 from .memtrim import reclaim_memory
 from .messages import (
@@ -163,6 +163,9 @@ class BrokerStatistics:
 
     #: connections closed because a frame was not completed within ``frame_timeout``
     frame_timeouts: int = 0
+    #: accepts that failed for want of a file descriptor (``EMFILE``) or kernel memory; the
+    #: peer waits in the listen backlog and the accept is retried
+    accept_failures: int = 0
 
 
 class _Connection:
@@ -354,6 +357,7 @@ class Broker:
         self._over_limit = 0
         self._handshake_timeouts = 0
         self._frame_timeouts = 0
+        self._accept_failures = 0
         #: Connections ended and queues retired since the last heap trim.
         self._released = 0
         #: Peer-triggered warnings go through this, so a storm cannot flood the log.
@@ -421,7 +425,7 @@ class Broker:
                         self._hold = anyio.Event()
                         tg.start_soon(self._end_hold_after, self._hold_timeout)
                     task_status.started(address)
-                    await listener.serve(self.handle, task_group=tg)
+                    await self._accept(listener, tg)
             finally:
                 place.remove_own()
 
@@ -512,7 +516,23 @@ class Broker:
 
     async def _serve_listener(self, listener: SocketListener, tg: anyio.abc.TaskGroup) -> None:
         async with listener:
-            await listener.serve(self.handle, task_group=tg)
+            await self._accept(listener, tg)
+
+    async def _accept(self, listener: SocketListener, tg: anyio.abc.TaskGroup) -> None:
+        await accept_forever(listener, self.handle, tg, self._cannot_accept)
+
+    def _cannot_accept(self, exc: OSError) -> None:
+        # Out of file descriptors: the peer waits in the listen backlog (its connect has
+        # succeeded) and is accepted once a connection closes; nothing is lost meanwhile.
+        self._accept_failures += 1
+        self.log_limiter.log(
+            logging.WARNING,
+            "cannot accept a connection: %s (with %d open; raise the open-file limit, "
+            "ulimit -n, or lower max_connections); retrying every %ss",
+            exc.strerror or exc,
+            self._open,
+            ACCEPT_RETRY,
+        )
 
     async def handle(self, stream: ByteStream) -> None:
         """Serve one accepted connection until it ends. Never raises for peer faults."""
@@ -1149,6 +1169,7 @@ class Broker:
             ),
             bridge=None if self.bridge is None else self.bridge.statistics(),
             frame_timeouts=self._frame_timeouts,
+            accept_failures=self._accept_failures,
         )
 
 

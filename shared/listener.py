@@ -15,13 +15,17 @@ import os
 import secrets
 import socket
 import stat
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from anyio.abc import SocketListener
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute, SocketListener
 
 from .errors import AddressInUse
 from .logutil import LogLimiter
 
-__all__ = ["SocketFile", "open_unix_listener"]
+__all__ = ["ACCEPT_RETRY", "SocketFile", "accept_forever", "open_unix_listener"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +88,61 @@ async def open_unix_listener(
     """
     gid = None if group is None else _resolve_group(group)
     return await SocketListener.from_socket(_bind_in_place(path, mode, gid, backlog))
+
+
+#: Seconds between accepts while the process is out of file descriptors (or kernel memory):
+#: the waiting peers stay in the listen backlog and are accepted once a descriptor is free.
+ACCEPT_RETRY = 0.1
+
+# accept() errors that say "not now": the listener is fine, the process or the system is out
+# of a resource. Any other error (a closed listener) ends the accept loop.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# The peer gave up between its connect and our accept: nothing to serve, nothing to report.
+_PEER_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+
+
+async def accept_forever(
+    listener: SocketListener,
+    handler: Callable[[anyio.abc.SocketStream], Coroutine[Any, Any, None]],
+    task_group: anyio.abc.TaskGroup,
+    out_of_resources: Callable[[OSError], object],
+) -> None:
+    """Accept connections on ``listener`` and start ``handler`` for each in ``task_group``,
+    until cancelled.
+
+    Not ``listener.serve``, for two reasons:
+
+    - anyio's asyncio ``accept`` waits on a future that the loop's reader callback resolves;
+      a broker cancelled in the loop turn in which a connection arrived makes asyncio log
+      an ``InvalidStateError`` (shared/sockets.py has the same race on reads).
+      ``anyio.wait_readable`` tolerates it, on both backends.
+    - anyio raises ``BrokenResourceError`` for every failed ``accept``, so a broker out of
+      file descriptors (``EMFILE``) would stop serving for good. Here that is reported
+      through ``out_of_resources`` and retried every :data:`ACCEPT_RETRY` seconds; the
+      connections already open carry on.
+    """
+    sock = listener.extra(SocketAttribute.raw_socket)
+    while True:
+        await anyio.wait_readable(sock)
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            continue  # another process sharing the socket took it, or a spurious wake-up
+        except OSError as exc:
+            if exc.errno in _PEER_GONE:
+                continue
+            if exc.errno not in _OUT_OF_RESOURCES:
+                raise
+            out_of_resources(exc)
+            await anyio.sleep(ACCEPT_RETRY)
+            continue
+        try:
+            conn.setblocking(False)
+            stream = await anyio.abc.UNIXSocketStream.from_socket(conn)
+        except BaseException:
+            conn.close()
+            raise
+        task_group.start_soon(handler, stream)
 
 
 def _bind_in_place(path: str, mode: int, gid: int | None, backlog: int) -> socket.socket:

@@ -61,6 +61,8 @@ _HELP = {
     "refused_untrusted": "Connections refused because the peer's uid is not trusted.",
     "refused_over_limit": "Connections refused because max_connections was reached.",
     "handshake_timeouts": "Connections dropped at the handshake deadline.",
+    "frame_timeouts": "Connections closed because a frame was not completed within frame_timeout.",
+    "accept_failures": "Accepts that failed for want of a file descriptor; the peer waited and was retried.",
     "expected_workers": "Worker ids 0..N-1 whose queues are kept whether or not they are connected.",
     "pid": "Process id of the broker.",
     "publishes": "Publishes routed.",

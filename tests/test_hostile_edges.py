@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import socket
 from collections.abc import Iterator
 
@@ -317,3 +318,41 @@ async def test_a_full_stream_broker_closes_and_logs_why(path: str) -> None:
             await wait_until(lambda: broker.stats()["refused_over_limit"] >= 1, DEADLINE)
         assert "broker full (max_connections=1 reached)" in broker.log()
         held.close()
+
+
+# --- out of file descriptors -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_broker_out_of_file_descriptors_keeps_serving_and_accepts_the_waiting_later(
+    path: str, backend: str
+) -> None:
+    # At its open-file limit the broker's accept fails (EMFILE). The peers wait in the
+    # listen backlog; the broker says why, keeps serving what it has, and accepts them
+    # once descriptors are free again (anyio's own accept loop raised and stopped serving).
+    with reap() as procs:
+        broker = BrokerProc(path, "--transport", "stream", backend=backend)
+        procs.append(broker)
+        used = len(os.listdir(f"/proc/{broker.pid}/fd"))
+        resource.prlimit(broker.pid, resource.RLIMIT_NOFILE, (used + 12, used + 12))
+        peers = []
+        for i in range(24):
+            peer = raw(path)
+            peer.sendall(hello(i))
+            peers.append(peer)
+        wait_for(lambda: "cannot accept a connection: Too many open files" in broker.log(), "EMFILE")
+        # The first peers were accepted (the backlog is first in, first out) and still work.
+        peers[0].sendall(broadcasts(2))
+        got = Deliveries(peers[1])
+        got.read_until(lambda: len(got.events) == 2)
+        for peer in peers[:16]:
+            peer.close()
+        waiting = peers[16:]
+        wait_for(lambda: broker.stats()["connections"] == len(waiting), "the waiting peers")
+        assert broker.stats()["accept_failures"] >= 1
+        waiting[0].sendall(broadcasts(3))
+        for peer in waiting[1:]:
+            seen = Deliveries(peer)
+            seen.read_until(lambda: len(seen.events) == 3)  # noqa: B023 (read at once)
+        for peer in waiting:
+            peer.close()

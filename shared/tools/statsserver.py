@@ -22,6 +22,7 @@ import anyio
 import h11
 from anyio.abc import ByteStream, TaskStatus
 
+from shared.listener import accept_forever
 from shared.logutil import LogLimiter
 from shared.peercred import peer_credentials
 from shared.stats import broker_metrics, process_memory, statistics_json
@@ -77,7 +78,11 @@ async def serve_stats(
         try:
             logger.info("statistics served on %s (GET /metrics, GET /stats)", address)
             task_status.started(address)
-            await listener.serve(handle)
+            async with anyio.create_task_group() as tg:
+                await accept_forever(
+                    listener, handle, tg,
+                    lambda exc: limiter.log(logging.WARNING, "stats: cannot accept a connection: %s", exc),
+                )
         finally:
             try:
                 if os.lstat(path).st_ino == inode:
