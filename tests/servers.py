@@ -128,9 +128,10 @@ class Server:
             good = {w: v for w, v in latest.items() if ok(v) and v["pid"] not in exclude_pids}
             if len(good) >= count:
                 return good
+        answers = {w: {k: v[k] for k in ("pid", "broker", "generation", "lost")} for w, v in latest.items()}
         raise AssertionError(
             f"only {sorted((w, v['pid']) for w, v in latest.items() if ok(v))} of {count} workers "
-            f"answered as wanted within {deadline}s; server log:\n{self.log()}"
+            f"answered as wanted within {deadline}s; their last answers: {answers}; server log:\n{self.log()}"
         )
 
 
@@ -159,7 +160,9 @@ def has_event(name: str) -> Callable[[Seen], bool]:
 
 def kill_broker_host_and_check(server: Server, workers: int) -> None:
     """The whole failover story against a server that respawns dead workers."""
-    first = server.poll_workers(workers)
+    # Connected, not only started: a worker answers /seen before its first welcome, and
+    # the host's generation is what the failover is judged against.
+    first = server.poll_workers(workers, lambda s: s["generation"] is not None)
     assert sorted(first) == list(range(workers))
     hosts = [s for s in first.values() if s["broker"]]
     assert len(hosts) == 1, first

@@ -70,7 +70,7 @@ def test_two_uvicorn_hosts_exchange_cluster_events() -> None:
 
         # the broker host of A dies; uvicorn respawns the worker; another one hosts the
         # broker, and the bridge with it
-        first = a.poll_workers(WORKERS)
+        first = a.poll_workers(WORKERS, lambda s: s["generation"] is not None)
         (old,) = [s for s in first.values() if s["broker"]]
         os.kill(old["pid"], signal.SIGKILL)
         dead = frozenset({old["pid"]})
