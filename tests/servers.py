@@ -114,7 +114,8 @@ class Server:
         Keeps the latest answer per worker id (a respawned worker replaces the dead one's).
         """
         latest: dict[int, Seen] = {}
-        end = time.monotonic() + deadline
+        start = time.monotonic()
+        end = start + deadline
         for _ in range(max_requests):
             if time.monotonic() > end:
                 break
@@ -128,10 +129,15 @@ class Server:
             good = {w: v for w, v in latest.items() if ok(v) and v["pid"] not in exclude_pids}
             if len(good) >= count:
                 return good
+            # Paced, so the deadline is what bounds the wait: unpaced, 3000 requests took
+            # 3 s, less than a respawned worker needs to start on a busy machine (5-6 s
+            # measured with two servers on 2 cores), and the requests slowed it further.
+            time.sleep(0.02)
         answers = {w: {k: v[k] for k in ("pid", "broker", "generation", "lost")} for w, v in latest.items()}
         raise AssertionError(
             f"only {sorted((w, v['pid']) for w, v in latest.items() if ok(v))} of {count} workers "
-            f"answered as wanted within {deadline}s; their last answers: {answers}; server log:\n{self.log()}"
+            f"answered as wanted within {time.monotonic() - start:.1f}s (deadline {deadline}s, "
+            f"at most {max_requests} requests); their last answers: {answers}; server log:\n{self.log()}"
         )
 
 

@@ -336,7 +336,7 @@ def test_uvicorn_orderly_shutdown_logs_no_warning(sock_dir: str, sig: signal.Sig
         return [uvicorn, "examples.asgi_app:app", "--workers", "2", "--uds", uds, "--log-config", config]
 
     with running_server(argv, {"WORKERBUS_WORKERS": "2"}) as (server, _):
-        first = server.poll_workers(2)
+        first = server.poll_workers(2, lambda s: s["generation"] is not None)
         (host,) = [s for s in first.values() if s["broker"]]
         server.publish("test", "before")
         server.poll_workers(2, lambda s: any(e["event"] == "before" for e in s["events"]), source="test")
@@ -349,8 +349,7 @@ def test_uvicorn_orderly_shutdown_logs_no_warning(sock_dir: str, sig: signal.Sig
             def moved(s: dict[str, Any], generation: int = generation) -> bool:
                 return s["generation"] is not None and bool(s["generation"] > generation)
 
-            # (Many requests: while uvicorn starts the new worker, the other answers all.)
-            after = server.poll_workers(2, moved, exclude_pids=frozenset({host["pid"]}), max_requests=20_000)
+            after = server.poll_workers(2, moved, exclude_pids=frozenset({host["pid"]}))
             (host,) = [s for s in after.values() if s["broker"]]
         server.http.close()
         os.kill(server.proc.pid, sig)
