@@ -19,6 +19,7 @@ from channels.exceptions import ChannelFull
 
 from shared.broker import Broker
 from shared.integrations.channels import ChannelLayerUnavailable, WorkerbusChannelLayer
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -236,10 +237,7 @@ async def test_a_normal_channel_is_read_where_it_is_received(address: str) -> No
 
             tg.start_soon(reader)
             # The reader is registered once it waits; poll for that, bounded.
-            for _ in range(100):
-                if "jobs" in a._session.channels:  # type: ignore[union-attr]
-                    break
-                await anyio.sleep(0.01)
+            await wait_until(lambda: "jobs" in a._session.channels, 10)  # type: ignore[union-attr]
             await b.send("jobs", {"type": "job", "n": 1})
         assert got == [{"type": "job", "n": 1}]
 
