@@ -2,10 +2,9 @@
 
     python benchmarks/event_shape.py [--events 256] [--rounds 7]
 
-A measurement for a possible negotiated extension, not a feature: at N=16 P=4 the
-subscribers spend ~80 % of the whole system's CPU per delivery (docs/benchmarks.md,
-"Compiled build"), and a subscriber's per-event work starts with the Unpacker building one
-dict with four string keys per event. This prints, per event (median of ``--rounds``):
+A measurement for a possible negotiated extension, not a feature: a subscriber's per-event
+work starts with the Unpacker building one dict with four string keys per event. This
+prints, per event (median of ``--rounds``):
 
 - encode: ``encode_event`` (the map the publisher builds) against ``packb`` of
   ``[source, event, data, wid]``;
@@ -15,7 +14,10 @@ dict with four string keys per event. This prints, per event (median of ``--roun
 - the bytes per event of each shape.
 
 The payload is the bench's (``[sequence, time_ns]``). The figures are interpreter-bound:
-compare shapes within one run, not across machines.
+compare shapes within one run, not across machines. In one process the array halves the
+decode; in the fan-out a prototype gained only 1-11 % (docs/benchmarks.md, "The inner
+event's shape: not the lever for N=16 P=4"): per-delivery costs outside the decode
+dominate there.
 """
 
 from __future__ import annotations
