@@ -13,7 +13,7 @@ prints, per event (median of ``--rounds``):
   the same Unpacker on arrays plus the equivalent checks on a list;
 - the bytes per event of each shape.
 
-The payload is the bench's (``[sequence, time_ns]``). The figures are interpreter-bound:
+The payload is the bench's (``{"i": sequence, "ts": time_ns}``). The figures are interpreter-bound:
 compare shapes within one run, not across machines. In one process the array halves the
 decode; in the fan-out a prototype gained only 1-11 % (docs/benchmarks.md, "The inner
 event's shape: not the lever for N=16 P=4"): per-delivery costs outside the decode
@@ -67,8 +67,8 @@ def main() -> None:
     args = ap.parse_args()
     n = args.events
     now = time.time_ns()
-    maps = b"".join(encode_event(NATIVE, "bench", "tick", [i, now], 3) for i in range(n))
-    arrays = b"".join(msgpack.packb(["bench", "tick", [i, now], 3]) for i in range(n))
+    maps = b"".join(encode_event(NATIVE, "bench", "tick", {"i": i, "ts": now}, 3) for i in range(n))
+    arrays = b"".join(msgpack.packb(["bench", "tick", {"i": i, "ts": now}, 3]) for i in range(n))
     map_decoder, array_decoder = MsgpackStreamDecoder(65535), MsgpackStreamDecoder(65535)
 
     def decode_maps() -> object:
@@ -80,12 +80,12 @@ def main() -> None:
         return decode_arrays(array_decoder.feed(arrays))
 
     def encode_maps() -> object:
-        return [encode_event(NATIVE, "bench", "tick", [i, now], 3) for i in range(n)]
+        return [encode_event(NATIVE, "bench", "tick", {"i": i, "ts": now}, 3) for i in range(n)]
 
     packb = msgpack.packb
 
     def encode_arrays() -> object:
-        return [packb(["bench", "tick", [i, now], 3]) for i in range(n)]
+        return [packb(["bench", "tick", {"i": i, "ts": now}, 3]) for i in range(n)]
 
     rows = [
         ("bytes per event", len(maps) / n, len(arrays) / n),
