@@ -270,3 +270,29 @@ async def test_sessions_that_break_at_once_back_off_like_failed_connects(
         tg.cancel_scope.cancel()
     assert waits[:5] == [1, 2, 3, 4, 5]  # the backoff grows; nothing reset it
     assert bridge.connects >= 5
+
+
+@pytest.mark.anyio
+async def test_a_quiet_redis_link_stays_up_on_keepalive_pings(
+    monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+) -> None:
+    # The Redis engine pings over its subscription after KEEPALIVE seconds of silence and
+    # gives the link up after three spans with nothing heard (a partition:
+    # tests/test_cluster_partition.py). A live but quiet server answers every ping, so the
+    # session must outlast many such spans.
+    if anyio_backend != "asyncio":
+        pytest.skip("redis-py runs on asyncio (the bridge's engine host)")
+    import shared.bridges.redis as redis_engine
+    from tests.cluster_kit import cluster_dir, engine
+
+    monkeypatch.setattr(redis_engine, "KEEPALIVE", 0.05)
+    with cluster_dir() as workdir, engine("redis", workdir) as eng:
+        e = redis_engine.RedisEngine(eng.url, "c")
+        await e.connect()
+        try:
+            await e.subscribe(lambda _: None)
+            with anyio.move_on_after(1.0):  # 20 spans, the limit is 3 without an answer
+                ended = await e.wait_closed()
+                raise AssertionError(f"the quiet session ended: {ended}")
+        finally:
+            await e.close()

@@ -114,3 +114,42 @@ def test_a_partitioned_node_keeps_its_local_bus_and_loses_nothing_silently() -> 
             print(f"partition: {prefix} -> {got} delivered, {lost} reported lost")
             assert got + lost == 2025, (prefix, got)
         assert wb.received("localA") == []
+
+
+@pytest.mark.parametrize("kind", ["nats", "redis"])
+def test_a_link_cut_under_a_full_socket_is_noticed_and_the_bridge_reconnects(kind: str) -> None:
+    # The link goes down while the node floods the engine: the bytes pile up in the socket
+    # and nothing fails on the node's side. NATS: nats-py's keepalive sees it, but its
+    # orderly close (write what is buffered, wait until it was sent) cannot end while the
+    # link is down, and its callbacks come after it; the engine watches the client's state
+    # and aborts the socket. Redis: redis-py has no keepalive of its own; the engine pings
+    # over its subscription (shared/bridges/{nats,redis}.py).
+    if kind == "redis" and not shutil.which("redis-server"):
+        pytest.skip("needs redis-server (scripts/setup.sh)")
+    with cluster_dir() as workdir, _namespaces() as names, ExitStack() as stack:
+        log = open(os.path.join(workdir, "engine.log"), "wb")
+        stack.callback(log.close)
+        if kind == "nats":
+            server, url = ["nats-server", "-a", "0.0.0.0", "-p", "4222"], "nats://10.201.0.1:4222"
+        else:
+            server = ["redis-server", "--bind", "0.0.0.0", "--port", "6379", "--protected-mode", "no",
+                      "--save", "", "--appendonly", "no"]
+            url = "redis://10.201.0.1:6379"
+        proc = subprocess.Popen(["ip", "netns", "exec", names["engine"], *server], stdout=log, stderr=log)
+
+        def stop_engine() -> None:
+            proc.kill()
+            proc.wait()
+
+        stack.callback(stop_engine)
+        node = Node("node0", workdir, url, "asyncio", wrap=("ip", "netns", "exec", names["node0"]))
+        stack.callback(node.close)
+        node.wait_bridge(lambda b: b["engine_connected"])
+        (worker,) = node.start_workers(1)
+        _ip("-n", names["node0"], "link", "set", names["link0"], "down")
+        try:
+            worker.publish("flood", 3000, scope="cluster", pad=2000)  # ~6 MB: more than a socket holds
+            node.wait_bridge(lambda s: not s["engine_connected"], timeout=30)
+        finally:
+            _ip("-n", names["node0"], "link", "set", names["link0"], "up")
+        node.wait_bridge(lambda s: s["engine_connected"] and s["reconnects"] >= 1, timeout=30)

@@ -31,6 +31,26 @@ from shared.bridge import EngineRefused
 
 __all__ = ["NatsEngine"]
 
+#: Seconds between looks at the client's own state while waiting for the connection to end.
+_STATE_CHECK = 0.25
+#: Seconds nats-py gets to close the connection in order before its socket is aborted.
+_CLOSE_TIMEOUT = 2.0
+
+
+def _abort(nc: Any) -> None:
+    """Close the client's socket at once, dropping what it still buffers.
+
+    nats-py only closes in order: it writes what it holds, then waits until the socket has
+    sent it. Over a dead link (a partition mid-stream) that wait lasts until TCP gives up,
+    many minutes, and the client's callbacks (our ``on_gone``) come only after it. What is
+    dropped here never reached the server; the bridge's numbering reports it lost.
+    (nats-py has no abort of its own: this reaches its asyncio transport.)
+    """
+    writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+    transport = getattr(writer, "transport", None)
+    if transport is not None:
+        transport.abort()
+
 
 class NatsEngine:
     def __init__(self, url: str, cluster: str) -> None:
@@ -122,13 +142,24 @@ class NatsEngine:
         return True
 
     async def wait_closed(self) -> BaseException | None:
-        await self._closed.wait()
-        return self._reason or ConnectionError("connection closed")
+        # The client's state, not only its callbacks: nats-py marks a stale connection
+        # (max_outstanding_pings without an answer) disconnected at once, but calls back
+        # only after its orderly close, which a dead link holds up (see _abort).
+        nc = self._nc
+        while not self._closed.is_set() and nc is not None and nc.is_connected:
+            with anyio.move_on_after(_STATE_CHECK):
+                await self._closed.wait()
+        last = None if nc is None else nc.last_error
+        return self._reason or last or ConnectionError("connection closed")
 
     async def close(self) -> None:
         nc, self._nc = self._nc, None
-        if nc is not None and not nc.is_closed:
-            try:
-                await nc.close()
-            except Exception:  # noqa: BLE001,S110 - closing a broken connection may fail
-                pass
+        if nc is None:
+            return
+        if not nc.is_closed:
+            with anyio.move_on_after(_CLOSE_TIMEOUT):
+                try:
+                    await nc.close()
+                except Exception:  # noqa: BLE001,S110 - closing a broken connection may fail
+                    pass
+        _abort(nc)

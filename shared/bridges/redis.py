@@ -14,6 +14,7 @@ URLs: ``redis://HOST:PORT[/DB]`` and ``redis+unix:///path/to/redis.sock``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,11 @@ from redis.exceptions import ResponseError
 from shared.bridge import EngineRefused, describe
 
 __all__ = ["RedisEngine"]
+
+#: Seconds of silence on the subscription before the engine pings Redis over it; after
+#: three such spans with nothing heard, not even the answer, the link is taken for dead (a
+#: partition: nothing fails on our side, the bytes just never arrive).
+KEEPALIVE = 2.0
 
 
 class RedisEngine:
@@ -78,11 +84,19 @@ class RedisEngine:
         """Deliver what the subscription receives until the connection fails: the reason."""
         on_message = self._on_message
         assert on_message is not None, "subscribe first"
+        heard = time.monotonic()
         try:
             while True:
-                msg = await self._pubsub.get_message(timeout=None)
-                if msg is not None and msg.get("type") == "message":
-                    on_message(msg["data"])
+                msg = await self._pubsub.get_message(timeout=KEEPALIVE)
+                now = time.monotonic()
+                if msg is not None:
+                    heard = now
+                    if msg.get("type") == "message":
+                        on_message(msg["data"])
+                    continue
+                if now - heard >= 3 * KEEPALIVE:
+                    return ConnectionError(f"nothing from Redis for {now - heard:.1f}s, not even a PONG (is the link down?)")
+                await self._pubsub.ping()
         except Exception as exc:  # noqa: BLE001 - any failure ends this connection
             return exc
 
