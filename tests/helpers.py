@@ -98,30 +98,31 @@ async def serve_unix(
     """A fake broker's listener: accept on ``path`` and give each connection, guarded as
     the bus guards its own (``shared.sockets.guard``), to ``handler``, until cancelled.
 
-    Not ``anyio.create_unix_listener``: its ``accept``, and the raw socket streams it hands
+    It accepts as the broker does (``shared.listener.accept_forever``), not through
+    ``anyio.create_unix_listener``: anyio's ``accept``, and the raw socket streams it hands
     out, make asyncio log an ``InvalidStateError`` when the task is cancelled in the loop
-    turn in which the socket became readable (shared/sockets.py), and the test then fails
-    on a race (a client reconnecting as the test ends). ``anyio.wait_readable`` does not
-    have that flaw.
+    turn in which the socket became readable, and the test then fails on a race (a client
+    reconnecting as the test ends).
     """
     import socket
 
+    from shared.listener import accept_forever
     from shared.sockets import guard
+
+    async def guarded(stream: anyio.abc.SocketStream) -> None:
+        await handler(await guard(stream))
+
+    def out_of_files(exc: OSError) -> None:
+        raise exc  # a test's fake broker does not wait for descriptors: fail loudly
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
         sock.listen(16)
         sock.setblocking(False)
-        async with anyio.create_task_group() as tg:
-            task_status.started()
-            while True:
-                await anyio.wait_readable(sock)
-                try:
-                    conn, _ = sock.accept()
-                except BlockingIOError:
-                    continue
-                stream = await guard(await anyio.abc.UNIXSocketStream.from_socket(conn))
-                tg.start_soon(handler, stream)
-    finally:
+    except BaseException:
         sock.close()
+        raise
+    async with await anyio.abc.SocketListener.from_socket(sock) as listener, anyio.create_task_group() as tg:
+        task_status.started()
+        await accept_forever(listener, guarded, tg, out_of_files)
