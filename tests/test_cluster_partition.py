@@ -55,24 +55,33 @@ def _namespaces() -> Iterator[dict[str, str]]:
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True, timeout=10)
 
 
+def _start_engine(kind: str, names: dict[str, str], workdir: str, stack: ExitStack) -> str:
+    """Run the engine server in the engine's namespace until ``stack`` closes; the URL
+    node ``i`` reaches it at, with ``{}`` for ``i``."""
+    if kind == "nats":
+        server, url = ["nats-server", "-a", "0.0.0.0", "-p", "4222"], "nats://10.201.{}.1:4222"
+    else:
+        server = ["redis-server", "--bind", "0.0.0.0", "--port", "6379", "--protected-mode", "no",
+                  "--save", "", "--appendonly", "no"]
+        url = "redis://10.201.{}.1:6379"
+    log = open(os.path.join(workdir, f"{kind}.log"), "wb")
+    stack.callback(log.close)
+    proc = subprocess.Popen(["ip", "netns", "exec", names["engine"], *server], stdout=log, stderr=log)
+
+    def stop() -> None:
+        proc.kill()
+        proc.wait()
+
+    stack.callback(stop)
+    return url
+
+
 def test_a_partitioned_node_keeps_its_local_bus_and_loses_nothing_silently() -> None:
     with cluster_dir() as workdir, _namespaces() as names, ExitStack() as stack:
-        log = open(os.path.join(workdir, "nats.log"), "wb")
-        stack.callback(log.close)
-        nats = subprocess.Popen(
-            ["ip", "netns", "exec", names["engine"], "nats-server", "-a", "0.0.0.0", "-p", "4222"],
-            stdout=log, stderr=log,
-        )
-
-        def stop_nats() -> None:
-            nats.kill()
-            nats.wait()
-
-        stack.callback(stop_nats)
+        url = _start_engine("nats", names, workdir, stack)
         nodes = []
         for i, name in enumerate(("node0", "node1")):
-            url = f"nats://10.201.{i}.1:4222"
-            n = Node(name, workdir, url, "asyncio", wrap=("ip", "netns", "exec", names[name]))
+            n = Node(name, workdir, url.format(i), "asyncio", wrap=("ip", "netns", "exec", names[name]))
             stack.callback(n.close)
             nodes.append(n)
         for n in nodes:
@@ -127,21 +136,7 @@ def test_a_link_cut_under_a_full_socket_is_noticed_and_the_bridge_reconnects(kin
     if kind == "redis" and not shutil.which("redis-server"):
         pytest.skip("needs redis-server (scripts/setup.sh)")
     with cluster_dir() as workdir, _namespaces() as names, ExitStack() as stack:
-        log = open(os.path.join(workdir, "engine.log"), "wb")
-        stack.callback(log.close)
-        if kind == "nats":
-            server, url = ["nats-server", "-a", "0.0.0.0", "-p", "4222"], "nats://10.201.0.1:4222"
-        else:
-            server = ["redis-server", "--bind", "0.0.0.0", "--port", "6379", "--protected-mode", "no",
-                      "--save", "", "--appendonly", "no"]
-            url = "redis://10.201.0.1:6379"
-        proc = subprocess.Popen(["ip", "netns", "exec", names["engine"], *server], stdout=log, stderr=log)
-
-        def stop_engine() -> None:
-            proc.kill()
-            proc.wait()
-
-        stack.callback(stop_engine)
+        url = _start_engine(kind, names, workdir, stack).format(0)
         node = Node("node0", workdir, url, "asyncio", wrap=("ip", "netns", "exec", names["node0"]))
         stack.callback(node.close)
         node.wait_bridge(lambda b: b["engine_connected"])
