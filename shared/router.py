@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_MAX_UNIQUE_KEYS",
     "DEFAULT_QUEUE_GRACE",
     "DEFAULT_UNIQUE_TIMEOUT",
+    "MAX_EXPECTED_WORKERS",
     "OverflowPolicy",
     "QueueStatistics",
     "Router",
@@ -54,6 +55,10 @@ __all__ = [
 
 #: Same as lua-resty-events' ``max_queue_len`` default (1024 * 10).
 DEFAULT_MAX_QUEUE_LEN = 10240
+#: Most ids a broker pre-creates queues for (``expected_workers``, ``--workers N``). Each is
+#: kept forever and takes a copy of every broadcast; 4096 is far beyond any one server's
+#: worker processes, and a typo such as 100000000 is refused before ~1 KiB per queue is spent.
+MAX_EXPECTED_WORKERS = 4096
 #: Same as lua-resty-events' ``unique_timeout`` default, in seconds.
 DEFAULT_UNIQUE_TIMEOUT = 5.0
 #: How long the queue of a worker that went away is kept for it (the contract asks for at
@@ -426,8 +431,11 @@ class Router:
             raise ValueError("max_queue_len must be at least 1")
         if unique_timeout <= 0:
             raise ValueError("unique_timeout must be greater than 0")
-        if expected_workers < 0:
-            raise ValueError("expected_workers must not be negative")
+        if not 0 <= expected_workers <= MAX_EXPECTED_WORKERS:
+            raise ValueError(
+                f"expected_workers must be 0..{MAX_EXPECTED_WORKERS} (MAX_EXPECTED_WORKERS), "
+                f"got {expected_workers}"
+            )
         if broadcast_grace < 0:
             raise ValueError("broadcast_grace must not be negative")
         if max_departed_queues < 0:

@@ -7,6 +7,7 @@ import os
 import signal
 import stat
 import subprocess
+import time
 
 import httpx
 import pytest
@@ -109,3 +110,137 @@ def test_demo_runs_and_checks_itself(transport: str) -> None:
     out = r.stdout.decode()
     assert r.returncode == 0, out + r.stderr.decode()
     assert "-> OK" in out and "22 deliveries (22 expected), 0 dropped" in out
+
+
+def _connections(stats: str) -> int:
+    from shared.tools.statsserver import fetch_stats
+
+    return int(json.loads(fetch_stats(f"unix:{stats}", as_json=True))["connections"])
+
+
+def _wait_connections(stats: str, n: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while _connections(stats) != n:
+        assert time.monotonic() < deadline, f"not {n} connections within {timeout}s"
+        time.sleep(0.05)
+
+
+def test_two_tails_at_once_each_print_every_event(sock_dir: str) -> None:
+    """Each tail takes an id of its own (derived from its pid, as publish does): two at
+    once used to share -1 and take each other's place, splitting the events."""
+    path, stats = os.path.join(sock_dir, "bus.sock"), os.path.join(sock_dir, "stats.sock")
+    address = f"unix:{path}"
+    with broker(path, "--stats-listen", f"unix:{stats}", "--log-level", "WARNING") as proc:
+        wait_for_socket(stats, proc)
+        tail = workerbus("tail", address, "--count", "3", "--timeout", "30")
+        with running(tail, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as one, \
+                running(tail, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as two:
+            _wait_connections(stats, 2)
+            for i in range(3):
+                done = subprocess.run(workerbus("publish", address, "s", "e", str(i)), capture_output=True, timeout=20)
+                assert done.returncode == 0, done.stderr
+            outs = [t.communicate(timeout=30) for t in (one, two)]
+            codes = [one.returncode, two.returncode]
+        assert stop(proc, signal.SIGTERM) == 0
+        assert proc.stderr is not None
+        log = proc.stderr.read().decode()
+    assert codes == [0, 0], outs
+    for out, err in outs:
+        assert [json.loads(line)["data"] for line in out.decode().splitlines()] == [0, 1, 2]
+        assert err == b""
+    assert log == ""  # nothing at WARNING: no "replaces the connection of worker -1"
+
+
+def test_tail_into_a_reader_that_stops_ends_quietly(sock_dir: str) -> None:
+    """``workerbus tail ... | head -1``: the reader goes away; the tail ends with 141 (as a
+    shell tool killed by SIGPIPE), not a BrokenPipeError traceback."""
+    path, stats = os.path.join(sock_dir, "bus.sock"), os.path.join(sock_dir, "stats.sock")
+    address = f"unix:{path}"
+    with broker(path, "--stats-listen", f"unix:{stats}") as proc:
+        wait_for_socket(stats, proc)
+        with running(workerbus("tail", address), stdout=subprocess.PIPE, stderr=subprocess.PIPE) as tail:
+            _wait_connections(stats, 1)
+            assert tail.stdout is not None and tail.stderr is not None
+            subprocess.run(workerbus("publish", address, "s", "e", "1"), check=True, capture_output=True, timeout=20)
+            assert json.loads(tail.stdout.readline())["data"] == 1
+            tail.stdout.close()
+            for i in range(2, 50):  # until a write finds the pipe closed (the first may not)
+                subprocess.run(workerbus("publish", address, "s", "e", str(i)), check=True, capture_output=True, timeout=20)
+                try:
+                    tail.wait(timeout=0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+            assert tail.wait(timeout=10) == 141
+            assert tail.stderr.read() == b""
+
+
+def test_tail_errors_are_one_line(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "bus.sock")
+    with broker(path, transport="http"):
+        r = subprocess.run(workerbus("tail", f"unix:{path}", "--transport", "stream", "--timeout", "10"),
+                           capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert r.stderr.splitlines()[-1].startswith("workerbus tail: no welcome"), r.stderr
+    assert "use transport 'http'" in r.stderr
+
+
+def test_a_second_signal_while_the_broker_stops_is_ignored(sock_dir: str) -> None:
+    """Ctrl-C twice, or `timeout` signalling the whole group: the stop still ends cleanly
+    (the second signal used to raise KeyboardInterrupt inside the orderly stop)."""
+    path = os.path.join(sock_dir, "bus.sock")
+    with broker(path) as proc:
+        subprocess.run(workerbus("publish", f"unix:{path}", "s", "e"), check=True, capture_output=True, timeout=20)
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert proc.stderr is not None
+        log = proc.stderr.read().decode()
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+    assert "broker stopped" in log
+    assert not os.path.exists(path)
+
+
+def _demo_processes(pgid: int) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getpgid(int(pid)) == pgid:
+                found.append(pid)
+        except ProcessLookupError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the demo", "Ctrl-C to its group"])
+def test_a_stopped_demo_leaves_no_process_behind(how: str) -> None:
+    with subprocess.Popen(workerbus("demo", "--workers", "4"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          start_new_session=True, text=True) as demo:
+        code, err = _stop_demo(demo, how)
+    # (a demo that finished before the signal is fine too; the signal comes ~1 s early)
+    assert code in (0, 130), err
+    if code == 130:
+        assert err == "workerbus demo: interrupted; its processes are stopped\n"
+
+
+def _stop_demo(demo: subprocess.Popen[str], how: str) -> tuple[int, str]:
+    try:
+        assert demo.stdout is not None and demo.stderr is not None
+        assert demo.stdout.readline().startswith("workerbus demo:")  # then it starts its broker
+        if how == "SIGTERM to the demo":
+            demo.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(demo.pid, signal.SIGINT)
+        code = demo.wait(timeout=30)
+        err = demo.stderr.read()
+        deadline = time.monotonic() + 10
+        while _demo_processes(demo.pid):  # its broker and workers, same group
+            assert time.monotonic() < deadline, _demo_processes(demo.pid)
+            time.sleep(0.05)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()
+    return code, err

@@ -10,6 +10,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import platform
 import signal
 import sys
@@ -34,6 +35,7 @@ from shared.router import (
     DEFAULT_MAX_QUEUE_LEN,
     DEFAULT_QUEUE_GRACE,
     DEFAULT_UNIQUE_TIMEOUT,
+    MAX_EXPECTED_WORKERS,
     OverflowPolicy,
 )
 from shared.transportnames import load_transport
@@ -48,11 +50,17 @@ from .cliargs import (
     positive_float,
     positive_int,
     unix_address,
+    up_to,
+    worker_id,
 )
 
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("workerbus")
+
+#: Worker processes ``workerbus demo`` starts at most (per node with --nodes): it is a
+#: demonstration, and every worker is a Python process of its own.
+MAX_DEMO_WORKERS = 64
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -86,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("broker", help="run a broker in the foreground")
     p.add_argument("--listen", required=True, type=unix_address, metavar="unix:PATH",
                    help="the Unix socket to serve (an absolute path; required)")
-    p.add_argument("--workers", type=non_negative_int, default=0, metavar="N",
+    p.add_argument("--workers", type=up_to(MAX_EXPECTED_WORKERS, least=0), default=0, metavar="N",
                    help="pre-create queues for ids 0..N-1, so they miss nothing before they "
-                        "connect (default %(default)s)")
+                        f"connect; at most {MAX_EXPECTED_WORKERS} (default %(default)s)")
     p.add_argument("--unique-timeout", type=positive_float, default=DEFAULT_UNIQUE_TIMEOUT, metavar="SECONDS",
                    help="a unique:KEY event is delivered once per KEY within this window "
                         "(default %(default)s)")
@@ -176,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", choices=("local", "cluster"), default="local",
                    help="cluster: also the other nodes' workers (broker --bridge; docs/cluster.md) "
                         "(default %(default)s)")
-    p.add_argument("--id", type=int, default=None, dest="worker_id",
+    p.add_argument("--id", type=worker_id, default=None, dest="worker_id",
                    help="worker id in the hello (default: native, one derived from the pid, "
                         "held by nobody else; kong, -1, since a real lua-resty-events broker "
                         "closes ids it has no queue for)")
@@ -195,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
         "was published.",
     )
     p.add_argument("address", type=unix_address, metavar="unix:PATH", help="the broker's socket")
-    p.add_argument("--id", type=int, default=-1, dest="worker_id",
-                   help="worker id in the hello (default %(default)s)")
+    p.add_argument("--id", type=worker_id, default=None, dest="worker_id",
+                   help="worker id in the hello (default: native, one derived from the pid, so "
+                        "that two tails never take each other's place; kong, -1)")
     p.add_argument("--count", type=non_negative_int, default=0, metavar="N",
                    help="exit after N events, not counting workerbus/dropped reports (default 0: never)")
     p.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
@@ -212,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("demo", help="a broker and N worker processes publishing to each other")
-    p.add_argument("--workers", type=positive_int, default=4, metavar="N",
-                   help="worker processes (default %(default)s)")
+    p.add_argument("--workers", type=up_to(MAX_DEMO_WORKERS), default=4, metavar="N",
+                   help=f"worker processes, at most {MAX_DEMO_WORKERS} (default %(default)s)")
     p.add_argument("--transport", choices=("http", "stream"), default="http",
                    help="how connections start (default %(default)s)")
     p.add_argument("--nodes", type=non_negative_int, default=0, metavar="N",
@@ -250,8 +259,13 @@ async def _until_signal(scope: anyio.CancelScope) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             logger.info("received %s, stopping", signal.Signals(signum).name)
-            scope.cancel()
-            return
+            break
+    # Leaving the receiver puts the default handlers back: a second Ctrl-C (or a SIGTERM
+    # that a supervisor or `timeout` sends to the whole group) would then interrupt the
+    # orderly stop with a KeyboardInterrupt traceback. The stop is bounded; let it end.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    scope.cancel()
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
@@ -537,9 +551,13 @@ def _cmd_tail(args: argparse.Namespace) -> int:
 
     try:
         return _run(args, run)
-    except (BusError, ValueError) as exc:
-        print(f"workerbus tail: {exc}", file=sys.stderr)
-        return 1
+    except Exception as group:
+        # (the task group reports even one failure as a group: show the one error)
+        err = _single_error(group)
+        if isinstance(err, (BusError, ValueError)):
+            print(f"workerbus tail: {err}", file=sys.stderr)
+            return 1
+        raise
 
 
 def _jsonable(value: object) -> object:
@@ -566,17 +584,31 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import interrupts
     from .demo import run_demo
 
-    if args.nodes:
-        from .demo_cluster import run_cluster_demo
+    # SIGTERM as Ctrl-C: the demos stop their brokers and workers in `finally`, which the
+    # default SIGTERM (the process just dies) would skip, leaving them running.
+    interrupts.install()
+    try:
+        if args.nodes:
+            from .demo_cluster import run_cluster_demo
 
-        return run_cluster_demo(nodes=args.nodes, workers=args.workers)
-    if args.asgi:
-        from .demo_asgi import run_asgi_demo
+            return run_cluster_demo(nodes=args.nodes, workers=args.workers)
+        if args.asgi:
+            from .demo_asgi import run_asgi_demo
 
-        return run_asgi_demo(workers=args.workers, transport=args.transport)
-    return run_demo(workers=args.workers, transport=args.transport)
+            return run_asgi_demo(workers=args.workers, transport=args.transport)
+        return run_demo(workers=args.workers, transport=args.transport)
+    except KeyboardInterrupt:
+        print("workerbus demo: interrupted; its processes are stopped", file=sys.stderr)
+        return 130
+
+
+def _reader_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` is (a group of one) BrokenPipeError: stdout's reader stopped
+    reading, e.g. ``workerbus tail ... | head -1``."""
+    return isinstance(_single_error(exc), BrokenPipeError)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -586,7 +618,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    sys.exit(args.func(args))
+    try:
+        status = args.func(args)
+        sys.stdout.flush()
+    except Exception as exc:
+        if not _reader_gone(exc):
+            raise
+        # As a shell tool killed by SIGPIPE (status 128 + 13), without a traceback; stdout
+        # goes to /dev/null so that the interpreter's own flush at exit finds no pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 128 + signal.SIGPIPE
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ project) can use it too.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import NoReturn
 
 from shared.unixpath import socket_path
@@ -21,6 +22,8 @@ __all__ = [
     "positive_float",
     "positive_int",
     "unix_address",
+    "up_to",
+    "worker_id",
 ]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -56,6 +59,30 @@ def non_negative_int(text: str) -> int:
     value = int(_number(text, int))
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
+def up_to(limit: int, *, least: int = 1) -> Callable[[str], int]:
+    """An integer ``least..limit``: for counts that cost memory or processes."""
+
+    def parse(text: str) -> int:
+        value = int(_number(text, int))
+        if not least <= value <= limit:
+            raise argparse.ArgumentTypeError(f"must be {least}..{limit}, got {text}")
+        return value
+
+    return parse
+
+
+#: What a worker id must fit in: the wire carries it as a MessagePack integer.
+_ID_RANGE = (-(2**63), 2**63 - 1)
+
+
+def worker_id(text: str) -> int:
+    value = int(_number(text, int))
+    low, high = _ID_RANGE
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"a worker id must fit in a signed 64-bit integer, got {text}")
     return value
 
 

@@ -25,6 +25,8 @@ import anyio
 from shared.client import Client
 from shared.transportnames import load_transport
 
+from .interrupts import deferred
+
 __all__ = ["run_demo"]
 
 _DEADLINE = 20.0
@@ -103,19 +105,21 @@ def run_demo(*, workers: int = 4, transport: str = "http") -> int:
     procs: list[subprocess.Popen[bytes]] = []
     print(f"workerbus demo: a broker and {workers} worker processes over {transport} ({address})")
     try:
-        broker = subprocess.Popen(
-            [py, "-m", "shared.tools.cli", "broker", "--listen", address, "--transport", transport,
-             "--workers", str(workers), "--log-level", "WARNING"],
-        )
-        procs.append(broker)
-        _wait_for_socket(path, broker, time.monotonic() + _DEADLINE)
-        procs.extend(
-            subprocess.Popen(
-                [py, "-m", "shared.tools.demo", address, transport, str(wid), str(workers)],
-                stdout=subprocess.PIPE,
+        with deferred():  # (a child started is a child in procs, stopped below)
+            broker = subprocess.Popen(
+                [py, "-m", "shared.tools.cli", "broker", "--listen", address, "--transport", transport,
+                 "--workers", str(workers), "--log-level", "WARNING"],
             )
-            for wid in range(workers)
-        )
+            procs.append(broker)
+        _wait_for_socket(path, broker, time.monotonic() + _DEADLINE)
+        with deferred():
+            procs.extend(
+                subprocess.Popen(
+                    [py, "-m", "shared.tools.demo", address, transport, str(wid), str(workers)],
+                    stdout=subprocess.PIPE,
+                )
+                for wid in range(workers)
+            )
         results = []
         for proc in procs[1:]:
             out, _ = proc.communicate(timeout=_DEADLINE + 5)
@@ -156,4 +160,7 @@ def run_demo(*, workers: int = 4, transport: str = "http") -> int:
 
 
 if __name__ == "__main__":
-    _worker_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    try:
+        _worker_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole group: the parent says it once
+        sys.exit(130)

@@ -21,6 +21,8 @@ from typing import Any
 
 import httpx
 
+from .interrupts import deferred
+
 __all__ = ["run_asgi_demo"]
 
 _DEADLINE = 30.0
@@ -76,13 +78,15 @@ def run_asgi_demo(*, workers: int = 4, transport: str = "http") -> int:
         "WORKERBUS_TRANSPORT": transport,
     }
     print(f"workerbus demo: uvicorn shared.tools.asgi_app:app --workers {workers} (bus over {transport})")
-    server = subprocess.Popen(
-        [uvicorn, "shared.tools.asgi_app:app", "--workers", str(workers),
-         "--uds", uds, "--log-level", "warning"],
-        env=env, start_new_session=True,
-    )
-    transport_ = httpx.HTTPTransport(uds=uds)
+    server: subprocess.Popen[bytes] | None = None
     try:
+        with deferred():  # (its own session: nobody else stops it if this does not)
+            server = subprocess.Popen(
+                [uvicorn, "shared.tools.asgi_app:app", "--workers", str(workers),
+                 "--uds", uds, "--log-level", "warning"],
+                env=env, start_new_session=True,
+            )
+        transport_ = httpx.HTTPTransport(uds=uds)
         with httpx.Client(transport=transport_, base_url="http://demo",
                           headers={"Connection": "close"}, timeout=5.0) as http:
             before = _poll(http, uds, workers, None)
@@ -103,13 +107,19 @@ def run_asgi_demo(*, workers: int = 4, transport: str = "http") -> int:
         print(f"workerbus demo --asgi: {exc}", file=sys.stderr)
         return 1
     finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(server.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            server.wait()
+        if server is not None:
+            _stop(server)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    """uvicorn and its workers (a session of their own): SIGTERM, then SIGKILL."""
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        server.wait()

@@ -25,6 +25,8 @@ import anyio
 
 import streambus
 
+from .interrupts import deferred
+
 __all__ = ["run_cluster_demo"]
 
 _DEADLINE = 30.0
@@ -108,21 +110,23 @@ def run_cluster_demo(*, nodes: int = 2, workers: int = 4) -> int:
     print(f"workerbus demo: {nodes} nodes x {workers} worker processes through nats-server at {url}")
     results: list[dict[str, Any]] = []
     try:
-        nats = subprocess.Popen(
-            [server, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", os.path.join(tmp, "js")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        procs.append(nats)
+        with deferred():  # (a child started is a child in procs, stopped below)
+            nats = subprocess.Popen(
+                [server, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", os.path.join(tmp, "js")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            procs.append(nats)
         _wait(lambda: _connects(socket.AF_INET, ("127.0.0.1", port)), "nats-server", procs, deadline)
         names = [f"node{i}" for i in range(nodes)]
-        procs.extend(
-            subprocess.Popen(
-                [py, "-m", "shared.tools.cli", "broker", "--listen", f"unix:{tmp}/{name}.sock",
-                 "--transport", "stream", "--workers", str(workers), "--bridge", url, "--node", name,
-                 "--stats-listen", f"unix:{tmp}/{name}.stats", "--log-level", "WARNING"],
+        with deferred():
+            procs.extend(
+                subprocess.Popen(
+                    [py, "-m", "shared.tools.cli", "broker", "--listen", f"unix:{tmp}/{name}.sock",
+                     "--transport", "stream", "--workers", str(workers), "--bridge", url, "--node", name,
+                     "--stats-listen", f"unix:{tmp}/{name}.stats", "--log-level", "WARNING"],
+                )
+                for name in names
             )
-            for name in names
-        )
         for name in names:
             def bridged(name: str = name) -> bool:
                 if not _connects(socket.AF_UNIX, f"{tmp}/{name}.stats"):
@@ -131,15 +135,16 @@ def run_cluster_demo(*, nodes: int = 2, workers: int = 4) -> int:
                 return bool(stats["bridge"]["engine_connected"])
 
             _wait(bridged, f"broker {name}", procs, deadline)
-        children = [
-            subprocess.Popen(
-                [py, "-m", "shared.tools.demo_cluster", f"unix:{tmp}/{name}.sock", name, str(wid), str(total)],
-                stdout=subprocess.PIPE,
-            )
-            for name in names
-            for wid in range(workers)
-        ]
-        procs.extend(children)
+        children: list[subprocess.Popen[bytes]] = []
+        with deferred():
+            for name in names:
+                for wid in range(workers):
+                    child = subprocess.Popen(
+                        [py, "-m", "shared.tools.demo_cluster", f"unix:{tmp}/{name}.sock", name, str(wid), str(total)],
+                        stdout=subprocess.PIPE,
+                    )
+                    children.append(child)
+                    procs.append(child)
         for proc in children:
             out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()) + 5)
             if proc.returncode != 0:
@@ -187,4 +192,7 @@ def run_cluster_demo(*, nodes: int = 2, workers: int = 4) -> int:
 
 
 if __name__ == "__main__":
-    _worker_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    try:
+        _worker_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole group: the parent says it once
+        sys.exit(130)
