@@ -78,6 +78,25 @@ async def serve_process(host: str, port: int, address: str, processes: int) -> N
         await listener.serve(handle)
 
 
+async def run_process(host: str, port: int, address: str, processes: int) -> None:
+    """One chat process until SIGINT/SIGTERM (Ctrl-C reaches the whole group): stopped by
+    cancellation, so the bus closes in order. A KeyboardInterrupt raised inside the loop
+    would interrupt whatever task runs (asyncio then logs it at ERROR)."""
+    async with anyio.create_task_group() as tg:
+
+        async def stop_on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break
+            # (the default handlers are back: a second Ctrl-C must not break the stop)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(stop_on_signal)
+        await serve_process(host, port, address, processes)
+
+
 def _reserve_port(host: str, port: int) -> socket.socket:
     # Bound (not listening) with SO_REUSEPORT: it fixes the port number for the children
     # and never takes a connection itself.
@@ -135,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.child:
         try:
-            anyio.run(serve_process, args.host, args.port, args.bus, args.processes)
-        except KeyboardInterrupt:
+            anyio.run(run_process, args.host, args.port, args.bus, args.processes)
+        except KeyboardInterrupt:  # before the loop runs
             pass
         return 0
     return supervise(args.host, args.port, args.bus, args.processes)

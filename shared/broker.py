@@ -110,6 +110,22 @@ _monotonic = time.monotonic
 SUPPORTED_CAPS = frozenset({CAP_WELCOME, CAP_BARRIER, CAP_CLUSTER, CAP_FILTER, CAP_UNFRAMED})
 
 
+def _is_default_id(worker_id: int, pid: int) -> bool:
+    """Whether ``worker_id`` is the default id a client of process ``pid`` takes,
+    ``-(pid * 100 + k)`` with ``0 <= k < 100`` (shared.client.default_worker_id)."""
+    return pid > 0 and worker_id < 0 and -worker_id // 100 == pid
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def _version() -> str:
     try:
         from importlib.metadata import PackageNotFoundError, version
@@ -180,6 +196,7 @@ class _Connection:
         "parked",
         "pending",
         "pid",
+        "pid_confirmed",
         "queue",
         "scope",
         "timed_out",
@@ -192,6 +209,7 @@ class _Connection:
     ):
         self.worker_id = worker_id
         self.pid = pid
+        self.pid_confirmed = False
         self.frames = frames
         self.queue = queue
         self.uid = uid
@@ -335,6 +353,9 @@ class Broker:
         self._clock: Callable[[], float] = anyio.current_time if clock is None else clock
         self.expected_workers = expected_workers
         self._connections: dict[int, _Connection] = {}
+        #: Departed default ids (docs/protocol.md §7) and the pid they embed, until the
+        #: process has ended (then the queue is released) or the id is back.
+        self._default_departed: dict[int, int] = {}
         #: True while a task routes synchronously and flushes afterwards (Broker._routing):
         #: an idle writer's connection that gets frames meanwhile is written to at the end
         #: of that routing, by the routing task itself, instead of waking its writer task.
@@ -478,11 +499,25 @@ class Broker:
         for wid in self.router.expire():
             logger.info("queue of worker %d expired after its grace period", wid)
             self._released += _TRIM_AFTER_CLOSES
+        self._release_ended_processes()
         self._drop_stalled_frames()
         if self._released >= _TRIM_AFTER_CLOSES:
             self._released = 0
             reclaim_memory()
         self.log_limiter.flush()
+
+    def _release_ended_processes(self) -> None:
+        # A default id (docs/protocol.md §7) embeds its process's pid: once that process
+        # has ended, nobody can come back for its queue (a `workerbus publish`, a tail, a
+        # script's client). Retire it now, or every broadcast of the queue grace would be
+        # counted as dropped for a worker that no longer exists.
+        for wid, pid in list(self._default_departed.items()):
+            if not self.router.is_departed(wid):
+                del self._default_departed[wid]  # back, or retired meanwhile
+            elif not _process_exists(pid):
+                del self._default_departed[wid]
+                self.router.release(wid)
+                logger.info("queue of worker %d released: its process %d has ended", wid, pid)
 
     def _drop_stalled_frames(self) -> None:
         # A peer inside a frame holds up to max_payload_len bytes of broker memory until it
@@ -653,6 +688,9 @@ class Broker:
             self._hang_up(old)
         uid = None if creds is None else creds.uid
         conn = _Connection(worker_id, pid, frames, self.router.attach(worker_id), uid)
+        # (the kernel confirms the hello's pid: a pid from another pid namespace must not
+        # be looked up in ours, see _release_ended_processes)
+        conn.pid_confirmed = creds is not None and creds.pid == pid
         if self.router.overflow is OverflowPolicy.DISCONNECT:
             conn.queue.on_overflow = lambda: self._cut(conn)
         self._connections[worker_id] = conn
@@ -695,6 +733,8 @@ class Broker:
     def _unregister(self, conn: _Connection) -> None:
         if self._connections.get(conn.worker_id) is conn:
             del self._connections[conn.worker_id]
+            if conn.pid_confirmed and _is_default_id(conn.worker_id, conn.pid):
+                self._default_departed[conn.worker_id] = conn.pid
             for wid in self.router.detach(conn.queue):
                 self._released += _TRIM_AFTER_CLOSES
                 logger.info(

@@ -128,7 +128,7 @@ class QueueStatistics:
 @dataclass(frozen=True, slots=True)
 class RouterStatistics:
     """Totals over every queue, including queues retired after their grace period:
-    ``routed == sent + dropped + queued + in_flight``."""
+    ``routed == sent + dropped + abandoned + queued + in_flight``."""
 
     publishes: int
     deliveries: int
@@ -152,6 +152,11 @@ class RouterStatistics:
     queues_evicted: int = 0
     #: deliveries skipped by worker filters (docs/protocol.md §8), in all; never drops
     filtered: int = 0
+    #: queues of departed workers whose process ended, retired at once (:meth:`Router.release`)
+    queues_released: int = 0
+    #: frames held in those queues, or broadcasts they missed while muted: nobody was left
+    #: to receive them, so they are not drops
+    abandoned: int = 0
 
 
 #: A worker's filter: its (source, event) patterns, "*" as in the dispatcher's levels.
@@ -468,6 +473,8 @@ class Router:
         self.unroutable = 0
         self.queues_expired = 0
         self.queues_evicted = 0
+        self.queues_released = 0
+        self._abandoned = 0
         #: Per (source, event): the queues (of ``queues``) whose filter takes it, and those
         #: whose filter skips it. Emptied whenever a filter or the set of queues changes.
         self._matching: dict[tuple[str, str], _Split] = {}
@@ -561,6 +568,41 @@ class Router:
                 queue.muted_at = self._broadcasts
                 queue.muted_skips = 0
         return gone
+
+    def is_departed(self, worker_id: int) -> bool:
+        """Whether ``worker_id`` has a queue waiting for its worker to come back."""
+        return worker_id in self._departed
+
+    def release(self, worker_id: int) -> bool:
+        """The departed ``worker_id`` will never come back (the process it belonged to has
+        ended): retire its queue now rather than at the end of ``queue_grace``.
+
+        What the queue holds, and the broadcasts it missed while muted, had nobody left to
+        receive them: they are counted as ``abandoned``, not as dropped (a one-shot
+        ``workerbus publish`` would otherwise add every broadcast of the next minute to
+        the broker's drops). Returns False if ``worker_id`` has no departed queue.
+        """
+        queue = self._departed.pop(worker_id, None)
+        if queue is None:
+            return False
+        missed = 0
+        if queue.muted_at >= 0:
+            missed = self._broadcasts - queue.muted_at - queue.muted_skips
+            queue.muted_at = -1
+            del self.muted[worker_id]
+        else:
+            del self.queues[worker_id]
+            self._invalidate()
+        held = len(queue.frames) + queue.in_flight
+        queue.frames.clear()
+        self.queues_released += 1
+        self._abandoned += missed + held
+        self._retired_dropped += queue.dropped
+        self._retired_routed += queue.routed + missed
+        self._retired_sent += queue.sent
+        self._retired_disconnects += queue.disconnects
+        self._retired_filtered += queue.filtered
+        return True
 
     def _unmute(self, queue: WorkerQueue) -> None:
         self._settle(queue)
@@ -906,6 +948,8 @@ class Router:
             queues_expired=self.queues_expired,
             queues_evicted=self.queues_evicted,
             filtered=self._retired_filtered + sum(q.filtered for q in queues),
+            queues_released=self.queues_released,
+            abandoned=self._abandoned,
         )
 
 

@@ -222,7 +222,8 @@ def assert_identity(stats: Message) -> None:
     router = stats["router"]
     for q in router["queues"]:
         assert q["routed"] == q["sent"] + q["dropped"] + q["depth"] + q["in_flight"], q
-    assert router["routed"] == router["sent"] + router["dropped"] + router["queued"] + router["in_flight"], router
+    assert router["routed"] == (router["sent"] + router["dropped"] + router["abandoned"] + router["queued"]
+                                + router["in_flight"]), router
 
 
 # --- child side ----------------------------------------------------------------------------

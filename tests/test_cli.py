@@ -7,7 +7,10 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -244,3 +247,74 @@ def _stop_demo(demo: subprocess.Popen[str], how: str) -> tuple[int, str]:
             os.killpg(demo.pid, signal.SIGKILL)
             demo.wait()
     return code, err
+
+
+_CONNECT_THEN_STAY = """
+import sys, anyio, streambus
+from shared.client import Client
+
+async def main():
+    async with Client(sys.argv[1], transport=streambus.TRANSPORT) as bus:
+        await bus.wait_ready()
+        print(bus.worker_id, flush=True)
+
+anyio.run(main)
+print("closed", flush=True)
+sys.stdin.read()  # alive, disconnected, until the test closes our stdin
+"""
+
+
+def test_queues_of_ended_processes_are_released_not_counted_as_drops(sock_dir: str) -> None:
+    """Each `workerbus publish` leaves a queue for its pid-derived id (docs/protocol.md
+    §7). Once its process has ended, the broker retires it at once: it used to stay for the
+    queue grace and count every later broadcast as dropped. A disconnected process that
+    is still alive keeps its queue."""
+    path, stats = os.path.join(sock_dir, "bus.sock"), os.path.join(sock_dir, "stats.sock")
+    address = f"unix:{path}"
+
+    def router() -> dict[str, Any]:
+        from shared.tools.statsserver import fetch_stats
+
+        return dict(json.loads(fetch_stats(f"unix:{stats}", as_json=True))["router"])
+
+    def wait_router(check: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 20
+        while not check(r := router()):
+            assert time.monotonic() < deadline, f"{what}: {r}"
+            time.sleep(0.05)
+        return r
+
+    def publish(n: int) -> None:
+        done = subprocess.run(workerbus("publish", address, "s", "e", str(n), "--transport", "stream"),
+                              capture_output=True, timeout=20)
+        assert done.returncode == 0, done.stderr
+
+    with broker(path, "--stats-listen", f"unix:{stats}", "--broadcast-grace", "0.2", transport="stream") as proc:
+        wait_for_socket(stats, proc)
+        with subprocess.Popen([sys.executable, "-c", _CONNECT_THEN_STAY, address], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) as stay:
+            try:
+                assert stay.stdout is not None and stay.stdin is not None
+                stay_id = int(stay.stdout.readline())
+                assert stay.stdout.readline() == "closed\n"
+                for n in range(3):
+                    publish(n)
+                # the three publishers' queues go; the live process's stays
+                r = wait_router(lambda r: r["queues_released"] == 3, "three publishers released")
+                assert stay_id in {q["worker_id"] for q in r["queues"]}
+                for n in range(3, 8):  # broadcasts after the grace: no queue of an ended process counts them
+                    publish(n)
+                r = wait_router(lambda r: r["queues_released"] == 8, "eight publishers released")
+                assert stay_id in {q["worker_id"] for q in r["queues"]}
+                assert r["queues_departed"] == 1
+            finally:
+                if stay.stdin is not None:
+                    stay.stdin.close()
+                stay.wait(timeout=20)
+        r = wait_router(lambda r: r["queues_released"] == 9, "the stayer released once ended")
+    assert r["queues_departed"] == 0 and r["queues"] == []
+    # The stayer's queue was muted for most of the run: what it missed before a snapshot
+    # settled it is a drop (it was alive and could have come back); the publishers' none.
+    stayer_missed = r["dropped"]
+    assert stayer_missed <= 8
+    assert r["routed"] == r["sent"] + r["dropped"] + r["abandoned"] + r["queued"] + r["in_flight"], r

@@ -82,11 +82,25 @@ LONG = "/tmp/" + "x" * 110 + ".sock"
         (["broker", "--listen", "unix:/tmp/wb-x.sock", "--max-payload-len", "70000"], "max_payload_len must be within 1..65535"),
         (["demo", "--workers", "0"], "--workers: must be 1..64, got 0"),
         (["demo", "--workers", "100000"], "--workers: must be 1..64"),
+        (["top", "unix:/tmp/wb-x.sock", "--bogus"], "workerbus top: unrecognized arguments: --bogus"),
+        (["conformance", "broker", "unix:/tmp/wb-x.sock", "--bogus"], "workerbus conformance broker: unrecognized"),
+        (["bench", "--from-json", "/nonexistent/r.json"], "--from-json /nonexistent/r.json: [Errno 2]"),
+        (["bench", "--from-json", "/tmp"], "Is a directory"),
+        (["bench", "--max-bg", "500"], "--max-bg: must be a percentage"),
+        (["bench", "--json", "/nonexistent/r.json"], "--json: no directory /nonexistent"),
+        (["conformance", "broker", "unix:/tmp/wb-x.sock", "--json", "/nonexistent/r.json"], "--json: no directory"),
         (["conformance", "broker", "unix:/tmp/wb-x.sock", "--workers", "0"], "--workers: must be >= 1"),
     ],
 )
 def test_user_errors_are_one_line(args: list[str], expected: str) -> None:
     assert expected in _one_line_error(args)
+
+
+@pytest.mark.slow
+def test_version() -> None:
+    run = subprocess.run(workerbus("--version"), capture_output=True, text=True, timeout=30)
+    assert (run.returncode, run.stderr) == (0, "")
+    assert run.stdout.startswith("workerbus ") and len(run.stdout.splitlines()) == 1
 
 
 @pytest.mark.slow

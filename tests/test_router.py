@@ -175,6 +175,35 @@ def test_departed_id_is_muted_after_the_broadcast_grace() -> None:
     assert r.route(0, ALL, b"back") == 2 and list(q.frames) == [b"within the grace", b"back"]
 
 
+def test_a_released_queue_is_retired_and_what_it_held_or_missed_is_abandoned_not_dropped() -> None:
+    """A departed worker whose process ended (the broker's check, Broker._release_ended_processes)."""
+    r, clock = make(queue_grace=60.0, broadcast_grace=5.0)
+    r.attach(0)
+    held, muted = r.attach(7), r.attach(8)
+    r.detach(held)
+    r.detach(muted)
+    r.route(0, ALL, b"x")  # copied into both: within their broadcast grace
+    clock.now += 5
+    r.expire()
+    r.attach(7)  # 7 came back, then left again: not muted
+    r.detach(held)
+    r.route(0, ALL, b"y")  # 7 takes it; 8 (muted) misses it
+    before = r.statistics()
+    assert not r.release(0) and not r.release(99)  # connected; unknown
+    assert r.is_departed(7) and r.is_departed(8)
+    assert r.release(7) and r.release(8)
+    assert not r.release(7)
+    assert not r.is_departed(7) and 7 not in r.queues and 8 not in r.muted
+    stats = r.statistics()
+    assert stats.queues_released == 2 and stats.queues_departed == 0
+    # 7 held x and y; 8 held x and missed y (counted as missed only if a snapshot came
+    # while it was muted: `before` did, so that one stays a drop, counters never go down)
+    assert stats.dropped == before.dropped == 1
+    assert stats.abandoned == 3
+    assert stats.routed == stats.sent + stats.dropped + stats.abandoned + stats.queued + stats.in_flight
+    assert r.route(0, ALL, b"z") == 1  # worker 0 only
+
+
 def test_a_worker_target_still_reaches_a_muted_queue() -> None:
     r, clock = make(broadcast_grace=1.0)
     r.detach(r.attach(7))

@@ -89,6 +89,8 @@ def _add_log_level(p: argparse.ArgumentParser, default: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="workerbus", description="An event bus between worker processes.")
+    parser.add_argument("--version", action="version", version=f"workerbus {_version()}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("broker", help="run a broker in the foreground")
@@ -566,16 +568,19 @@ def _jsonable(value: object) -> object:
     return repr(value)
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
+def _version() -> str:
     from importlib import metadata
 
+    try:
+        return metadata.version("workerbus")
+    except metadata.PackageNotFoundError:
+        return "not installed (run from a checkout)"
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
     from shared import compiled
 
-    try:
-        version = metadata.version("workerbus")
-    except metadata.PackageNotFoundError:
-        version = "not installed (run from a checkout)"
-    print(f"workerbus {version}")
+    print(f"workerbus {_version()}")
     print(f"python {platform.python_version()} ({sys.executable})")
     for name, native in compiled.status().items():
         print(f"{name}: {'compiled' if native else 'pure Python'}")
@@ -611,8 +616,22 @@ def _reader_gone(exc: BaseException) -> bool:
     return isinstance(_single_error(exc), BrokenPipeError)
 
 
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command that ``args`` chose, so that its errors name it."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subs[0].dest, None) if subs else None
+        if not subs or name not in subs[0].choices:
+            return parser
+        parser = subs[0].choices[name]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # (argparse would blame the top-level command: "workerbus: unrecognized arguments")
+        _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=str(args.log_level).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

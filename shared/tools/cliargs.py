@@ -7,6 +7,7 @@ project) can use it too.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -19,6 +20,8 @@ __all__ = [
     "non_negative_float",
     "non_negative_int",
     "octal_mode",
+    "output_file",
+    "percent",
     "positive_float",
     "positive_int",
     "unix_address",
@@ -98,6 +101,26 @@ def non_negative_float(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
     return value
+
+
+def percent(text: str) -> float:
+    value = _number(text, float)
+    if not 0 < value <= 100:  # (also refuses nan)
+        raise argparse.ArgumentTypeError(f"must be a percentage > 0 and <= 100, got {text}")
+    return value
+
+
+def output_file(text: str) -> str:
+    """A file written at the end of a long run: refused now if it cannot be created there
+    (no such directory, or a directory in its place), not after the run."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a directory")
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"no directory {parent}")
+    if not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write into {parent}")
+    return text
 
 
 def octal_mode(text: str) -> int:

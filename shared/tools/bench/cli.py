@@ -11,7 +11,14 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from shared.tools.cliargs import non_negative_float, non_negative_int, positive_float, positive_int
+from shared.tools.cliargs import (
+    non_negative_float,
+    non_negative_int,
+    output_file,
+    percent,
+    positive_float,
+    positive_int,
+)
 from shared.tools.progress import Progress
 
 from .peers import BASELINES, CLUSTER, PEERS, WORKERBUS, make_peer
@@ -88,7 +95,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--budget", type=positive_float, default=d.budget, help="start no run after this many seconds (default 1800)")
     p.add_argument("--wait-idle", type=non_negative_float, default=d.wait_idle,
                    help="first wait up to this many seconds for an idle machine (default 60)")
-    p.add_argument("--max-bg", type=positive_float, default=d.max_bg,
+    p.add_argument("--max-bg", type=percent, default=d.max_bg,
                    help="re-measure a run when other processes used more than this %% of the CPU (default 10)")
     p.add_argument("--retries", type=non_negative_int, default=d.retries, help="re-measurements of a disturbed run (default 2)")
     p.add_argument("--quick", action="store_true",
@@ -112,9 +119,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="event loop of the seed experiment's broker (default uvloop)")
     g.add_argument("--seed-poll", type=positive_float, default=s.poll, help="poll interval of the shm route, seconds (default 0.01)")
     o = p.add_argument_group("output")
-    o.add_argument("--json", metavar="PATH", help="write the whole result (every run) as JSON (default: not written)")
+    o.add_argument("--json", metavar="PATH", type=output_file, help="write the whole result (every run) as JSON (default: not written)")
     o.add_argument("--from-json", metavar="PATH", help="measure nothing: print (and --markdown) a saved result (default: measure)")
-    o.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown (default: not written)")
+    o.add_argument("--markdown", metavar="PATH", type=output_file, help="write the tables as Markdown (default: not written)")
     o.add_argument("--plot", metavar="DIR",
                    help="write PNG charts (deliveries/s, latency, seed experiment) into DIR; "
                         "needs the 'plot' extra (matplotlib) (default: no charts)")
@@ -181,9 +188,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"{_SUBSET:26s} {SUBSET_DESCRIPTION}")
         return 0
     if args.from_json:
-        with open(args.from_json) as f:
-            saved = json.load(f)
-        print(text_report(saved))
+        try:
+            with open(args.from_json) as f:
+                saved = json.load(f)
+            report = text_report(saved)
+        except (OSError, ValueError) as exc:
+            print(f"workerbus bench: --from-json {args.from_json}: {exc}", file=sys.stderr)
+            return 2
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            print(f"workerbus bench: --from-json {args.from_json}: not a saved workerbus bench "
+                  f"result ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return 2
+        print(report)
         if args.markdown:
             with open(args.markdown, "w") as f:
                 f.write(markdown(saved))

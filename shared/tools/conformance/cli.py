@@ -8,6 +8,7 @@ import socket
 import sys
 from typing import Any
 
+from shared.tools.cliargs import output_file
 from shared.tools.conformance.casekit import KitConfig
 from shared.tools.conformance.profiles import PROFILES, Profile
 from shared.tools.conformance.runner import run_suite, select, write_json
@@ -37,7 +38,8 @@ def _common(p: argparse.ArgumentParser, *, optional_address: bool = False) -> No
                    help="connection start: HTTP upgrade or none (default http)")
     p.add_argument("--profile", choices=sorted(PROFILES), default="native",
                    help="frame header width and codec (default native)")
-    p.add_argument("--json", metavar="REPORT", help="also write a JSON report to this file (default: none)")
+    p.add_argument("--json", metavar="REPORT", type=output_file,
+                   help="also write a JSON report to this file (default: none)")
     p.add_argument("--handshake-deadline", type=_positive, default=5.0, metavar="SECONDS",
                    help="the broker's handshake+hello deadline (default 5)")
     p.add_argument("--unique-timeout", type=_positive, default=5.0, metavar="SECONDS",

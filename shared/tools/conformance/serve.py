@@ -315,8 +315,12 @@ def _refuse_live_socket(path: str) -> str | None:
 async def _stop_on_signal(scope: anyio.CancelScope) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
-            scope.cancel()
-            return
+            break
+    # (leaving the receiver puts the default handlers back: a second Ctrl-C would raise
+    # KeyboardInterrupt in the middle of the report; the stop is short, let it end)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    scope.cancel()
 
 
 async def _accept_loop(listener: SocketListener, broker: StrictBroker,
@@ -332,7 +336,11 @@ async def serve(cfg: ServeConfig, out: TextIO, json_path: str | None = None) -> 
         print(f"conformance serve: {problem}", file=out, flush=True)
         return 2
     broker = StrictBroker(cfg, out)
-    listener = await anyio.create_unix_listener(cfg.path, mode=SOCKET_MODE)
+    try:
+        listener = await anyio.create_unix_listener(cfg.path, mode=SOCKET_MODE)
+    except OSError as exc:
+        print(f"conformance serve: cannot listen on {cfg.path}: {exc.strerror or exc}", file=out, flush=True)
+        return 2
     inode = os.stat(cfg.path).st_ino
     try:
         print(f"conformance serve: ready on {cfg.address} (transport={cfg.transport}, "
