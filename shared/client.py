@@ -127,6 +127,22 @@ _MAX_WELCOME_LEN = 4096
 _default_ids = itertools.count()
 
 
+def _why_no_upgrade(exc: BaseException) -> str:
+    """What a failed HTTP upgrade says about the peer, for an http-transport client."""
+    if isinstance(exc, UpgradeRejected):
+        if exc.status_code == 400 and b"stream socket" in exc.body:
+            # (what a stream-transport broker answers an HTTP request, docs/protocol.md §2)
+            return "it is a stream-transport broker (it answered our HTTP upgrade with 400); use transport 'stream'"
+        if exc.status_code == 431:
+            return (f"the broker refused our request head as too large ({exc}); its "
+                    "--max-header-bytes is set too low")
+        return (f"it answered our HTTP upgrade with {exc}: an HTTP server, but not a workerbus "
+                "bus socket (a broker's --stats-listen socket, say)")
+    how = "no answer" if isinstance(exc, TimeoutError) else f"the upgrade failed ({exc})"
+    return (f"{how} to our HTTP upgrade; is it a stream-transport broker (use transport "
+            "'stream'), or not a workerbus broker?")
+
+
 def default_worker_id(pid: int | None = None) -> int:
     """The worker id of a native client created without one: ``-(pid * 100 + k)``, ``k`` the
     count (0..99, then round again) of default clients created in this process so far. Two
@@ -808,14 +824,7 @@ class Client:
             return
         if isinstance(exc, UpgradeRejected) and exc.status_code == 503:
             return
-        how = "no answer" if isinstance(exc, TimeoutError) else f"the upgrade failed ({exc})"
-        self._fail_handshake(
-            NoWelcome(
-                f"no welcome from {self.address}: {how} to our HTTP upgrade; is it a "
-                "stream-transport broker (use transport 'stream'), or not a workerbus broker?",
-                "transport",
-            )
-        )
+        self._fail_handshake(NoWelcome(f"no welcome from {self.address}: {_why_no_upgrade(exc)}", "transport"))
 
     async def _receive_welcome(self, stream: ByteStream, initial: bytes) -> tuple[Welcome, bytes]:
         """Read the broker's first frame, which must be the welcome; return it and the bytes

@@ -82,6 +82,8 @@ LONG = "/tmp/" + "x" * 110 + ".sock"
         (["broker", "--listen", "unix:/tmp/wb-x.sock", "--max-payload-len", "70000"], "max_payload_len must be within 1..65535"),
         (["demo", "--workers", "0"], "--workers: must be 1..64, got 0"),
         (["demo", "--workers", "100000"], "--workers: must be 1..64"),
+        (["publish", "unix:/tmp/wb-x.sock", "s", "e", "NaN"], "JSON-DATA is not valid JSON: NaN is not a JSON value"),
+        (["publish", "unix:/tmp/wb-x.sock", "s", "e", "[" * 100000], "JSON-DATA is not valid JSON"),
         (["top", "unix:/tmp/wb-x.sock", "--bogus"], "workerbus top: unrecognized arguments: --bogus"),
         (["conformance", "broker", "unix:/tmp/wb-x.sock", "--bogus"], "workerbus conformance broker: unrecognized"),
         (["bench", "--from-json", "/nonexistent/r.json"], "--from-json /nonexistent/r.json: [Errno 2]"),

@@ -115,6 +115,24 @@ async def test_stream_client_against_http_broker_fails_wait_ready_clearly(addres
 
 
 @pytest.mark.anyio
+async def test_http_client_against_stream_broker_is_told_what_it_reached(address: str) -> None:
+    # The stream broker answers an HTTP request with a 400 that says so; the client's
+    # message used to add "is it a stream-transport broker?" to a body that said
+    # "use --transport http", two hints pointing opposite ways.
+    b = Broker(transport="stream")
+    async with anyio.create_task_group() as tg:
+        await tg.start(b.serve, address)
+        async with Client(address, transport="http", connect_timeout=2) as c:
+            with anyio.fail_after(5), pytest.raises(NoWelcome) as info:
+                await c.wait_ready()
+            message = str(info.value)
+            assert info.value.cause == "transport"
+            assert "it is a stream-transport broker" in message and "use transport 'stream'" in message
+            assert "is it" not in message and "--transport http" not in message
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
 async def test_native_client_against_kong_broker_fails_wait_ready(address: str, transport: str) -> None:
     b = Broker(transport=transport, profile="kong", handshake_timeout=5)
     async with anyio.create_task_group() as tg:

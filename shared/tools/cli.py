@@ -440,11 +440,18 @@ async def _publish_kong(bus: _PublishClient, args: argparse.Namespace, data: obj
     )
 
 
+def _not_json(name: str) -> object:
+    # Python's json takes NaN and Infinity, which JSON does not have (and tail could not
+    # print back as JSON).
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def _cmd_publish(args: argparse.Namespace) -> int:
     try:
-        data = None if args.data is None else json.loads(args.data)
-    except json.JSONDecodeError as exc:
-        print(f"workerbus publish: JSON-DATA is not valid JSON: {exc}", file=sys.stderr)
+        data = None if args.data is None else json.loads(args.data, parse_constant=_not_json)
+    except (ValueError, RecursionError) as exc:  # (JSONDecodeError is a ValueError)
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        print(f"workerbus publish: JSON-DATA is not valid JSON: {why}", file=sys.stderr)
         return 2
     try:
         parse_target(args.target).with_scope(args.scope)  # refuse a bad target before connecting
