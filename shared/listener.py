@@ -87,7 +87,14 @@ async def open_unix_listener(
         ValueError: unknown group.
     """
     gid = None if group is None else _resolve_group(group)
-    return await SocketListener.from_socket(_bind_in_place(path, mode, gid, backlog))
+    try:
+        sock = _bind_in_place(path, mode, gid, backlog)
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            # (a bind error names no file: say which socket, e.g. a missing directory)
+            raise OSError(exc.errno, exc.strerror, path) from exc
+        raise
+    return await SocketListener.from_socket(sock)
 
 
 #: Seconds between accepts while the process is out of file descriptors (or kernel memory):

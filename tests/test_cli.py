@@ -318,3 +318,11 @@ def test_queues_of_ended_processes_are_released_not_counted_as_drops(sock_dir: s
     stayer_missed = r["dropped"]
     assert stayer_missed <= 8
     assert r["routed"] == r["sent"] + r["dropped"] + r["abandoned"] + r["queued"] + r["in_flight"], r
+
+
+def test_group_takes_a_numeric_gid(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "bus.sock")
+    gid = os.getgid()
+    with broker(path, "--group", str(gid), "--mode", "660"):
+        st = os.stat(path)
+        assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (gid, 0o660)

@@ -25,6 +25,10 @@ def _public(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+#: The engines' default ports, for the error message of a URL without a host.
+_PORTS = {"nats": 4222, "redis": 6379}
+
+
 def make_bridge(
     url: str,
     *,
@@ -38,9 +42,15 @@ def make_bridge(
         ValueError: an unknown scheme, a bad URL or name.
         ImportError: the engine's client library is not installed (names the extra).
     """
-    scheme = urlsplit(url).scheme
+    parts = urlsplit(url)
+    scheme = parts.scheme
     if scheme not in _SCHEMES:
         raise ValueError(f"bridge URL {url!r}: expected nats://, redis:// or redis+unix://")
+    # (the engines' clients would otherwise retry an address that can never work, forever)
+    if scheme == "redis+unix" and not parts.path:
+        raise ValueError(f"bridge URL {url!r}: no socket path (redis+unix:///path/to/redis.sock)")
+    if scheme != "redis+unix" and not parts.hostname:
+        raise ValueError(f"bridge URL {url!r}: no host (e.g. {scheme}://127.0.0.1:{_PORTS[scheme]})")
     if not cluster or not all(c.isalnum() or c in "-_" for c in cluster):
         raise ValueError(f"cluster name {cluster!r}: use letters, digits, - and _")
     node = node or socket.gethostname()

@@ -61,6 +61,15 @@ logger = logging.getLogger("workerbus")
 #: Worker processes ``workerbus demo`` starts at most (per node with --nodes): it is a
 #: demonstration, and every worker is a Python process of its own.
 MAX_DEMO_WORKERS = 64
+#: Nodes of ``workerbus demo --nodes`` at most (each is a broker process and its workers).
+MAX_DEMO_NODES = 8
+
+
+def _demo_nodes(text: str) -> int:
+    nodes = up_to(MAX_DEMO_NODES, least=0)(text)
+    if nodes == 1:
+        raise argparse.ArgumentTypeError("a cluster needs at least 2 nodes (0: one host, no cluster)")
+    return nodes
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -85,6 +94,11 @@ def _add_log_level(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--log-level", type=log_level, default=default, metavar="LEVEL",
                    help=f"log to stderr from this level on: {', '.join(LOG_LEVELS)} "
                         "(default %(default)s)")
+
+
+def _group(text: str) -> str | int:
+    # (a number is a gid, as chgrp takes it; shared.listener resolves a name)
+    return int(text) if text.isdigit() else text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,9 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lifecycle-events", action="store_true",
                    help="also deliver workerbus/welcome, joined and left events "
                         "(docs/embedding.md) (default: off)")
-    p.add_argument("--group", default=None, metavar="NAME",
-                   help="group of the socket file, so that with --mode 660 that group can "
-                        "connect (default: the broker's own group)")
+    p.add_argument("--group", default=None, type=_group, metavar="NAME|GID",
+                   help="group of the socket file, so that with --mode 660 its members can "
+                        "reach it; the broker still serves only trusted uids (--allow-uid) "
+                        "(default: the broker's own group)")
     p.add_argument("--allow-uid", type=non_negative_int, action="append", default=[], metavar="UID",
                    help="also serve peers with this uid (repeatable; default: own uid and root)")
     p.add_argument("--max-header-bytes", type=positive_int, default=None, metavar="N",
@@ -225,11 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a broker and N worker processes publishing to each other")
     p.add_argument("--workers", type=up_to(MAX_DEMO_WORKERS), default=4, metavar="N",
                    help=f"worker processes, at most {MAX_DEMO_WORKERS} (default %(default)s)")
-    p.add_argument("--transport", choices=("http", "stream"), default="http",
-                   help="how connections start (default %(default)s)")
-    p.add_argument("--nodes", type=non_negative_int, default=0, metavar="N",
-                   help="instead: N nodes of --workers workers each, joined through a NATS "
-                        "server the demo starts (docs/cluster.md) (default: 0, one host)")
+    p.add_argument("--transport", choices=("http", "stream"), default=None,
+                   help="how connections start (default http; the --nodes demo uses stream)")
+    p.add_argument("--nodes", type=_demo_nodes, default=0, metavar="N",
+                   help=f"instead: N nodes (2..{MAX_DEMO_NODES}) of --workers workers each, joined "
+                        "through a NATS server the demo starts (docs/cluster.md) (default: 0, one host)")
     p.add_argument("--asgi", action="store_true",
                    help="instead: run the example ASGI app (examples/asgi_app.py) under uvicorn with N workers "
                         "(embedded bus) (default: off)")
@@ -602,6 +617,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # SIGTERM as Ctrl-C: the demos stop their brokers and workers in `finally`, which the
     # default SIGTERM (the process just dies) would skip, leaving them running.
     interrupts.install()
+    if args.nodes and (args.asgi or args.transport is not None):
+        print("workerbus demo: --nodes runs its own brokers over the stream transport; it takes "
+              "neither --asgi nor --transport", file=sys.stderr)
+        return 2
+    transport = args.transport or "http"
     try:
         if args.nodes:
             from .demo_cluster import run_cluster_demo
@@ -610,8 +630,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if args.asgi:
             from .demo_asgi import run_asgi_demo
 
-            return run_asgi_demo(workers=args.workers, transport=args.transport)
-        return run_demo(workers=args.workers, transport=args.transport)
+            return run_asgi_demo(workers=args.workers, transport=transport)
+        return run_demo(workers=args.workers, transport=transport)
     except KeyboardInterrupt:
         print("workerbus demo: interrupted; its processes are stopped", file=sys.stderr)
         return 130

@@ -95,7 +95,8 @@ def run_cluster_demo(*, nodes: int = 2, workers: int = 4) -> int:
     if nodes < 2 or workers < 1:
         print("workerbus demo: --nodes must be at least 2 and --workers at least 1", file=sys.stderr)
         return 2
-    server = shutil.which("nats-server")
+    # (Debian installs it in /usr/sbin, which a user's PATH may not have)
+    server = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/usr/local/sbin")
     if server is None:
         print("workerbus demo: nats-server is not installed (bash scripts/setup.sh installs it)", file=sys.stderr)
         return 1
