@@ -90,6 +90,8 @@ LONG = "/tmp/" + "x" * 110 + ".sock"
         (["demo", "--nodes", "1"], "--nodes: a cluster needs at least 2 nodes"),
         (["demo", "--nodes", "2", "--asgi"], "--nodes runs its own brokers"),
         (["demo", "--nodes", "2", "--transport", "http"], "takes neither --asgi nor --transport"),
+        (["publish", "unix:/tmp/wb-x.sock", "", ""], "SOURCE and EVENT must not be empty"),
+        (["publish", "unix:/tmp/wb-x.sock", "s", "e", "--target", "worker:99999999999999999999"], "signed 64-bit"),
         (["top", "unix:/tmp/wb-x.sock", "--bogus"], "workerbus top: unrecognized arguments: --bogus"),
         (["conformance", "broker", "unix:/tmp/wb-x.sock", "--bogus"], "workerbus conformance broker: unrecognized"),
         (["bench", "--from-json", "/nonexistent/r.json"], "--from-json /nonexistent/r.json: [Errno 2]"),

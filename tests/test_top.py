@@ -247,8 +247,13 @@ def test_a_stale_socket_file_with_nobody_listening(sock_dir: str) -> None:
     _one_line_error(_top(f"unix:{path}", "--once"), "nothing listens on")
 
 
-def test_not_a_unix_address() -> None:
-    _one_line_error(_top("/tmp/stats.sock", "--once"), "unix:")
+@pytest.mark.parametrize("address", ["/tmp/stats.sock", "unix:", "unix:stats.sock", "tcp:127.0.0.1:1"])
+def test_not_a_unix_address_is_a_usage_error(address: str) -> None:
+    # (exit 2 and the argument's name, as every command's bad arguments: README)
+    done = _top(address, "--once")
+    assert done.returncode == 2 and done.stdout == "", done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("workerbus top: argument unix:STATS-PATH: "), done.stderr
 
 
 def test_bad_interval_is_a_usage_error() -> None:

@@ -323,6 +323,8 @@ def _cmd_broker(args: argparse.Namespace) -> int:
             tg.start_soon(_until_signal, tg.cancel_scope)
             await tg.start(functools.partial(broker.serve, args.listen, mode=args.mode, group=args.group))
             if args.stats_listen:
+                # After the bus socket: a stats socket that answers means the broker serves
+                # (tests and readiness probes rely on it).
                 from .statsserver import serve_stats
 
                 await tg.start(
@@ -468,9 +470,14 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         print(f"workerbus publish: JSON-DATA is not valid JSON: {why}", file=sys.stderr)
         return 2
+    if not args.source or not args.event:
+        print("workerbus publish: SOURCE and EVENT must not be empty", file=sys.stderr)
+        return 2
     try:
-        parse_target(args.target).with_scope(args.scope)  # refuse a bad target before connecting
-    except ValueError as exc:
+        target = parse_target(args.target).with_scope(args.scope)  # refuse a bad target before connecting
+        if target.worker_id is not None:
+            worker_id(str(target.worker_id))  # (what the wire can carry)
+    except (ValueError, argparse.ArgumentTypeError) as exc:
         print(f"workerbus publish: {exc}", file=sys.stderr)
         return 2
     if args.timeout <= 0:

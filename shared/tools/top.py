@@ -28,7 +28,7 @@ from typing import Any, TextIO
 
 from shared.transport import parse_address
 
-from .cliargs import log_level
+from .cliargs import log_level, unix_address
 
 __all__ = ["TopError", "View", "add_parser", "build_view", "fetch_sample", "render_plain", "run_top"]
 
@@ -380,7 +380,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Workers, queues, deliveries and drops of a running broker, refreshed "
                     "in place like htop; q or Ctrl-C quits.",
     )  # fmt: skip
-    p.add_argument("address", metavar="unix:STATS-PATH", help="the broker's --stats-listen socket")
+    p.add_argument("address", type=unix_address, metavar="unix:STATS-PATH",
+                   help="the broker's --stats-listen socket")
     p.add_argument("--interval", type=_interval, default=1.0, metavar="SECONDS",
                    help="seconds between samples; rates are over this span (default 1)")
     p.add_argument("--once", action="store_true",
