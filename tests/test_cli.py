@@ -221,17 +221,21 @@ def _demo_processes(pgid: int) -> list[str]:
 def test_a_stopped_demo_leaves_no_process_behind(how: str) -> None:
     with subprocess.Popen(workerbus("demo", "--workers", "4"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           start_new_session=True, text=True) as demo:
-        code, err = _stop_demo(demo, how)
+        code, err, first = _stop_demo(demo, how)
+    # nor its socket's directory: "... over http (unix:/tmp/workerbus-demo-XXXX/bus.sock)"
+    directory = os.path.dirname(first.rsplit("(unix:", 1)[1].rstrip(")\n"))
+    assert "workerbus-demo-" in directory and not os.path.exists(directory)
     # (a demo that finished before the signal is fine too; the signal comes ~1 s early)
     assert code in (0, 130), err
     if code == 130:
         assert err == "workerbus demo: interrupted; its processes are stopped\n"
 
 
-def _stop_demo(demo: subprocess.Popen[str], how: str) -> tuple[int, str]:
+def _stop_demo(demo: subprocess.Popen[str], how: str) -> tuple[int, str, str]:
     try:
         assert demo.stdout is not None and demo.stderr is not None
-        assert demo.stdout.readline().startswith("workerbus demo:")  # then it starts its broker
+        first = demo.stdout.readline()
+        assert first.startswith("workerbus demo:")  # then it starts its broker
         if how == "SIGTERM to the demo":
             demo.send_signal(signal.SIGTERM)
         else:
@@ -246,7 +250,7 @@ def _stop_demo(demo: subprocess.Popen[str], how: str) -> tuple[int, str]:
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGKILL)
             demo.wait()
-    return code, err
+    return code, err, first
 
 
 _CONNECT_THEN_STAY = """

@@ -98,13 +98,14 @@ def run_demo(*, workers: int = 4, transport: str = "http") -> int:
         print("workerbus demo: --workers must be at least 1", file=sys.stderr)
         return 2
     started = time.monotonic()
-    tmp = tempfile.mkdtemp(prefix="workerbus-demo-")
-    path = os.path.join(tmp, "bus.sock")
-    address = f"unix:{path}"
     py = sys.executable
     procs: list[subprocess.Popen[bytes]] = []
-    print(f"workerbus demo: a broker and {workers} worker processes over {transport} ({address})")
+    tmp = tempfile.mkdtemp(prefix="workerbus-demo-")
+    # (right after the directory exists: an interrupt before `try` would leave it behind)
     try:
+        path = os.path.join(tmp, "bus.sock")
+        address = f"unix:{path}"
+        print(f"workerbus demo: a broker and {workers} worker processes over {transport} ({address})")
         with deferred():  # (a child started is a child in procs, stopped below)
             broker = subprocess.Popen(
                 [py, "-m", "shared.tools.cli", "broker", "--listen", address, "--transport", transport,

@@ -69,17 +69,18 @@ def run_asgi_demo(*, workers: int = 4, transport: str = "http") -> int:
     if workers < 1:
         print("workerbus demo: --workers must be at least 1", file=sys.stderr)
         return 2
-    tmp = tempfile.mkdtemp(prefix="workerbus-asgi-")
-    uds = os.path.join(tmp, "http.sock")
-    env = {
-        **os.environ,
-        "WORKERBUS_ADDRESS": f"unix:{os.path.join(tmp, 'bus.sock')}",
-        "WORKERBUS_WORKERS": str(workers),
-        "WORKERBUS_TRANSPORT": transport,
-    }
-    print(f"workerbus demo: uvicorn shared.tools.asgi_app:app --workers {workers} (bus over {transport})")
     server: subprocess.Popen[bytes] | None = None
+    tmp = tempfile.mkdtemp(prefix="workerbus-asgi-")
+    # (right after the directory exists: an interrupt before `try` would leave it behind)
     try:
+        uds = os.path.join(tmp, "http.sock")
+        env = {
+            **os.environ,
+            "WORKERBUS_ADDRESS": f"unix:{os.path.join(tmp, 'bus.sock')}",
+            "WORKERBUS_WORKERS": str(workers),
+            "WORKERBUS_TRANSPORT": transport,
+        }
+        print(f"workerbus demo: uvicorn shared.tools.asgi_app:app --workers {workers} (bus over {transport})")
         with deferred():  # (its own session: nobody else stops it if this does not)
             server = subprocess.Popen(
                 [uvicorn, "shared.tools.asgi_app:app", "--workers", str(workers),

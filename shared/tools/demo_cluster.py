@@ -102,15 +102,16 @@ def run_cluster_demo(*, nodes: int = 2, workers: int = 4) -> int:
         return 1
     started = time.monotonic()
     deadline = started + _DEADLINE
-    tmp = tempfile.mkdtemp(prefix="workerbus-cluster-")
-    port = _free_port()
-    url = f"nats://127.0.0.1:{port}"
     py = sys.executable
     procs: list[subprocess.Popen[bytes]] = []
-    total = nodes * workers
-    print(f"workerbus demo: {nodes} nodes x {workers} worker processes through nats-server at {url}")
     results: list[dict[str, Any]] = []
+    tmp = tempfile.mkdtemp(prefix="workerbus-cluster-")
+    # (right after the directory exists: an interrupt before `try` would leave it behind)
     try:
+        port = _free_port()
+        url = f"nats://127.0.0.1:{port}"
+        total = nodes * workers
+        print(f"workerbus demo: {nodes} nodes x {workers} worker processes through nats-server at {url}")
         with deferred():  # (a child started is a child in procs, stopped below)
             nats = subprocess.Popen(
                 [server, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", os.path.join(tmp, "js")],
